@@ -1,0 +1,35 @@
+"""The one interface every inference runtime implements.
+
+The bundle's graph already does everything from uint8 pixels to answer, so a backend is only "feed a
+uint8 BGR batch, return the two outputs". That keeps ONNX Runtime, TensorRT and the torch reference
+interchangeable and directly comparable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class InferenceResult:
+    anomaly_maps: np.ndarray  # float32 (N, H, W)
+    scores: np.ndarray  # float32 (N,)
+
+
+class Backend(ABC):
+    """Runs a bundle's graph. Implementations are not required to be thread-safe: one backend per thread."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def infer(self, images: np.ndarray) -> InferenceResult:
+        """images: uint8 (N, H, W, 3) BGR at the bundle's input size."""
+
+    def close(self) -> None:
+        """Release runtime resources (GPU buffers, sessions)."""
+
+    def describe(self) -> str:
+        return self.name

@@ -1,0 +1,52 @@
+"""ONNX Runtime backend: the CPU path everywhere, and the CUDA provider where TensorRT is absent."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BackendError
+from .base import Backend, InferenceResult
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as err:  # pragma: no cover - onnxruntime is a hard dependency
+            raise BackendError(f"onnxruntime is not installed ({err})") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or [
+            "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(bundle.onnx_path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"{bundle.onnx_path}: ONNX Runtime cannot load the model "
+                               f"({str(err).splitlines()[0]})") from None
+        self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if self.output_names[:2] != ["anomaly_map", "score"]:
+            raise BackendError(f"{bundle.onnx_path}: outputs are {self.output_names}, expected "
+                               "[anomaly_map, score]")
+        self.name = "onnxruntime-cuda" if self.providers[0] == "CUDAExecutionProvider" else "onnxruntime-cpu"
+
+    def infer(self, images: np.ndarray) -> InferenceResult:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise BackendError(f"input must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        maps, scores = self.session.run(self.output_names[:2], {self.input_name: images})
+        return InferenceResult(anomaly_maps=maps, scores=scores)
+
+    def describe(self) -> str:
+        return f"{self.name} (providers: {', '.join(self.providers)})"

@@ -1,0 +1,46 @@
+"""`edge-inspector`: the device-side command line (run, replay, subscribe, check-config).
+
+Each command lives beside the code it drives and is registered here. User errors (`InspectorError`) are
+printed as one line and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import InspectorError
+
+
+class _OneLineErrors(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InspectorError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_OneLineErrors)
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Visual inspection on the edge: run a model bundle on a camera or replay image folders."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from .replay import replay_command
+
+    main.add_command(replay_command)
+    # -- service commands (run, check-config, subscribe) are registered below --
+
+
+_register()
+
+if __name__ == "__main__":
+    main()

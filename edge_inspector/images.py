@@ -1,0 +1,89 @@
+"""Reading images from disk into the one format the models take: uint8 BGR, HxWx3.
+
+Factory images come as 8-bit or 16-bit, grayscale, colour or with alpha; the bundle's graph takes only uint8
+BGR, so every path into the model (fit, replay, folder source) converts here, once, the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from .errors import DataError, ImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def to_bgr8(image: np.ndarray, source: str = "image") -> np.ndarray:
+    """Convert any decoded image (gray/BGR/BGRA, 8/16-bit, float) to contiguous uint8 BGR."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype in (np.float32, np.float64):
+        image = np.clip(image * 255.0 if image.max(initial=0) <= 1.0 else image, 0, 255).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageError(f"{source}: unsupported pixel type {image.dtype} (expected 8- or 16-bit)")
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    elif not (image.ndim == 3 and image.shape[2] == 3):
+        raise ImageError(f"{source}: unsupported image shape {image.shape} (expected gray, BGR or BGRA)")
+    return np.ascontiguousarray(image)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 BGR; raise ImageError naming the file when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise ImageError(f"{path}: cannot decode image (corrupt or not an image)")
+    return to_bgr8(image, str(path))
+
+
+def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask as bool HxW, resized (nearest) to size=(height, width) when given."""
+    path = Path(path)
+    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else np.empty(0, np.uint8)
+    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    if mask is None:
+        raise ImageError(f"{path}: cannot decode mask image")
+    if size is not None and mask.shape != tuple(size):
+        mask = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return mask > 127
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 BGR to size=(height, width); area interpolation when shrinking, linear when growing."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = image.shape[0] > height or image.shape[1] > width
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """All image files under folder, sorted, so runs and hashes are reproducible."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def iter_readable(paths: list[Path], logger=None) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yield (path, image) for readable files, logging and skipping unreadable ones."""
+    for path in paths:
+        try:
+            yield path, read_image(path)
+        except ImageError as err:
+            if logger is not None:
+                logger.warning("skipping %s", err)
