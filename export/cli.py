@@ -1,0 +1,45 @@
+"""`edge-export`: the workstation command line (fit, train, tensorrt).
+
+User errors (`InspectorError`) print one line and exit 2, like the device CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from edge_inspector import __version__
+from edge_inspector.errors import InspectorError
+
+
+class _OneLineErrors(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InspectorError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_OneLineErrors)
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Fit or train anomaly models on good images and export them as model bundles."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from .fit_command import fit_command
+
+    main.add_command(fit_command)
+    # -- other commands (train, tensorrt) are registered below --
+
+
+_register()
+
+if __name__ == "__main__":
+    main()
