@@ -15,7 +15,9 @@ from . import __version__
 from .errors import InspectorError
 
 
-class _OneLineErrors(click.Group):
+class OneLineErrorGroup(click.Group):
+    """A click group that turns InspectorError into `error: ...` on stderr and exit status 2."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -24,7 +26,7 @@ class _OneLineErrors(click.Group):
             sys.exit(2)
 
 
-@click.group(cls=_OneLineErrors)
+@click.group(cls=OneLineErrorGroup)
 @click.version_option(__version__)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:

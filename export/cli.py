@@ -6,24 +6,13 @@ User errors (`InspectorError`) print one line and exit 2, like the device CLI.
 from __future__ import annotations
 
 import logging
-import sys
-
 import click
 
 from edge_inspector import __version__
-from edge_inspector.errors import InspectorError
+from edge_inspector.cli import OneLineErrorGroup
 
 
-class _OneLineErrors(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except InspectorError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_OneLineErrors)
+@click.group(cls=OneLineErrorGroup)
 @click.version_option(__version__)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
