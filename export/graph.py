@@ -1,0 +1,83 @@
+"""Graph pieces every model kind shares, so all bundles speak the same contract.
+
+The exported graph starts at the bytes OpenCV delivers (uint8, NHWC, BGR) and ends at the answer
+(anomaly map at input resolution, blurred, and its maximum as the score). Putting pre- and post-processing
+inside the graph means the torch reference, ONNX Runtime and TensorRT all compute the same thing and the
+device runtime carries no model-specific code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BgrToInput(nn.Module):
+    """uint8 (N, H, W, 3) BGR -> float32 (N, 3, H, W) RGB, normalised as the network was trained."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        # Fold /255, -mean and /std into one multiply-add; reverse channels (BGR -> RGB) in the constants' order.
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
+        bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("bias", bias.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_order", torch.tensor([2, 1, 0]), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).to(torch.float32)
+        x = torch.index_select(x, 1, self.rgb_order)
+        return x * self.scale + self.bias
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian, truncated at 4 sigma (the same support anomalib uses)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).to(torch.float32)
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur of (N, 1, H, W) maps with reflect padding (no dark borders)."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.radius = (kernel.numel() - 1) // 2
+        self.register_buffer("kx", kernel.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("ky", kernel.view(1, 1, -1, 1), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.radius == 0:
+            return maps
+        r = self.radius
+        maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="reflect"), self.kx)
+        return F.conv2d(F.pad(maps, (0, 0, r, r), mode="reflect"), self.ky)
+
+
+class MapToAnswer(nn.Module):
+    """Low-resolution anomaly map (N, 1, h, w) -> (anomaly_map (N, H, W), score (N,))."""
+
+    def __init__(self, input_size: tuple[int, int], sigma: float = 4.0):
+        super().__init__()
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.blur = GaussianBlur(sigma)
+
+    def forward(self, low_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tuple(low_res.shape[-2:]) != self.input_size:
+            low_res = F.interpolate(low_res, size=self.input_size, mode="bilinear", align_corners=False)
+        full = self.blur(low_res)[:, 0]
+        score = torch.amax(full, dim=(1, 2))
+        return full, score
+
+
+def max_blur_radius(input_size: tuple[int, int]) -> float:
+    """Reflect padding needs the radius below the map size; cap sigma for tiny inputs."""
+    return math.floor((min(input_size) - 1) / 4.0)

@@ -1,0 +1,69 @@
+"""Choosing the decision threshold from out-of-sample scores of good parts.
+
+The line engineer states the false-reject rate the line can live with (e.g. 0.5% of good parts rejected).
+With n out-of-sample good scores s_(1) <= ... <= s_(n), split-conformal prediction says that for a new good
+part, exchangeable with the ones seen, P(score > s_(k)) <= alpha when k = ceil((n + 1)(1 - alpha)).
+That needs k <= n, i.e. n >= (1 - alpha) / alpha good images: 199 for 0.5%, 99 for 1%.
+With fewer we cannot certify the rate; we then use the largest score seen (the best the data can support,
+a guaranteed rate of at most 1 / (n + 1)) and say how many images certification would take.
+
+The out-of-sample scores come from k-fold fits (each good image scored by a model that never saw it); those
+fold models saw less data than the final one, so their scores run slightly high and the threshold errs on the
+side of fewer false rejects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edge_inspector.bundle import ScoreStats, ThresholdInfo
+
+
+def images_needed(alpha: float) -> int:
+    """Smallest n for which the conformal quantile at rate alpha exists."""
+    return int(math.ceil((1.0 - alpha) / alpha - 1e-9))
+
+
+def conformal_threshold(good_scores: np.ndarray, alpha: float) -> ThresholdInfo:
+    """Threshold certifying a false-reject rate <= alpha for new good parts (when n allows)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"target false-reject rate must be in (0, 1), got {alpha}")
+    scores = np.sort(np.asarray(good_scores, dtype=np.float64))
+    n = scores.size
+    if n == 0:
+        raise ValueError("no out-of-sample good scores to choose a threshold from")
+    k = int(math.ceil((n + 1) * (1.0 - alpha)))
+    needed = images_needed(alpha)
+    if k <= n:
+        value = float(scores[k - 1])
+        note = (f"conformal quantile: score rank {k} of {n} out-of-sample good scores; P(false reject) <= "
+                f"{alpha:g} for new good parts like the training ones")
+        certified = True
+    else:
+        value = float(scores[-1])
+        note = (f"NOT certified: {n} good images cannot certify a {alpha:g} false-reject rate (needs >= {needed});"
+                f" using the largest out-of-sample good score, which certifies <= {1.0 / (n + 1):.3g}")
+        certified = False
+    # A strictly-greater-than rule must not reject the worst good part seen; nudge up by one float step.
+    value = float(np.nextafter(np.float32(value), np.float32(np.inf)))
+    return ThresholdInfo(value=value, rule="conformal_false_reject_rate", target_false_reject_rate=alpha,
+                         certified=certified, images_needed=needed, conformal_value=value, note=note)
+
+
+def score_stats(scores: np.ndarray) -> ScoreStats:
+    s = np.asarray(scores, dtype=np.float64)
+    return ScoreStats(count=int(s.size), mean=float(s.mean()), std=float(s.std()), min=float(s.min()),
+                      max=float(s.max()), p50=float(np.percentile(s, 50)), p95=float(np.percentile(s, 95)),
+                      p99=float(np.percentile(s, 99)))
+
+
+def apply_f1_rule(info: ThresholdInfo, f1_value: float, use_f1: bool) -> ThresholdInfo:
+    """Record the F1-optimal threshold (from labelled defects) and make it the decision value if asked."""
+    info.f1_optimal_value = float(f1_value)
+    if use_f1:
+        info.value = float(f1_value)
+        info.rule = "f1_optimal"
+        info.note += "; decision uses the F1-optimal threshold on the labelled validation images instead"
+    return info
