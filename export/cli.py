@@ -26,6 +26,15 @@ def _register() -> None:
 
     main.add_command(fit_command)
     # -- other commands (train, tensorrt) are registered below --
+    from .demo import demo_command
+
+    main.add_command(demo_command)
+    from .tensorrt_build import tensorrt_command
+
+    main.add_command(tensorrt_command)
+    from .train_command import train_command
+
+    main.add_command(train_command)
 
 
 _register()
