@@ -40,6 +40,12 @@ def _register() -> None:
 
     main.add_command(replay_command)
     # -- service commands (run, check-config, subscribe) are registered below --
+    from .service import check_config_command, run_command
+    from .subscriber import subscribe_command
+
+    main.add_command(run_command)
+    main.add_command(check_config_command)
+    main.add_command(subscribe_command)
 
 
 _register()

@@ -1,0 +1,202 @@
+"""`edge-inspector replay`: score an image folder offline with a bundle, and evaluate it when labels exist.
+
+This is how an engineer checks a bundle before it goes on the line: the same graph and backend as the
+service, the same tiling for tiled bundles, every image accounted for (unreadable files become error rows,
+never silent gaps), and when the folder has MVTec AD / VisA layout or a labels CSV, the numbers that
+matter: AUROC, AUPRO and the confusion matrix at the bundle's own threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .backends import BACKEND_KINDS, Backend, create_backend
+from .bundle import Bundle
+from .errors import DataError, ImageError
+from .evaluate import EvaluationReport, LabeledImage, discover_labels, evaluate
+from .images import list_images, read_image, read_mask, resize_to
+from .tiling import Tiler
+
+log = logging.getLogger(__name__)
+
+EVAL_MAP_MAX_SIDE = 256  # maps kept for pixel metrics are downsized to this: memory stays bounded
+
+
+@dataclass
+class ReplayRow:
+    path: str
+    score: float | None
+    normalised_score: float | None
+    verdict: str  # pass | fail | error
+    latency_ms: float | None
+    error: str = ""
+
+
+@dataclass
+class ReplaySummary:
+    rows: list[ReplayRow] = field(default_factory=list)
+    report: EvaluationReport | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {"pass": 0, "fail": 0, "error": 0}
+        for row in self.rows:
+            out[row.verdict] += 1
+        return out
+
+
+class FrameScorer:
+    """Scores one image the way the service would: resize (single-tile bundle) or tile, infer, stitch."""
+
+    def __init__(self, bundle: Bundle, backend: Backend):
+        self.bundle, self.backend = bundle, backend
+        tiling = bundle.meta.tiling
+        self.tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size) if tiling.tiles > 1 else None
+
+    def score(self, image: np.ndarray) -> tuple[float, np.ndarray]:
+        """(frame score, anomaly map at the image's resolution)."""
+        if self.tiler is None:
+            result = self.backend.infer(resize_to(image, self.bundle.input_size)[None])
+            heatmap = result.anomaly_maps[0]
+            if heatmap.shape != image.shape[:2]:
+                heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+            return float(result.scores[0]), heatmap
+        result = self.backend.infer(self.tiler.split(image))
+        return float(result.scores.max()), self.tiler.stitch(result.anomaly_maps, image.shape)
+
+
+def overlay_image(image: np.ndarray, heatmap: np.ndarray, threshold: float) -> np.ndarray:
+    """Heatmap blended on the image (red = at/over 2x threshold) with the over-threshold area outlined."""
+    from .publish import heatmap_to_u8
+
+    colour = cv2.applyColorMap(heatmap_to_u8(heatmap, threshold, 2.0), cv2.COLORMAP_JET)
+    out = cv2.addWeighted(image, 0.6, colour, 0.4, 0)
+    contours, _ = cv2.findContours((heatmap > threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
+    return out
+
+
+def _eval_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    h, w = shape[:2]
+    scale = min(1.0, EVAL_MAP_MAX_SIDE / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path | None = None,
+                  labels_csv: Path | None = None) -> ReplaySummary:
+    """Score every image under folder; evaluate when labels are found. Errors become rows, not exceptions."""
+    labelled = discover_labels(folder, labels_csv)
+    items: list[LabeledImage] | None = labelled
+    paths = [item.path for item in labelled] if labelled is not None else list_images(folder)
+    if not paths:
+        raise DataError(f"{folder}: no images (png, jpg, bmp, tiff) found")
+    scorer = FrameScorer(bundle, backend)
+    summary = ReplaySummary()
+    kept_maps, kept_items, kept_scores = [], [], []
+    for index, path in enumerate(tqdm(paths, desc="replay", unit="img")):
+        started = time.perf_counter()
+        try:
+            image = read_image(path)
+            score, heatmap = scorer.score(image)
+        except ImageError as err:
+            log.warning("error row: %s", err)
+            summary.rows.append(ReplayRow(str(path), None, None, "error", None, str(err)))
+            continue
+        latency = (time.perf_counter() - started) * 1000.0
+        verdict = "fail" if score > bundle.threshold else "pass"
+        summary.rows.append(ReplayRow(str(path), score, bundle.normalise(score), verdict, latency))
+        if overlays is not None:
+            _write_overlay(overlays, folder, path, overlay_image(image, heatmap, bundle.threshold))
+        if items is not None:
+            size = _eval_size(heatmap.shape)
+            kept_maps.append(cv2.resize(heatmap, (size[1], size[0]), interpolation=cv2.INTER_AREA))
+            kept_items.append(items[index])
+            kept_scores.append(score)
+    if kept_items:
+        summary.report = _evaluate(kept_items, kept_scores, kept_maps, bundle.threshold)
+    return summary
+
+
+def _evaluate(items: list[LabeledImage], scores: list[float], maps: list[np.ndarray],
+              threshold: float) -> EvaluationReport:
+    masks = []
+    for item, heatmap in zip(items, maps):
+        if item.mask_path is not None:
+            masks.append(read_mask(item.mask_path, heatmap.shape))
+        elif item.label == 0:
+            masks.append(np.zeros(heatmap.shape, bool))
+        else:
+            masks.append(None)
+    has_masks = any(m is not None and m.any() for m in masks)
+    return evaluate(np.asarray(scores), np.asarray([i.label for i in items]), threshold,
+                    maps=maps if has_masks else None, masks=masks if has_masks else None,
+                    defect_types=[i.defect_type for i in items])
+
+
+def _write_overlay(overlays: Path, folder: Path, path: Path, image: np.ndarray) -> None:
+    try:
+        rel = path.relative_to(folder)
+    except ValueError:
+        rel = Path(path.name)
+    target = overlays / rel.with_suffix(".jpg")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(target), image)
+
+
+def write_results(path: Path, rows: list[ReplayRow]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "normalised_score", "verdict", "latency_ms", "error"])
+        for r in rows:
+            writer.writerow([r.path, _num(r.score), _num(r.normalised_score), r.verdict, _num(r.latency_ms, 2),
+                             r.error])
+
+
+def _num(value: float | None, digits: int = 6) -> str:
+    return "" if value is None else f"{value:.{digits}g}" if digits > 2 else f"{value:.{digits}f}"
+
+
+@click.command("replay")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path), help="Model bundle folder.")
+@click.option("--out", "results", type=click.Path(path_type=Path), default=None,
+              help="Results CSV (default: <folder name>-results.csv in the current folder).")
+@click.option("--overlays", type=click.Path(path_type=Path), default=None, help="Write heatmap overlays here.")
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), default=None,
+              help="CSV with path,label[,mask] (otherwise MVTec AD / VisA layout is detected).")
+@click.option("--metrics", "metrics_file", type=click.Path(path_type=Path), default=None,
+              help="Also write the metrics as JSON.")
+@click.option("--backend", type=click.Choice(BACKEND_KINDS), default="onnxruntime", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (CPU).")
+def replay_command(folder: Path, bundle_dir: Path, results: Path | None, overlays: Path | None,
+                   labels_csv: Path | None, metrics_file: Path | None, backend: str, threads: int | None) -> None:
+    """Score every image under FOLDER with a bundle; evaluate it when labels exist."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    bundle = Bundle.load(bundle_dir)
+    runtime = create_backend(bundle, backend, threads=threads)
+    summary = replay_folder(folder, bundle, runtime, overlays, labels_csv)
+    results = results or Path(f"{folder.resolve().name}-results.csv")
+    write_results(results, summary.rows)
+    counts = summary.counts
+    click.echo(f"{len(summary.rows)} images: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error"
+               f"  (threshold {bundle.threshold:.6g}, model {bundle.model_id}) -> {results}")
+    if summary.report is not None:
+        click.echo(summary.report.format_table())
+        if metrics_file is not None:
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            metrics_file.write_text(json.dumps(summary.report.to_dict(), indent=2))
+    elif metrics_file is not None:
+        log.warning("no labels found under %s: metrics file not written", folder)
