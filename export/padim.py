@@ -29,7 +29,7 @@ from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, 
 from edge_inspector.errors import DataError
 from edge_inspector.images import list_images, read_image, resize_to
 
-from .backbones import DEFAULT_BACKBONE, create_backbone
+from .backbones import DEFAULT_BACKBONE, backbone_names, create_backbone
 from .graph import BgrToInput, MapToAnswer
 from .onnx_export import export_onnx, onnx_reference_check
 from .staging import staged_bundle_folder
@@ -304,6 +304,8 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
 
 
 def _check_options(options: PadimOptions) -> None:
+    if options.backbone not in backbone_names():
+        raise DataError(f"unknown backbone {options.backbone!r} (expected one of {', '.join(backbone_names())})")
     h, w = options.input_size
     if h % 16 or w % 16 or h < 32 or w < 32:
         raise DataError(f"input_size must be multiples of 16 and >= 32, got {options.input_size}")

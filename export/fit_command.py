@@ -1,0 +1,73 @@
+"""`edge-export fit`: PaDiM on a folder of good images -> model bundle.
+
+torch is imported only when the command runs, so `edge-export tensorrt` works on a device without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edge_inspector.errors import DataError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise DataError(f"--input-size: expected N or HxW, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise DataError(f"--input-size: expected N or HxW, got {text!r}")
+
+
+@click.command("fit")
+@click.argument("train_folder", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--backbone", default="efficientnet-lite0", show_default=True,
+              help="efficientnet-lite0 (built in), resnet18 or wide_resnet50_2 (need --weights).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="torchvision-compatible state_dict file for resnet backbones.")
+@click.option("--input-size", default="256", show_default=True, help="Model input, N or HxW (multiples of 16).")
+@click.option("--feature-dim", type=int, default=100, show_default=True,
+              help="Random channel subset size (0 = all channels).")
+@click.option("--target-frr", type=float, default=0.005, show_default=True,
+              help="Target false-reject rate of good parts that the threshold certifies.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="k-fold splits for out-of-sample good scores.")
+@click.option("--rows", type=click.IntRange(min=1), default=1, show_default=True, help="Tile grid rows.")
+@click.option("--cols", type=click.IntRange(min=1), default=1, show_default=True, help="Tile grid columns.")
+@click.option("--tile-mode", type=click.Choice(["shared", "per_tile"]), default="shared", show_default=True)
+@click.option("--validation", "validation", type=click.Path(path_type=Path), default=None,
+              help="Labelled folder (MVTec/VisA layout or --validation-labels CSV) for the F1-optimal threshold.")
+@click.option("--validation-labels", type=click.Path(path_type=Path), default=None)
+@click.option("--threshold-rule", type=click.Choice(["frr", "f1"]), default="frr", show_default=True,
+              help="Decide with the conformal false-reject threshold or the F1-optimal one.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, input_size: str,
+                feature_dim: int, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
+                validation: Path | None, validation_labels: Path | None, threshold_rule: str, seed: int,
+                batch_size: int) -> None:
+    """Fit PaDiM on the good images in TRAIN_FOLDER and write a model bundle."""
+    from .padim import PadimOptions, fit_padim
+
+    if threshold_rule == "f1" and validation is None:
+        raise DataError("--threshold-rule f1 needs --validation FOLDER with labelled good and defective images")
+    options = PadimOptions(backbone=backbone, weights=weights, input_size=_size(input_size),
+                           feature_dim=feature_dim or None, seed=seed, folds=folds,
+                           target_false_reject_rate=target_frr, rows=rows, cols=cols, tile_mode=tile_mode,
+                           batch_size=batch_size)
+    bundle = fit_padim(train_folder, out_dir, options)
+    if validation is not None:
+        from .validation import calibrate_with_defects
+
+        bundle = calibrate_with_defects(bundle, validation, validation_labels, use_f1=threshold_rule == "f1")
+    t = bundle.meta.threshold
+    click.echo(f"bundle written to {bundle.path} ({bundle.model_id})")
+    click.echo(f"threshold {t.value:.6g} ({t.rule}): {t.note}")
+    if t.f1_optimal_value is not None:
+        click.echo(f"F1-optimal threshold on the validation folder: {t.f1_optimal_value:.6g}")
