@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm import tqdm
 
@@ -161,7 +162,9 @@ class GaussianSums:
         cov = (self.sum_xx - self.count * mean[:, :, None] * mean[:, None, :]) / (self.count - 1)
         cov += epsilon * torch.eye(self.d, dtype=torch.float64)
         # numpy: torch's batched inverse failed with an MKL error on this size (4096 x 176 x 176) here.
-        inv = np.linalg.inv(cov.numpy())
+        # One BLAS thread: OpenBLAS threading on thousands of small matrices was 25x slower (measured).
+        with threadpool_limits(1, user_api="blas"):
+            inv = np.linalg.inv(cov.numpy())
         shape = (self.k, self.p, self.d)
         return mean.float().reshape(shape), torch.from_numpy(inv).float().reshape(*shape, self.d)
 
