@@ -221,6 +221,9 @@ class TrainingImages:
             yield chunk, np.concatenate([self.tiles_of(self.paths[i]) for i in chunk])
 
 
+MAX_FOLD_FRAMES = 64  # embeddings of one fold are cached; this bounds that memory (~105 MB at d=100, 256 px)
+
+
 def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(n)
     ids = np.empty(n, dtype=np.int64)
@@ -228,33 +231,42 @@ def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     return ids
 
 
+def fold_count(n: int, requested: int) -> int:
+    """At least `requested` folds, more for big sets so one fold's cached embeddings stay bounded."""
+    return min(n, max(requested, -(-n // MAX_FOLD_FRAMES)))
+
+
 @torch.no_grad()
 def fit_statistics(data: TrainingImages, features: PadimFeatures, options: PadimOptions
                    ) -> tuple[GaussianSums, np.ndarray]:
-    """Totals over all images, and an out-of-sample score per good image from k-fold leave-one-fold-out."""
+    """Totals over all images, and an out-of-sample score per good image from k-fold leave-one-fold-out.
+
+    Two feature passes: one for the totals, one fold at a time whose embeddings are kept just long enough
+    to score them against "totals minus this fold".
+    """
     k = options.rows * options.cols if options.tile_mode == "per_tile" else 1
-    h, w = options.input_size[0] // 4, options.input_size[1] // 4
+    p = (options.input_size[0] // 4) * (options.input_size[1] // 4)
     n = len(data.paths)
-    all_idx = list(range(n))
-    totals = GaussianSums(k, h * w, features.dim)
-    for _, batch in data.batches(all_idx, "fit: features"):
+    totals = GaussianSums(k, p, features.dim)
+    for _, batch in data.batches(list(range(n)), "fit: features"):
         totals.add(features(torch.from_numpy(batch)))
-    folds = min(options.folds, n)
     oos = np.full(n, np.nan)
+    folds = fold_count(n, options.folds)
     if folds < 2:
         return totals, oos
     fold_ids = _fold_ids(n, folds, options.seed)
+    head = MapToAnswer(options.input_size, options.blur_sigma)
     for fold in range(folds):
-        members = [i for i in all_idx if fold_ids[i] == fold]
-        fold_sums = GaussianSums(k, h * w, features.dim)
-        for _, batch in data.batches(members, f"fit: fold {fold + 1}/{folds}"):
-            fold_sums.add(features(torch.from_numpy(batch)))
-        mean, inv = totals.minus(fold_sums).gaussian(options.epsilon)
-        model = PadimModel(features, mean, inv, options.input_size, options.blur_sigma)
-        for chunk, batch in data.batches(members, f"fit: score fold {fold + 1}/{folds}"):
-            scores = model(torch.from_numpy(batch))[1].numpy()
-            per_frame = scores.reshape(len(chunk), -1).max(axis=1)  # a frame fails if any tile does
-            oos[chunk] = per_frame
+        members = [int(i) for i in np.flatnonzero(fold_ids == fold)]
+        fold_sums, cached = GaussianSums(k, p, features.dim), []
+        for chunk, batch in data.batches(members, f"fit: fold {fold + 1}/{folds}"):
+            emb = features(torch.from_numpy(batch))
+            fold_sums.add(emb)
+            cached.append((chunk, emb))
+        distance = Mahalanobis(*totals.minus(fold_sums).gaussian(options.epsilon))
+        for chunk, emb in cached:
+            scores = head(distance(emb))[1].numpy()
+            oos[chunk] = scores.reshape(len(chunk), -1).max(axis=1)  # a frame fails if any tile does
     return totals, oos
 
 
@@ -289,7 +301,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
         model_kind="padim", input_size=tuple(options.input_size), threshold=threshold, score_stats=score_stats(oos),
         training=TrainingInfo(folder=str(data.folder.resolve()), image_count=len(data.paths),
                               file_list_sha256=data.file_list_sha256, skipped_files=data.skipped,
-                              seed=options.seed, folds=min(options.folds, len(data.paths)),
+                              seed=options.seed, folds=fold_count(len(data.paths), options.folds),
                               fit_seconds=round(time.perf_counter() - started, 2)),
         backbone=options.backbone, layers=list(features.info.layers), feature_dim=d,
         tiling=TilingInfo(rows=options.rows, cols=options.cols, mode=options.tile_mode),
