@@ -54,7 +54,7 @@ class PadimOptions:
     epsilon: float = 0.01  # added to the covariance diagonal: keeps it invertible for flat regions
     blur_sigma: float = 4.0
     batch_size: int = 8
-    lite0_blocks: tuple[int, ...] = (2, 4, 10)
+    layers: tuple[str, ...] | None = None  # backbone tap points; None = the backbone's default
 
 
 class PadimFeatures(nn.Module):
@@ -62,7 +62,7 @@ class PadimFeatures(nn.Module):
 
     def __init__(self, options: PadimOptions):
         super().__init__()
-        self.backbone, self.info = create_backbone(options.backbone, options.weights, options.lite0_blocks)
+        self.backbone, self.info = create_backbone(options.backbone, options.weights, options.layers)
         self.preprocess = BgrToInput(self.info.mean, self.info.std)
         total = sum(self.info.channels)
         if options.feature_dim is None or options.feature_dim >= total:
@@ -72,19 +72,30 @@ class PadimFeatures(nn.Module):
                 raise DataError(f"feature_dim must be >= 1, got {options.feature_dim}")
             generator = torch.Generator().manual_seed(options.seed)
             index = torch.sort(torch.randperm(total, generator=generator)[: options.feature_dim]).values
-        self.register_buffer("channel_index", index, persistent=False)
-        self.keep_all = index.numel() == total
-
-    @property
-    def dim(self) -> int:
-        return int(self.channel_index.numel())
+        self.dim = int(index.numel())
+        # The random subset, split per layer: channels are chosen before upsampling (the same result,
+        # since upsampling is per channel), so unused channels never reach the stride-4 grid.
+        offsets = [0]
+        for channels in self.info.channels:
+            offsets.append(offsets[-1] + channels)
+        for i, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+            part = index[(index >= lo) & (index < hi)] - lo
+            self.register_buffer(f"channels_{i}", part, persistent=False)
+        self.keep = [int(getattr(self, f"channels_{i}").numel()) for i in range(len(self.info.channels))]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         features = self.backbone(self.preprocess(image))
         grid = features[0].shape[-2:]
-        upsampled = [features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
-        embedding = torch.cat(upsampled, dim=1)
-        return embedding if self.keep_all else torch.index_select(embedding, 1, self.channel_index)
+        parts = []
+        for i, (feature, channels) in enumerate(zip(features, self.info.channels)):
+            if self.keep[i] == 0:
+                continue
+            if self.keep[i] < channels:
+                feature = torch.index_select(feature, 1, getattr(self, f"channels_{i}"))
+            if feature.shape[-2:] != grid:
+                feature = F.interpolate(feature, size=grid, mode="bilinear", align_corners=False)
+            parts.append(feature)
+        return torch.cat(parts, dim=1)
 
 
 class Mahalanobis(nn.Module):

@@ -64,7 +64,7 @@ def test_bundle_contract_and_onnx_parity(small_padim_bundle, synthetic_dataset):
     meta = bundle.meta
     assert meta.model_kind == "padim" and meta.backbone == "efficientnet-lite0"
     assert meta.input_size == [128, 128] or tuple(meta.input_size) == (128, 128)
-    assert meta.layers == ["block2", "block4", "block10"] and meta.feature_dim == 40
+    assert meta.layers == ["expand3", "expand5", "expand11"] and meta.feature_dim == 40
     assert meta.training.image_count == 24 and len(meta.training.file_list_sha256) == 64
     assert meta.threshold.rule == "conformal_false_reject_rate" and meta.threshold.value > 0
     assert meta.threshold.certified  # 24 images certify a 5% rate (needs 19)

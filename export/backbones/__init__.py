@@ -20,7 +20,9 @@ from .efficientnet_lite import EfficientNetLite0, default_lite0_weights
 from .resnet import resnet18_features, wide_resnet50_2_features
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
-LITE0_DEFAULT_BLOCKS = (2, 4, 10)  # strides 4, 8, 16; 24 + 40 + 112 = 176 channels
+# Expanded activations at strides 4, 8, 16 (144 + 240 + 672 channels). Measured on MVTec bottle, d=100:
+# AUPRO 0.906 vs 0.873 with the block outputs (block2, block4, block10: 24 + 40 + 112 channels).
+LITE0_DEFAULT_LAYERS = ("expand3", "expand5", "expand11")
 
 
 @dataclass(frozen=True)
@@ -38,15 +40,20 @@ def backbone_names() -> tuple[str, ...]:
 
 
 def create_backbone(name: str, weights: str | Path | None = None,
-                    lite0_blocks: tuple[int, ...] = LITE0_DEFAULT_BLOCKS) -> tuple[nn.Module, BackboneInfo]:
+                    layers: tuple[str, ...] | None = None) -> tuple[nn.Module, BackboneInfo]:
     """Build the named feature extractor with its ImageNet weights loaded, in eval mode."""
     if name == "efficientnet-lite0":
-        module = EfficientNetLite0(out_blocks=tuple(lite0_blocks))
-        info = BackboneInfo(name, tuple(f"block{b}" for b in lite0_blocks),
-                            tuple(EfficientNetLite0.block_channels(b) for b in lite0_blocks),
-                            tuple(EfficientNetLite0.block_stride(b) for b in lite0_blocks))
+        layers = tuple(layers or LITE0_DEFAULT_LAYERS)
+        try:
+            module = EfficientNetLite0(taps=layers)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        info = BackboneInfo(name, layers, tuple(EfficientNetLite0.tap_channels(t) for t in layers),
+                            tuple(EfficientNetLite0.tap_stride(t) for t in layers))
         path = Path(weights) if weights else default_lite0_weights()
     elif name in ("resnet18", "wide_resnet50_2"):
+        if layers and tuple(layers) != ("layer1", "layer2", "layer3"):
+            raise DataError(f"backbone {name}: layers are fixed to layer1, layer2, layer3, got {list(layers)}")
         module = resnet18_features() if name == "resnet18" else wide_resnet50_2_features()
         info = BackboneInfo(name, ("layer1", "layer2", "layer3"), tuple(module.channels), (4, 8, 16))
         if weights is None:

@@ -50,11 +50,15 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
         self.act = nn.ReLU6(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self._bn0(self._expand_conv(x))) if self.has_expand else x
-        y = self.act(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self._bn0(self._expand_conv(x))) if self.has_expand else x
+
+    def project(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        y = self._bn2(self._project_conv(self.act(self._bn1(self._depthwise_conv(hidden)))))
         return x + y if self.residual else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.expand(x))
 
 
 def _block_specs() -> list[tuple[int, int, int, int, int]]:
@@ -65,14 +69,32 @@ def _block_specs() -> list[tuple[int, int, int, int, int]]:
     return specs
 
 
-class EfficientNetLite0(nn.Module):
-    """Returns the outputs of the requested blocks (named `block<N>`) up to the deepest one needed."""
+def parse_tap(name: str) -> tuple[str, int]:
+    """'block10' -> ('block', 10): a block's output; 'expand11' -> ('expand', 11): block 11's expanded input."""
+    for kind in ("block", "expand"):
+        if name.startswith(kind) and name[len(kind):].isdigit():
+            index = int(name[len(kind):])
+            if 0 <= index < len(_block_specs()) and not (kind == "expand" and LITE0_EXPANDS[index] == 1):
+                return kind, index
+    raise ValueError(f"unknown EfficientNet-Lite0 layer {name!r} (expected blockN or expandN, N in 0..15)")
 
-    def __init__(self, out_blocks: tuple[int, ...] = (2, 4, 10), with_head: bool = False):
+
+LITE0_EXPANDS = tuple(spec[2] for spec in _block_specs())
+
+
+class EfficientNetLite0(nn.Module):
+    """Returns the activations at the requested tap points, in order, running only the blocks needed.
+
+    Tap points are block outputs (`block2`: stride 4, 24 channels) or the expanded activation inside a
+    block (`expand3`: block 3's 1x1 expansion, 144 channels, still at stride 4 before its strided
+    depthwise conv). Expanded activations are richer (6x the channels) and localise defects better.
+    """
+
+    def __init__(self, taps: tuple[str, ...] = ("block2", "block4", "block10"), with_head: bool = False):
         super().__init__()
-        self.out_blocks = tuple(out_blocks)
+        self.taps = tuple(parse_tap(t) for t in taps)
         specs = _block_specs()
-        last = len(specs) - 1 if with_head else max(self.out_blocks)
+        last = len(specs) - 1 if with_head else max(i for _, i in self.taps)
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0 = _bn(32)
         self._blocks = nn.ModuleList(MBConv(*spec) for spec in specs[: last + 1])
@@ -81,27 +103,34 @@ class EfficientNetLite0(nn.Module):
             self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
             self._bn1 = _bn(1280)
             self._fc = nn.Linear(1280, 1000)
-        self.act = nn.ReLU6(inplace=True)
+        self.act = nn.ReLU6(inplace=False)
 
     @staticmethod
-    def block_channels(index: int) -> int:
-        return _block_specs()[index][4]
+    def tap_channels(name: str) -> int:
+        kind, index = parse_tap(name)
+        kernel, stride, expand, cin, cout = _block_specs()[index]
+        return cout if kind == "block" else cin * expand
 
     @staticmethod
-    def block_stride(index: int) -> int:
+    def tap_stride(name: str) -> int:
+        kind, index = parse_tap(name)
         stride = 2
-        for spec in _block_specs()[: index + 1]:
+        for spec in _block_specs()[: index + (1 if kind == "block" else 0)]:
             stride *= spec[1]
         return stride
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.act(self._bn0(self._conv_stem(x)))
-        outputs = []
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in self.out_blocks:
-                outputs.append(x)
-        return outputs
+        found: dict[tuple[str, int], torch.Tensor] = {}
+        last = max(i for _, i in self.taps)
+        for i, block in enumerate(self._blocks[: last + 1]):
+            hidden = block.expand(x)
+            found[("expand", i)] = hidden
+            if ("block", i) not in self.taps and i == last:
+                break  # only the expansion of the last block is needed
+            x = block.project(x, hidden)
+            found[("block", i)] = x
+        return [found[t] for t in self.taps]
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (needs with_head=True); only used to check the weights."""
