@@ -306,6 +306,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
     if np.isnan(oos).any():
         raise DataError(f"{data.folder}: need at least 2 images for an out-of-sample threshold, got {len(data.paths)}")
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
+    _report_outliers(data, oos, threshold.value)
     if not threshold.certified:
         log.warning(threshold.note)
     meta = BundleMeta(
@@ -327,6 +328,15 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
         meta.training.fit_seconds = round(time.perf_counter() - started, 2)
         finalize_bundle(staging, meta)
     return Bundle.load(out_dir)
+
+
+def _report_outliers(data: TrainingImages, oos: np.ndarray, threshold: float, count: int = 3) -> None:
+    """Name the training images that score highest out of sample: a defective part among the "good" ones
+    or an odd capture there raises the threshold for every part after it, so the engineer should look."""
+    order = np.argsort(oos)[::-1][:count]
+    listing = ", ".join(f"{data.paths[i].name} ({oos[i]:.4g})" for i in order)
+    log.info("highest out-of-sample training scores (check these are really good parts): %s; "
+             "median %.4g, threshold %.4g", listing, float(np.median(oos)), threshold)
 
 
 def _check_options(options: PadimOptions) -> None:
