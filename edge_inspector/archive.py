@@ -1,0 +1,178 @@
+"""Keep failed frames (frame image, 8-bit heatmap, JSON header) in a folder for review, capped by count and size.
+
+Writing runs on its own thread behind a small bounded queue: a slow SD card or a full disk must never slow
+the line, so when the writer falls behind, frames are skipped and counted, and when the disk is full the
+error is logged (once per streak, not per frame) and the service carries on. Each entry's files share one
+time-sortable stem (`20250101T120000.123Z_cam0_00000042_fail`), so "oldest first" is simply name order,
+also across restarts.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from .config import ArchiveConfig
+from .pipeline import Result
+from .publish import heatmap_to_u8
+
+log = logging.getLogger(__name__)
+
+_SUFFIXES = (".json", ".heatmap.png", ".png", ".jpg")
+
+
+def _stem_of(name: str) -> str | None:
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+@dataclass
+class ArchiveStats:
+    saved: int = 0
+    skipped: int = 0  # writer behind: not archived
+    errors: int = 0  # write failures (disk full, permissions)
+    removed: int = 0  # evicted to respect the caps
+    entries: int = 0
+    bytes: int = 0
+
+
+class Archive:
+    """Bounded on-disk archive of frames. `submit` never blocks; writes happen on the archive thread."""
+
+    QUEUE_SIZE = 8
+
+    def __init__(self, folder: Path, config: ArchiveConfig, heatmap_full_scale: float = 2.0):
+        self.folder = Path(folder)
+        self.config = config
+        self.verdicts = set(config.verdicts)
+        self.full_scale = heatmap_full_scale
+        self.max_bytes = int(config.max_megabytes * 1024 * 1024)
+        self.stats = ArchiveStats()
+        self.entries: collections.OrderedDict[str, int] = collections.OrderedDict()  # stem -> bytes, oldest first
+        self.queue: queue.Queue = queue.Queue(self.QUEUE_SIZE)
+        self._failing = False
+        self._scan()
+        self.thread = threading.Thread(target=self._run, name="edge-archive", daemon=True)
+        self.thread.start()
+
+    def _scan(self) -> None:
+        """Pick up entries from earlier runs so the caps hold across restarts."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            sizes: dict[str, int] = collections.defaultdict(int)
+            for entry in os.scandir(self.folder):
+                stem = _stem_of(entry.name)
+                if stem and entry.is_file():
+                    sizes[stem] += entry.stat().st_size
+        except OSError as err:
+            self._report(err)
+            return
+        for stem in sorted(sizes):
+            self.entries[stem] = sizes[stem]
+        self._sync_stats()
+
+    def submit(self, result: Result, header: dict[str, Any]) -> bool:
+        """Queue a result for archiving if its verdict is kept; False when not kept or the writer is behind."""
+        if result.verdict not in self.verdicts:
+            return False
+        try:
+            self.queue.put_nowait((result, header))
+            return True
+        except queue.Full:
+            self.stats.skipped += 1
+            return False
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Write what is queued (up to timeout), then stop the thread."""
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            try:
+                self._write(*item)
+            except OSError as err:
+                self._report(err)
+            except Exception:  # never let one odd frame end archiving for the rest of the shift
+                self.stats.errors += 1
+                log.exception("archive: unexpected error")
+
+    def _write(self, result: Result, header: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.fromtimestamp(result.frame.capture_time, _dt.timezone.utc)
+        stem = (f"{stamp.strftime('%Y%m%dT%H%M%S')}.{stamp.microsecond // 1000:03d}Z_"
+                f"{header.get('camera_id', 'cam')}_{result.sequence:08d}_{result.verdict}")
+        blobs: list[tuple[str, bytes]] = []
+        ext = ".jpg" if self.config.image_format == "jpg" else ".png"
+        ok, image = cv2.imencode(ext, result.frame.image)
+        if ok:
+            blobs.append((stem + ext, image.tobytes()))
+        if result.heatmap is not None and result.decision is not None:
+            heat8 = heatmap_to_u8(result.heatmap, result.decision.threshold, self.full_scale)
+            ok, heat = cv2.imencode(".png", heat8, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+            if ok:
+                blobs.append((stem + ".heatmap.png", heat.tobytes()))
+        blobs.append((stem + ".json", json.dumps(header, indent=1).encode()))
+        written: list[Path] = []
+        try:
+            for name, data in blobs:
+                path = self.folder / name
+                tmp = path.with_name(path.name + ".tmp")
+                written.append(tmp)
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+                written[-1] = path
+        except OSError:
+            for path in written:  # no half entries: a partial write is removed before reporting
+                path.unlink(missing_ok=True)
+            raise
+        self.entries[stem] = sum(len(data) for _, data in blobs)
+        self.stats.saved += 1
+        if self._failing:
+            log.info("archive: writing to %s again", self.folder)
+            self._failing = False
+        self._evict()
+        self._sync_stats()
+
+    def _evict(self) -> None:
+        total = sum(self.entries.values())
+        while self.entries and (len(self.entries) > self.config.max_files or total > self.max_bytes):
+            stem, size = self.entries.popitem(last=False)
+            for suffix in _SUFFIXES:
+                (self.folder / (stem + suffix)).unlink(missing_ok=True)
+            total -= size
+            self.stats.removed += 1
+
+    def _sync_stats(self) -> None:
+        self.stats.entries = len(self.entries)
+        self.stats.bytes = sum(self.entries.values())
+
+    def _report(self, err: OSError) -> None:
+        self.stats.errors += 1
+        if not self._failing:
+            log.error("archive: cannot write to %s (%s); frames are not archived until this clears",
+                      self.folder, err)
+            self._failing = True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "saved": self.stats.saved, "skipped": self.stats.skipped,
+                "errors": self.stats.errors, "removed": self.stats.removed, "entries": self.stats.entries,
+                "megabytes": round(self.stats.bytes / 1048576, 2), "failing": self._failing}

@@ -1,0 +1,105 @@
+"""From model outputs to a verdict: threshold, minimum defect area, defect boxes.
+
+The threshold is on the model's raw score scale (the bundle's, or an override from config or the control
+socket). A frame fails when any tile's score is over the threshold and, when `min_defect_area` is set, some
+connected over-threshold region of the stitched heatmap is larger than that many pixels: a single hot pixel
+from sensor noise then does not stop the line, while a real scratch still does. Boxes come from the same
+connected regions, so what the HMI draws is exactly what the decision saw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DecisionParams:
+    """Immutable so the control thread can swap it in with one assignment while inference reads it."""
+
+    threshold: float
+    min_defect_area: int = 0
+    max_boxes: int = 20
+
+    def __post_init__(self):
+        validate_threshold(self.threshold)
+        if self.min_defect_area < 0:
+            raise ConfigError(f"min_defect_area must be >= 0, got {self.min_defect_area}")
+
+
+def validate_threshold(value: object) -> float:
+    """A threshold must be a finite number > 0 (a zero or NaN threshold would fail or pass everything)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"threshold: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class DefectBox:
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int  # over-threshold pixels in this region
+    peak: float  # highest normalised score inside (1.0 = threshold)
+
+    def to_dict(self) -> dict:
+        return {"x": self.x, "y": self.y, "width": self.width, "height": self.height, "area": self.area,
+                "peak": round(self.peak, 4)}
+
+
+@dataclass
+class Decision:
+    verdict: str  # "pass" | "fail"
+    score: float  # max tile score (raw)
+    normalised_score: float  # score / threshold
+    threshold: float
+    tile_scores: list[float]
+    boxes: list[DefectBox] = field(default_factory=list)
+    largest_area: int = 0
+
+
+def defect_regions(heatmap: np.ndarray, threshold: float, max_boxes: int) -> tuple[list[DefectBox], int]:
+    """Connected over-threshold regions (8-connectivity), largest first; also the largest region's area."""
+    mask = (heatmap > threshold).view(np.uint8)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return [], 0
+    cols = np.flatnonzero(mask.any(axis=0))
+    # Label only the bounding crop of the over-threshold pixels: defects are small, and labelling a whole
+    # 5-megapixel frame would cost more than the rest of the decision.
+    y0, x0 = int(rows[0]), int(cols[0])
+    crop = np.ascontiguousarray(mask[y0:rows[-1] + 1, x0:cols[-1] + 1])
+    heat = heatmap[y0:rows[-1] + 1, x0:cols[-1] + 1]
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    order = np.argsort(-areas)
+    peaks = np.zeros(count, np.float32)
+    inside = crop > 0
+    np.maximum.at(peaks, labels[inside], heat[inside])  # highest value per region, one vectorised pass
+    boxes = []
+    for i in order[:max_boxes]:
+        x, y, w, h, area = (int(v) for v in stats[i + 1, :5])
+        boxes.append(DefectBox(x + x0, y + y0, w, h, area, float(peaks[i + 1]) / threshold))
+    return boxes, int(areas.max())
+
+
+def decide(tile_scores: np.ndarray, heatmap: np.ndarray, params: DecisionParams) -> Decision:
+    """Verdict for one frame from its tile scores and stitched heatmap (both on the raw score scale)."""
+    scores = np.asarray(tile_scores, np.float64).ravel()
+    score = float(scores.max()) if scores.size else 0.0
+    over = bool(score > params.threshold)
+    boxes: list[DefectBox] = []
+    largest = 0
+    if over:  # the stitched map never exceeds the highest tile score, so below it there is nothing to find
+        boxes, largest = defect_regions(heatmap, params.threshold, params.max_boxes)
+    fail = over and (params.min_defect_area == 0 or largest > params.min_defect_area)
+    return Decision(verdict="fail" if fail else "pass", score=score, normalised_score=score / params.threshold,
+                    threshold=params.threshold, tile_scores=[float(s) for s in scores], boxes=boxes,
+                    largest_area=largest)

@@ -1,0 +1,391 @@
+"""capture -> infer -> publish: three threads joined by bounded queues.
+
+Why three threads: a camera delivers frames on its own clock, the model takes as long as it takes, and a
+network send or PNG encode should not steal time from either. Why bounded queues: a line runs for months,
+so nothing may grow without limit. When the model falls behind a live camera the *oldest* waiting frame is
+dropped (the freshest frame wins: a verdict on a part that left the camera a second ago is worth less than
+one on the part under it now) and every drop is counted. For replayed media (`when_behind: wait`) capture
+waits instead, so no frame is lost.
+
+Every frame that reaches inference yields exactly one Result - pass, fail, or error with the reason - with
+a strictly increasing sequence number, and every Result reaches the sink; nothing is lost silently.
+Stop drains: capture stops first, then every frame already captured is inferred and published.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+
+from .backends import Backend
+from .bundle import Bundle
+from .decision import Decision, DecisionParams, decide
+from .sources import Camera, Frame
+from .tiling import Tiler
+
+log = logging.getLogger(__name__)
+
+
+class QueueClosed(Exception):
+    """The producer has finished and everything queued has been taken."""
+
+
+class FrameQueue:
+    """Bounded FIFO that either drops its oldest item (live) or makes the producer wait (lossless)."""
+
+    def __init__(self, maxsize: int, drop_oldest: bool):
+        self.items: collections.deque = collections.deque()
+        self.maxsize = maxsize
+        self.drop_oldest = drop_oldest
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def put(self, item: Any, stop: threading.Event | None = None, beat: Callable[[], None] | None = None) -> int:
+        """Queue item; return how many items were dropped to make room (0 or 1)."""
+        with self.cond:
+            if self.closed:
+                return 1  # the consumer was cut loose at shutdown; counted like any other drop
+            dropped = 0
+            while len(self.items) >= self.maxsize:
+                if self.drop_oldest:
+                    self.items.popleft()
+                    dropped += 1
+                    continue
+                if stop is not None and stop.is_set():
+                    break  # stopping: let this last frame in over the bound rather than lose it
+                self.cond.wait(0.2)
+                if beat:
+                    beat()
+            self.items.append(item)
+            self.cond.notify_all()
+            return dropped
+
+    def get(self, timeout: float) -> Any | None:
+        """Next item, None on timeout; QueueClosed once closed and empty."""
+        with self.cond:
+            if not self.items and not self.closed:
+                self.cond.wait(timeout)
+            if self.items:
+                item = self.items.popleft()
+                self.cond.notify_all()
+                return item
+            if self.closed:
+                raise QueueClosed
+            return None
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class ActiveModel:
+    """Everything inference needs, swapped as one object on `reload` (never half old, half new)."""
+
+    bundle: Bundle
+    backend: Backend
+    tiler: Tiler
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+    @property
+    def sha256(self) -> str:
+        return self.bundle.sha256
+
+
+@dataclass
+class Result:
+    sequence: int
+    frame: Frame
+    verdict: str  # pass | fail | error
+    model_id: str
+    model_sha256: str
+    decision: Decision | None = None
+    heatmap: np.ndarray | None = None  # float32 HxW, raw score scale
+    tile_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+
+    @property
+    def threshold(self) -> float | None:
+        return self.decision.threshold if self.decision else None
+
+
+class Stats:
+    """Counters and recent latencies. Each counter has one writer thread; readers take a snapshot."""
+
+    WINDOW = 2048
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.captured = 0
+        self.dropped = 0
+        self.processed = 0
+        self.passes = 0
+        self.fails = 0
+        self.errors = 0
+        self.published = 0
+        self.publish_errors = 0
+        self.latency_ms: collections.deque = collections.deque(maxlen=self.WINDOW)
+        self.inference_ms: collections.deque = collections.deque(maxlen=self.WINDOW)
+        self.done_times: collections.deque = collections.deque(maxlen=self.WINDOW)
+        self.last_sequence = 0
+
+    def record_published(self, result: Result) -> None:
+        self.published += 1
+        self.done_times.append(time.monotonic())
+        if "total" in result.timings:
+            self.latency_ms.append(result.timings["total"])
+        if "inference" in result.timings:
+            self.inference_ms.append(result.timings["inference"])
+
+    def fps(self, window_s: float = 10.0) -> float:
+        now = time.monotonic()
+        times = [t for t in list(self.done_times) if t >= now - window_s]
+        if len(times) < 2:
+            return 0.0
+        span = max(now - times[0], times[-1] - times[0], 1e-6)
+        return (len(times) - 1) / span
+
+    def snapshot(self) -> dict[str, Any]:
+        latency = np.array(list(self.latency_ms), np.float64)
+        inference = np.array(list(self.inference_ms), np.float64)
+
+        def pct(values: np.ndarray, q: float) -> float | None:
+            return round(float(np.percentile(values, q)), 2) if values.size else None
+
+        return {"uptime_s": round(time.monotonic() - self.started, 1), "fps": round(self.fps(), 2),
+                "captured": self.captured, "dropped": self.dropped, "processed": self.processed,
+                "passes": self.passes, "fails": self.fails, "errors": self.errors, "published": self.published,
+                "publish_errors": self.publish_errors, "last_sequence": self.last_sequence,
+                "latency_ms": {"p50": pct(latency, 50), "p99": pct(latency, 99)},
+                "inference_ms": {"p50": pct(inference, 50), "p99": pct(inference, 99)}}
+
+
+class InferenceEngine:
+    """Turns a frame into a Result with the current model and decision parameters."""
+
+    def __init__(self, model: ActiveModel, params: DecisionParams):
+        self.model = model
+        self.params = params  # replaced whole by set_threshold (an atomic attribute swap)
+        self._pending: tuple[ActiveModel, DecisionParams] | None = None
+        self._lock = threading.Lock()
+        self.sequence = 0
+
+    def swap(self, model: ActiveModel, params: DecisionParams) -> None:
+        """Install a new model (with its threshold) before the next frame, never in the middle of one."""
+        with self._lock:
+            self._pending = (model, params)
+
+    def _take_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            old = self.model
+            self.model, self.params = pending
+            if old.backend is not self.model.backend:
+                old.backend.close()  # here, on the inference thread: no frame is using it any more
+            log.info("model swapped: %s -> %s", old.model_id, self.model.model_id)
+
+    def process(self, frame: Frame) -> Result:
+        """Exactly one Result per call; failures become verdict 'error' carrying the reason."""
+        self._take_pending()
+        self.sequence += 1
+        model, params = self.model, self.params
+        result = Result(sequence=self.sequence, frame=frame, verdict="error", model_id=model.model_id,
+                        model_sha256=model.sha256)
+        timings = result.timings
+        timings["capture"] = frame.capture_ms
+        t0 = time.monotonic()
+        timings["queue"] = (t0 - frame.capture_mono) * 1000.0
+        try:
+            tiles = model.tiler.split(frame.image)
+            t1 = time.monotonic()
+            output = model.backend.infer(tiles)
+            t2 = time.monotonic()
+            heatmap = model.tiler.stitch(output.anomaly_maps, frame.image.shape)
+            decision = decide(output.scores, heatmap, params)
+            t3 = time.monotonic()
+        except Exception as err:  # any failure must still produce a result, never a silent gap
+            result.error = f"{type(err).__name__}: {err}".splitlines()[0]
+            return result
+        timings.update(tiling=(t1 - t0) * 1000.0, inference=(t2 - t1) * 1000.0, decision=(t3 - t2) * 1000.0)
+        result.verdict = decision.verdict
+        result.decision = decision
+        result.heatmap = heatmap
+        result.tile_boxes = model.tiler.boxes(frame.image.shape)
+        return result
+
+
+class ResultSink(Protocol):
+    """Where results go (the ZeroMQ publisher in the service). Called only from the publish thread."""
+
+    def send(self, result: Result) -> None: ...
+
+    def idle(self) -> None:
+        """Called at least every 0.2 s: time-based work such as health messages."""
+
+
+class Stage:
+    """A pipeline thread with a heartbeat, so the watchdog can tell 'alive and responsive' from 'stuck'."""
+
+    def __init__(self, name: str, target: Callable[["Stage"], None]):
+        self.name = name
+        self.last_beat = time.monotonic()
+        self.error: str | None = None
+        self.finished = False
+        self._target = target
+        self.thread = threading.Thread(target=self._run, name=f"edge-{name}", daemon=True)
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    def _run(self) -> None:
+        try:
+            self._target(self)
+            self.finished = True
+        except BaseException as err:  # a crashed stage must be visible to the watchdog and the log
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("pipeline stage %s crashed", self.name)
+
+    def problem(self, stall_s: float) -> str | None:
+        if self.error:
+            return f"{self.name} crashed ({self.error})"
+        if self.finished:
+            return None
+        if not self.thread.is_alive():
+            return f"{self.name} is not running"
+        age = time.monotonic() - self.last_beat
+        if age > stall_s:
+            return f"{self.name} unresponsive for {age:.1f} s"
+        return None
+
+
+class Pipeline:
+    """Owns the three stage threads and the queues between them."""
+
+    def __init__(self, camera: Camera, engine: InferenceEngine, sink: ResultSink, queue_size: int = 2,
+                 drop_when_behind: bool = True, stall_timeout_s: float = 10.0, stats: Stats | None = None):
+        self.camera = camera
+        self.engine = engine
+        self.sink = sink
+        self.stats = stats or Stats()
+        self.stall_timeout_s = stall_timeout_s
+        self.frames = FrameQueue(queue_size, drop_oldest=drop_when_behind)
+        # Results are never dropped; this bound only makes inference wait if publishing ever stalls.
+        self.results = FrameQueue(max(4, queue_size * 2), drop_oldest=False)
+        self.stop_capture = threading.Event()
+        self.gate = threading.Event()  # capture starts when set (see publish.wait_for_subscriber_s)
+        self.gate.set()
+        self.finished = threading.Event()
+        self.stages = [Stage("capture", self._capture), Stage("inference", self._infer),
+                       Stage("publish", self._publish)]
+
+    def start(self) -> None:
+        for stage in self.stages:
+            stage.thread.start()
+
+    def stop(self) -> None:
+        """Stop capturing; frames already captured are still inferred and published (see join)."""
+        self.stop_capture.set()
+        self.gate.set()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the drain; True when every stage has finished.
+
+        A capture stuck inside a blocking camera read (up to camera.read_timeout_s) is cut loose after a
+        third of the timeout, so frames already captured are still inferred and published in time.
+        """
+        deadline = time.monotonic() + timeout
+        capture = self.stages[0].thread
+        capture.join(timeout / 3.0)
+        if capture.is_alive():
+            log.warning("capture still blocked in a read; finishing the frames already captured without it")
+            self.frames.close()
+        for stage in self.stages[1:]:
+            stage.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(stage.thread.is_alive() for stage in self.stages[1:])
+
+    def problems(self) -> list[str]:
+        """Why the pipeline is not healthy (empty list: every stage alive and responsive)."""
+        return [p for p in (stage.problem(self.stall_timeout_s) for stage in self.stages) if p]
+
+    # -- stages ---------------------------------------------------------------------------------------------
+
+    def _capture(self, stage: Stage) -> None:
+        try:
+            while not self.gate.is_set():
+                stage.beat()
+                self.gate.wait(0.2)
+            frames: Iterator[Frame] = self.camera.frames(self.stop_capture, stage.beat)
+            for frame in frames:
+                self.stats.captured += 1
+                dropped = self.frames.put(frame, self.stop_capture, stage.beat)
+                if dropped:
+                    self.stats.dropped += dropped
+                    log.debug("inference behind: dropped %d frame(s), %d in total", dropped, self.stats.dropped)
+                stage.beat()
+        finally:
+            self.frames.close()
+
+    def _infer(self, stage: Stage) -> None:
+        last_error: str | None = None
+        try:
+            while True:
+                stage.beat()
+                try:
+                    frame = self.frames.get(0.2)
+                except QueueClosed:
+                    return
+                if frame is None:
+                    continue
+                result = self.engine.process(frame)
+                stage.beat()
+                self.stats.processed += 1
+                self.stats.last_sequence = result.sequence
+                if result.verdict == "fail":
+                    self.stats.fails += 1
+                elif result.verdict == "pass":
+                    self.stats.passes += 1
+                else:
+                    self.stats.errors += 1
+                    # A bad ROI fails every frame: log each new reason, then every 100th repeat.
+                    if result.error != last_error or self.stats.errors % 100 == 1:
+                        log.warning("frame %d (sequence %d): %s (%d error results so far)", frame.index,
+                                    result.sequence, result.error, self.stats.errors)
+                    last_error = result.error
+                self.results.put(result, None, stage.beat)
+        finally:
+            self.results.close()
+
+    def _publish(self, stage: Stage) -> None:
+        try:
+            while True:
+                stage.beat()
+                self.sink.idle()
+                try:
+                    result = self.results.get(0.2)
+                except QueueClosed:
+                    return
+                if result is None:
+                    continue
+                try:
+                    self.sink.send(result)
+                    self.stats.record_published(result)
+                except Exception:  # keep publishing later results; this one is logged with its sequence
+                    self.stats.publish_errors += 1
+                    log.exception("could not publish result sequence %d", result.sequence)
+        finally:
+            self.finished.set()

@@ -1,0 +1,345 @@
+"""The edge service: config -> model -> camera -> pipeline -> ZeroMQ, supervised for systemd.
+
+Start-up order is chosen so systemd's READY=1 means "this service can judge parts": sockets are bound
+first (a port clash fails in the first second, exit 2), then the bundle is loaded, verified, checked
+against the tiling grid and warmed up with one inference, then READY. The camera is *not* awaited: a
+camera that is unplugged at boot is reported in STATUS= and in health messages while the service waits
+for it, since a service stuck in "activating" would hide the problem from the line's monitoring.
+
+The main thread supervises: WATCHDOG=1 only while every stage is alive and responsive, exit 1 if a stage
+crashed (systemd restarts it), and on SIGTERM: stop capturing, drain what was captured, close, exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import zmq
+
+from .archive import Archive
+from .backends import create_backend
+from .bundle import Bundle
+from .config import ServiceConfig, config_to_dict, load_config
+from .decision import DecisionParams, validate_threshold
+from .errors import ConfigError
+from .pipeline import ActiveModel, InferenceEngine, Pipeline, Stats
+from .publish import ControlServer, Publisher
+from .sources import Camera, create_source
+from .systemd import Notifier
+from .tiling import Tiler
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 8.0  # systemd's default stop timeout is 90 s; we aim to be done in a few
+
+
+def check_tiling(config: ServiceConfig, bundle: Bundle) -> None:
+    """A per-tile bundle only works with its own grid; a shared one works with any, but say so."""
+    trained = bundle.meta.tiling
+    rows, cols = config.tiling.rows, config.tiling.cols
+    if (trained.rows, trained.cols) == (rows, cols):
+        return
+    if trained.mode == "per_tile":
+        raise config.error("tiling", f"grid {rows}x{cols} does not match the bundle {bundle.path}, fit per tile "
+                           f"on a {trained.rows}x{trained.cols} grid (set tiling.rows/cols to match or refit)")
+    log.warning("tiling %dx%d differs from the %dx%d grid bundle %s was fit on; its shared statistics still "
+                "apply, but tiles now show parts at another scale than in training", rows, cols, trained.rows,
+                trained.cols, bundle.path)
+
+
+def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> ActiveModel:
+    """Load, verify, check and warm up a bundle; the first real frame then runs at full speed."""
+    bundle = Bundle.load(bundle_path or config.bundle_path)
+    check_tiling(config, bundle)
+    tiling = config.tiling
+    tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size, tile_size=tiling.tile_size, stride=tiling.stride,
+                  roi=tiling.roi)
+    backend = create_backend(bundle, config.model.backend, config.model.threads)
+    started = time.monotonic()
+    backend.infer(np.zeros((tiler.tiles, *bundle.input_size, 3), np.uint8))
+    log.info("model %s loaded (%s, threshold %.4g), warm-up inference of %d tile(s) took %.0f ms",
+             bundle.model_id, backend.describe(), bundle.threshold, tiler.tiles,
+             (time.monotonic() - started) * 1000)
+    return ActiveModel(bundle=bundle, backend=backend, tiler=tiler)
+
+
+class Service:
+    """One camera's inspection service."""
+
+    def __init__(self, config: ServiceConfig, notifier: Notifier | None = None):
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.stop_event = threading.Event()
+        self.stats = Stats()
+        self.context: zmq.Context | None = None
+        self.publisher: Publisher | None = None
+        self.control: ControlServer | None = None
+        self.pipeline: Pipeline | None = None
+        self.engine: InferenceEngine | None = None
+        self.camera: Camera | None = None
+        self.archive: Archive | None = None
+        self.ready = threading.Event()
+
+    # -- start-up ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind, load, warm up and start the threads; afterwards the service is READY."""
+        config = self.config
+        self.context = zmq.Context()
+        try:
+            self._start(config)
+        except BaseException:
+            if self.archive:
+                self.archive.close()
+            self._close_sockets()
+            raise
+
+    def _start(self, config: ServiceConfig) -> None:
+        source = create_source(config.camera)  # config-level problems (kind, GStreamer) before any binding
+        self.archive = (Archive(config.archive_path, config.archive, config.publish.heatmap_full_scale)
+                        if config.archive.enabled else None)
+        self.publisher = Publisher(config.publish, config.camera.id, self.health,
+                                   min_defect_area=lambda: self.engine.params.min_defect_area if self.engine else 0,
+                                   archive=self.archive, context=self.context)
+        if config.publish.control_endpoint:
+            self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context)
+        model = load_model(config)
+        self.engine = InferenceEngine(model, self._decision_params(model.bundle))
+        self.camera = Camera(source, config.camera, on_event=self._on_camera_event)
+        when_behind = config.pipeline.when_behind
+        if when_behind == "auto":
+            unpaced_media = source.kind in ("file", "folder") and not config.camera.fps
+            when_behind = "wait" if unpaced_media else "drop"
+        self.pipeline = Pipeline(self.camera, self.engine, self.publisher, queue_size=config.pipeline.queue_size,
+                                 drop_when_behind=when_behind == "drop",
+                                 stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats)
+        if config.publish.wait_for_subscriber_s > 0:
+            self.pipeline.gate.clear()
+        log.info("camera %s: %s; %s; when behind: %s; results on %s%s", config.camera.id, source.describe(),
+                 model.tiler.describe(), when_behind, self.publisher.endpoint,
+                 f", control on {self.control.endpoint}" if self.control else "")
+        self.pipeline.start()
+        if self.control:
+            self.control.start()
+        self.ready.set()
+        self.notifier.ready(self.status_line())
+
+    def _decision_params(self, bundle: Bundle, threshold: float | None = None) -> DecisionParams:
+        decision = self.config.decision
+        value = threshold or decision.threshold or bundle.threshold
+        return DecisionParams(threshold=value, min_defect_area=decision.min_defect_area, max_boxes=decision.max_boxes)
+
+    # -- supervision -------------------------------------------------------------------------------------------
+
+    def run(self, install_signals: bool = True) -> int:
+        """Start, supervise until SIGTERM/SIGINT (or a finite source ends), drain and stop. Returns the exit code."""
+        if install_signals:
+            signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        self.start()
+        code = self.supervise()
+        self.shutdown()
+        return code
+
+    def supervise(self) -> int:
+        assert self.pipeline is not None and self.publisher is not None
+        ping_every = self.notifier.ping_interval_s
+        next_ping = time.monotonic()
+        next_status = time.monotonic() + 2.0
+        hold_until = time.monotonic() + self.config.publish.wait_for_subscriber_s
+        while not self.stop_event.wait(0.1):
+            now = time.monotonic()
+            if not self.pipeline.gate.is_set() and (self.publisher.subscribed.is_set() or now >= hold_until):
+                self.pipeline.gate.set()
+            problems = self.problems()
+            if any(stage.error for stage in self.pipeline.stages):  # checked first: a crash also ends the stream
+                log.critical("stopping: %s", "; ".join(problems))
+                self.notifier.status(f"failed: {'; '.join(problems)}")
+                return 1
+            if self.pipeline.finished.is_set():
+                log.info("stream ended after %d frame(s); stopping", self.stats.processed)
+                break
+            if ping_every and now >= next_ping:
+                if problems:
+                    log.error("withholding watchdog: %s", "; ".join(problems))
+                else:
+                    self.notifier.watchdog()
+                next_ping = now + ping_every
+            if now >= next_status:
+                self.notifier.status(self.status_line())
+                next_status = now + 2.0
+        return 0
+
+    def problems(self) -> list[str]:
+        problems = self.pipeline.problems() if self.pipeline else ["not started"]
+        if self.control and not self.control.thread.is_alive() and not self.control.stop_event.is_set():
+            problems.append("control socket thread is not running")
+        return problems
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        """Stop capturing, publish every frame already captured, close sockets."""
+        self.notifier.stopping("stopping: finishing frames in flight")
+        if self.pipeline:
+            self.pipeline.stop()
+            if not self.pipeline.join(DRAIN_TIMEOUT_S):
+                log.error("pipeline did not drain within %.0f s", DRAIN_TIMEOUT_S)
+            log.info("stopped: %d captured, %d processed (%d fail, %d error), %d published, %d dropped",
+                     self.stats.captured, self.stats.processed, self.stats.fails, self.stats.errors,
+                     self.stats.published, self.stats.dropped)
+        if self.archive:
+            self.archive.close()
+        self._close_sockets()
+        if self.engine:
+            self.engine.model.backend.close()
+        self.notifier.close()
+
+    def _close_sockets(self) -> None:
+        if self.control:
+            self.control.stop()
+        publish_alive = self.pipeline is not None and self.pipeline.stages[2].thread.is_alive()
+        if self.publisher and not publish_alive:  # the socket belongs to the publish thread while it runs
+            if self.pipeline is not None:
+                self.publisher.send_health()  # a final health message saying we stopped
+            self.publisher.close()
+        if self.context:
+            self.context.term() if not publish_alive else self.context.destroy(linger=0)
+            self.context = None
+
+    # -- reporting ---------------------------------------------------------------------------------------------
+
+    def _on_camera_event(self, kind: str, message: str) -> None:
+        if self.publisher:
+            self.publisher.request_health()
+        if self.ready.is_set():
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        camera = self.camera
+        if camera is None:
+            return "starting"
+        stats = self.stats
+        counts = (f"{stats.fps():.1f} fps, {stats.processed} frames, {stats.fails} fail, {stats.errors} error, "
+                  f"{stats.dropped} dropped, {camera.reconnects} reconnects")
+        if camera.state == "waiting":
+            return f"{self.config.camera.id}: waiting for camera ({camera.last_error}); {counts}"
+        if self.pipeline is not None and not self.pipeline.gate.is_set():
+            return f"{self.config.camera.id}: waiting for a subscriber"
+        return f"{self.config.camera.id}: {camera.state}; {counts}"
+
+    def health(self) -> dict[str, Any]:
+        """Payload of health.<camera_id> (docs/wire-format.md)."""
+        stats = self.stats.snapshot()
+        camera = self.camera.snapshot() if self.camera else {}
+        problems = self.problems()
+        model = self.engine.model if self.engine else None
+        return {
+            "state": camera.get("state", "starting"),
+            "ok": not problems,
+            "problems": problems,
+            "fps": stats["fps"],
+            "captured": stats["captured"],
+            "processed": stats["processed"],
+            "dropped": stats["dropped"],
+            "fails": stats["fails"],
+            "errors": stats["errors"],
+            "reconnects": camera.get("reconnects", 0),
+            "disconnects": camera.get("disconnects", 0),
+            "last_error": camera.get("last_error", ""),
+            "latency_ms": stats["latency_ms"],
+            "inference_ms": stats["inference_ms"],
+            "last_sequence": stats["last_sequence"],
+            "uptime_s": stats["uptime_s"],
+            "model": {"id": model.model_id, "sha256": model.sha256} if model else None,
+            "threshold": self.engine.params.threshold if self.engine else None,
+            "archive": self.archive.snapshot() if self.archive else None,
+        }
+
+    # -- control socket ------------------------------------------------------------------------------------------
+
+    def _handlers(self):
+        return {"status": self._cmd_status, "stats": self._cmd_stats, "set_threshold": self._cmd_set_threshold,
+                "reload": self._cmd_reload}
+
+    def _cmd_status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        model = self.engine.model
+        return {"camera_id": self.config.camera.id, "status": self.status_line(), "problems": self.problems(),
+                "camera": self.camera.snapshot(), "model": {"id": model.model_id, "sha256": model.sha256,
+                                                            "path": str(model.bundle.path),
+                                                            "backend": model.backend.describe()},
+                "threshold": self.engine.params.threshold, "bundle_threshold": model.bundle.threshold,
+                "min_defect_area": self.engine.params.min_defect_area, "tiling": model.tiler.describe(),
+                "config": {"path": self.config.path, **config_to_dict(self.config)}}
+
+    def _cmd_stats(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {"stats": self.stats.snapshot(), "camera": self.camera.snapshot(),
+                "archive": self.archive.snapshot() if self.archive else None}
+
+    def _cmd_set_threshold(self, request: dict[str, Any]) -> dict[str, Any]:
+        value = request.get("value")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        value = validate_threshold(value)
+        previous = self.engine.params.threshold
+        self.engine.params = dataclasses.replace(self.engine.params, threshold=value)
+        log.info("threshold changed over the control socket: %.6g -> %.6g", previous, value)
+        return {"threshold": value, "previous": previous}
+
+    def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Load a bundle (default: the configured folder again) and swap it in between two frames."""
+        path = request.get("bundle")
+        if path is not None and not isinstance(path, str):
+            raise ConfigError(f"reload: bundle must be a folder path string, got {path!r}")
+        model = load_model(self.config, Path(path) if path else None)
+        previous = self.engine.model.model_id
+        params = self._decision_params(model.bundle)
+        self.engine.swap(model, params)
+        log.info("reload: %s -> %s (threshold %.6g)", previous, model.model_id, params.threshold)
+        return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold}
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+
+
+@click.command("run")
+@click.option("--config", "config_path", required=True, help="Service config YAML (see configs/).")
+def run_command(config_path: str) -> None:
+    """Run the inspection service on one camera (systemd-aware; SIGTERM drains and exits 0)."""
+    config = load_config(config_path)
+    root = logging.getLogger()
+    if root.level > logging.DEBUG:  # -v on the command line wins over the config
+        root.setLevel(config.logging.level)
+    sys.exit(Service(config).run())
+
+
+@click.command("check-config")
+@click.argument("config_path", metavar="FILE")
+@click.option("--skip-bundle", is_flag=True, help="Validate the YAML only, not the model bundle it names.")
+def check_config_command(config_path: str, skip_bundle: bool) -> None:
+    """Validate a service config (and its bundle) without starting anything."""
+    config = load_config(config_path)
+    source = create_source(config.camera)
+    line = f"{config_path}: OK (camera {config.camera.id}: {source.describe()}"
+    if not skip_bundle:
+        bundle = Bundle.load(config.bundle_path)
+        check_tiling(config, bundle)
+        tiling = config.tiling
+        tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size, tile_size=tiling.tile_size,
+                      stride=tiling.stride, roi=tiling.roi)
+        threshold = config.decision.threshold or bundle.threshold
+        line += f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g}"
+    click.echo(line + ")")

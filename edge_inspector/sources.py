@@ -1,0 +1,326 @@
+"""Frame sources: USB/V4L2 devices, video files, RTSP/HTTP streams, GStreamer pipelines, image folders.
+
+Everything but folders goes through one `cv2.VideoCapture`; the kinds differ only in how they are opened
+and in what the end of the stream means (a file ends, a camera is lost). `Camera` wraps any source with what
+a line needs from it: it never gives up. A failed open or read closes the source and retries with
+exponential backoff, counting and reporting each loss, so a camera unplugged for a minute costs a minute of
+frames, not a service restart. The backoff waits in short slices so the stage stays responsive to stop
+requests and to the watchdog while the camera is away.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from .config import CameraConfig
+from .errors import ConfigError, ImageError, InspectorError
+from .images import IMAGE_EXTENSIONS, list_images, read_image, to_bgr8
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mjpg", ".mjpeg", ".h264", ".h265", ".ts")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class SourceError(InspectorError):
+    """A source could not be opened or read; the Camera retries (never fatal)."""
+
+
+class EndOfStream(Exception):
+    """A finite source (file or folder without `loop`) has delivered its last frame."""
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # uint8 BGR HxWx3
+    index: int  # frames captured since the service started (gaps in processed results = dropped frames)
+    capture_time: float  # wall clock (time.time()) when the frame was read
+    capture_mono: float  # monotonic time of the same instant, for latencies
+    capture_ms: float  # time spent reading/decoding it
+
+
+def detect_kind(source: int | str) -> str:
+    """The source kind `auto` stands for, decided from the spec alone (the target may not exist yet)."""
+    if isinstance(source, int) or re.fullmatch(r"/dev/video\d+", str(source)):
+        return "device"
+    text = str(source)
+    if "!" in text:
+        return "gstreamer"
+    if _URL.match(text):
+        return "url"
+    path = Path(text)
+    if path.is_dir() or text.endswith("/"):
+        return "folder"
+    if path.suffix.lower() in VIDEO_EXTENSIONS or path.is_file():
+        return "file"
+    if path.suffix == "":
+        return "folder"
+    raise ConfigError(f"camera.source: cannot tell what kind of source {text!r} is; set camera.kind")
+
+
+class FrameSource(ABC):
+    """One way of getting frames. open/read raise SourceError on failure; read raises EndOfStream at the end."""
+
+    kind = "abstract"
+    finite = False  # True when the stream has a real end (file/folder without loop)
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def read(self) -> np.ndarray: ...
+
+    def close(self) -> None:
+        """Release the device/file; safe to call when not open."""
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+class VideoCaptureSource(FrameSource):
+    """Device, file, URL or GStreamer pipeline through cv2.VideoCapture."""
+
+    def __init__(self, config: CameraConfig, kind: str):
+        self.config = config
+        self.kind = kind
+        self.finite = kind == "file" and not config.loop
+        self.capture: cv2.VideoCapture | None = None
+        if kind == "gstreamer" and not gstreamer_available():
+            raise ConfigError("camera.source: a GStreamer pipeline needs OpenCV built with GStreamer "
+                              "(this OpenCV is not; see cv2.getBuildInformation())")
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.config.source}"
+
+    def _target_and_api(self) -> tuple[int | str, int, list[int]]:
+        source = self.config.source
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.config.open_timeout_s * 1000),
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.config.read_timeout_s * 1000)]
+        if self.kind == "device":
+            return source, cv2.CAP_V4L2 if hasattr(cv2, "CAP_V4L2") else cv2.CAP_ANY, []
+        if self.kind == "gstreamer":
+            return str(source), cv2.CAP_GSTREAMER, []
+        if self.kind == "file" and not Path(str(source)).is_file():
+            raise SourceError(f"{source}: video file not found")
+        return str(source), cv2.CAP_FFMPEG, timeouts
+
+    def open(self) -> None:
+        self.close()
+        target, api, params = self._target_and_api()
+        capture = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open {self.describe()}")
+        if self.kind == "device":
+            if self.config.width and self.config.height:
+                capture.set(cv2.CAP_PROP_FRAME_WIDTH, self.config.width)
+                capture.set(cv2.CAP_PROP_FRAME_HEIGHT, self.config.height)
+            if self.config.fps:
+                capture.set(cv2.CAP_PROP_FPS, self.config.fps)
+        self.capture = capture
+
+    def read(self) -> np.ndarray:
+        if self.capture is None:
+            raise SourceError(f"{self.describe()} is not open")
+        ok, image = self.capture.read()
+        if ok and image is not None:
+            return to_bgr8(image, self.describe())
+        if self.kind == "file":
+            if not self.config.loop:
+                raise EndOfStream
+            self.capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, image = self.capture.read()
+            if ok and image is not None:
+                return to_bgr8(image, self.describe())
+        raise SourceError(f"read failed on {self.describe()}")
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.release()
+            self.capture = None
+
+
+class FolderSource(FrameSource):
+    """Images of a folder in name order: a drop folder, or recorded frames replayed as a camera."""
+
+    kind = "folder"
+
+    def __init__(self, config: CameraConfig):
+        self.config = config
+        self.folder = Path(str(config.source))
+        self.finite = not config.loop
+        self.paths: list[Path] = []
+        self.position = 0
+        self.unreadable = 0  # images skipped because they could not be decoded
+
+    def describe(self) -> str:
+        return f"folder {self.folder}"
+
+    def open(self) -> None:
+        if not self.folder.is_dir():
+            raise SourceError(f"{self.folder}: image folder not found")
+        self.paths = [p for p in list_images(self.folder, recursive=False) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        self.position = 0
+        if not self.paths:
+            raise SourceError(f"{self.folder}: no images yet")
+
+    def read(self) -> np.ndarray:
+        while True:
+            if self.position >= len(self.paths):
+                if not self.config.loop:
+                    raise EndOfStream
+                self.open()  # re-list, so images added meanwhile are picked up
+            path = self.paths[self.position]
+            self.position += 1
+            try:
+                return read_image(path)
+            except ImageError as err:
+                self.unreadable += 1
+                log.warning("skipping unreadable image: %s", err)
+
+
+def gstreamer_available() -> bool:
+    info = cv2.getBuildInformation()
+    return bool(re.search(r"GStreamer:\s+YES", info))
+
+
+def create_source(config: CameraConfig) -> FrameSource:
+    kind = detect_kind(config.source) if config.kind == "auto" else config.kind
+    if kind == "device" and not (isinstance(config.source, int) or str(config.source).startswith("/dev/")):
+        raise ConfigError(f"camera.source: a device is an index (0, 1, ...) or /dev/videoN, got {config.source!r}")
+    if kind == "folder":
+        return FolderSource(config)
+    return VideoCaptureSource(config, kind)
+
+
+class Camera:
+    """A source that reconnects forever, paces replayed media and reports its state.
+
+    `on_event(kind, message)` is called (from the capture thread) on "connected", "disconnected" and
+    "ended", so the publisher can send a health message at once instead of at the next interval.
+    """
+
+    def __init__(self, source: FrameSource, config: CameraConfig,
+                 on_event: Callable[[str, str], None] | None = None):
+        self.source = source
+        self.config = config
+        self.on_event = on_event or (lambda kind, message: None)
+        self.state = "starting"  # starting | connected | waiting | ended | stopped
+        self.last_error = ""
+        self.connects = 0
+        self.reconnects = 0  # successful re-opens after the stream was lost or could not be opened
+        self.disconnects = 0  # streams lost after delivering frames
+        self.failed_opens = 0
+        self.frames_read = 0
+        self.next_due = 0.0
+
+    @property
+    def paced_fps(self) -> float | None:
+        return self.config.fps if self.source.kind in ("file", "folder") else None
+
+    def frames(self, stop: threading.Event, beat: Callable[[], None]) -> Iterator[Frame]:
+        """Yield frames until stop is set or a finite source ends; never raises for source trouble."""
+        delay = self.config.reconnect_initial_s
+        lost = False
+        try:
+            while not stop.is_set():
+                if self.state != "connected":
+                    if not self._try_open(lost):
+                        self._wait(delay, stop, beat)
+                        delay = min(delay * 2, self.config.reconnect_max_s)
+                        lost = True
+                        continue
+                    delay = self.config.reconnect_initial_s
+                    lost = False
+                self._pace(stop, beat)
+                start = time.monotonic()
+                try:
+                    image = self.source.read()
+                except EndOfStream:
+                    self._set_state("ended", "end of stream")
+                    return
+                except (SourceError, ImageError) as err:
+                    self._lose(str(err))
+                    lost = True
+                    continue
+                now = time.monotonic()
+                beat()
+                yield Frame(image=image, index=self.frames_read, capture_time=time.time(), capture_mono=now,
+                            capture_ms=(now - start) * 1000.0)
+                self.frames_read += 1
+        finally:
+            self.source.close()
+            if self.state != "ended":
+                self.state = "stopped"
+
+    def _try_open(self, after_failure: bool) -> bool:
+        try:
+            self.source.open()
+        except (SourceError, ImageError) as err:
+            self.failed_opens += 1
+            if self.state != "waiting" or err.args[0] != self.last_error:
+                log.warning("camera %s: %s; retrying", self.config.id, err)
+            self.last_error = str(err)
+            self._set_state("waiting", self.last_error)
+            return False
+        self.connects += 1
+        if after_failure:
+            self.reconnects += 1
+        self.next_due = 0.0
+        log.info("camera %s: connected to %s%s", self.config.id, self.source.describe(),
+                 f" (reconnect {self.reconnects})" if after_failure else "")
+        self._set_state("connected", self.source.describe())
+        return True
+
+    def _lose(self, message: str) -> None:
+        self.disconnects += 1
+        self.last_error = message
+        self.source.close()
+        log.warning("camera %s: %s; reconnecting", self.config.id, message)
+        self._set_state("waiting", message)
+
+    def _set_state(self, state: str, message: str) -> None:
+        changed = state != self.state
+        self.state = state
+        if changed:
+            self.on_event({"connected": "connected", "waiting": "disconnected", "ended": "ended"}.get(state, state),
+                          message)
+
+    def _pace(self, stop: threading.Event, beat: Callable[[], None]) -> None:
+        """Replay files/folders at the configured rate, as a camera would deliver them."""
+        fps = self.paced_fps
+        if not fps:
+            return
+        period = 1.0 / fps
+        now = time.monotonic()
+        if self.next_due > now:
+            self._wait(self.next_due - now, stop, beat)
+        # Keep the schedule (no drift) unless we fell more than a period behind; then restart it from now.
+        base = self.next_due if self.next_due >= now - period else now
+        self.next_due = base + period
+
+    @staticmethod
+    def _wait(seconds: float, stop: threading.Event, beat: Callable[[], None]) -> None:
+        end = time.monotonic() + seconds
+        while not stop.is_set():
+            beat()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            stop.wait(min(left, 0.2))
+
+    def snapshot(self) -> dict:
+        return {"state": self.state, "source": self.source.describe(), "reconnects": self.reconnects,
+                "disconnects": self.disconnects, "failed_opens": self.failed_opens, "last_error": self.last_error,
+                "frames_read": self.frames_read,
+                "unreadable_images": getattr(self.source, "unreadable", 0)}

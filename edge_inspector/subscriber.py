@@ -1,0 +1,150 @@
+"""The receiving end: a reusable client for result/health messages and `edge-inspector subscribe ENDPOINT`.
+
+Whoever wires up a PLC or HMI starts from here: it shows exactly what arrives on the wire, one line per
+frame, and the `Subscriber` class is the smallest correct client (subscribe, receive with a timeout,
+decode the heatmap).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import cv2
+import numpy as np
+import zmq
+
+from .errors import ConfigError
+
+
+@dataclass
+class Message:
+    topic: str
+    header: dict[str, Any]
+    heatmap: bytes = b""
+
+    @property
+    def is_result(self) -> bool:
+        return self.header.get("type") == "inspection"
+
+    def heatmap_image(self) -> np.ndarray | None:
+        """Decode the third part: uint8 HxW for png, HxWx3 BGR for jpeg_overlay, None when absent."""
+        if not self.heatmap:
+            return None
+        flag = cv2.IMREAD_GRAYSCALE if self.header.get("heatmap", {}).get("format") == "png" else cv2.IMREAD_COLOR
+        return cv2.imdecode(np.frombuffer(self.heatmap, np.uint8), flag)
+
+
+def connectable(endpoint: str) -> str:
+    """A bind address like tcp://*:5556 names no host to connect to; use loopback for it."""
+    return endpoint.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
+
+
+class Subscriber:
+    """SUB socket on a service's PUB endpoint. Topics are prefixes: `inspection.` for all cameras' results."""
+
+    def __init__(self, endpoint: str, topics: tuple[str, ...] = ("inspection.", "health."),
+                 context: zmq.Context | None = None, rcvhwm: int = 1000):
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        for topic in topics:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        try:
+            self.socket.connect(connectable(endpoint))
+        except zmq.ZMQError as err:
+            self.socket.close(0)
+            raise ConfigError(f"endpoint {endpoint!r}: {err} (expected e.g. tcp://127.0.0.1:5556)") from None
+
+    def receive(self, timeout_s: float | None = None) -> Message | None:
+        """Next message, or None when nothing arrives within timeout_s (None: wait forever)."""
+        if not self.socket.poll(None if timeout_s is None else int(timeout_s * 1000)):
+            return None
+        parts = self.socket.recv_multipart()
+        header = json.loads(parts[1]) if len(parts) > 1 else {}
+        return Message(topic=parts[0].decode(), header=header, heatmap=parts[2] if len(parts) > 2 else b"")
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+    def __enter__(self) -> "Subscriber":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def format_result(header: dict[str, Any]) -> str:
+    """One human line per result, the verdict first so it can be scanned (and grepped) on a terminal."""
+    verdict = str(header.get("verdict", "?")).upper()
+    line = (f"{verdict:<5} {header.get('camera_id')} #{header.get('sequence')} "
+            f"frame {header.get('frame_index')} {header.get('capture_time_iso', '')}")
+    if header.get("normalised_score") is not None:
+        line += f"  score {header['normalised_score']:.3f}x threshold"
+    defects = header.get("defects") or []
+    if defects:
+        boxes = " ".join(f"[{d['x']},{d['y']} {d['width']}x{d['height']}]" for d in defects[:3])
+        line += f"  {len(defects)} defect(s) {boxes}"
+    total = (header.get("latency_ms") or {}).get("total")
+    if total is not None:
+        line += f"  {total:.0f} ms"
+    if header.get("error"):
+        line += f"  error: {header['error']}"
+    return line
+
+
+def format_health(header: dict[str, Any]) -> str:
+    latency = header.get("latency_ms") or {}
+    p50, p99 = latency.get("p50"), latency.get("p99")
+    lat = f"latency p50 {p50:.0f} ms p99 {p99:.0f} ms" if p50 is not None and p99 is not None else "latency -"
+    line = (f"HEALTH {header.get('camera_id')} {header.get('state')}: {header.get('fps', 0):.1f} fps, "
+            f"{header.get('processed', 0)} frames, {header.get('dropped', 0)} dropped, "
+            f"{header.get('reconnects', 0)} reconnects, {lat}")
+    if header.get("problems"):
+        line += f"  problems: {'; '.join(header['problems'])}"
+    elif header.get("state") == "waiting" and header.get("last_error"):
+        line += f"  ({header['last_error']})"
+    return line
+
+
+@click.command("subscribe")
+@click.argument("endpoint")
+@click.option("--camera", default="", help="Only this camera id (default: all).")
+@click.option("--health/--no-health", default=True, help="Also print health messages.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON headers, one per line.")
+@click.option("--count", type=int, default=0, help="Exit after this many results (0: run until Ctrl-C).")
+@click.option("--save-heatmaps", type=click.Path(file_okay=False), default=None,
+              help="Write each result's heatmap to this folder as <camera>_<sequence>.png/.jpg.")
+def subscribe_command(endpoint: str, camera: str, health: bool, as_json: bool, count: int,
+                      save_heatmaps: str | None) -> None:
+    """Print inspection results (and health) from a running service, e.g. tcp://127.0.0.1:5556."""
+    suffix = f".{camera}" if camera else "."
+    topics = ("inspection" + suffix,) + (("health" + suffix,) if health else ())
+    folder = Path(save_heatmaps) if save_heatmaps else None
+    if folder:
+        folder.mkdir(parents=True, exist_ok=True)
+    received = 0
+    with Subscriber(endpoint, topics) as subscriber:
+        try:
+            while not count or received < count:
+                message = subscriber.receive()
+                if message is None:
+                    continue
+                if as_json:
+                    click.echo(json.dumps(message.header))
+                else:
+                    click.echo(format_result(message.header) if message.is_result else format_health(message.header))
+                if message.is_result:
+                    received += 1
+                    if folder and message.heatmap:
+                        ext = ".png" if message.header["heatmap"]["format"] == "png" else ".jpg"
+                        name = f"{message.header['camera_id']}_{message.header['sequence']:08d}{ext}"
+                        (folder / name).write_bytes(message.heatmap)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,148 @@
+"""Shared pieces for the edge-service tests: free ports, real MJPG videos, one real fitted PaDiM bundle.
+
+The bundle is fitted once per test session (cached under pytest's session temp folder) on good frames
+decoded from an MJPG recording, so the model sees the same compression artefacts as the videos the
+service tests play. Frames are two 128-px lanes side by side, tiled 1x2, each tile shrunk to 64x64: small
+enough to fit in seconds on two cores, big enough that every defect kind clearly fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_inspector.bundle import Bundle
+from edge_inspector.synthetic import make_part
+
+REPO = Path(__file__).resolve().parent.parent
+PART = 128
+LANES = 2
+INPUT_SIZE = (128, 128)
+_fit_lock = threading.Lock()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def conveyor_frames(rng: np.random.Generator, count: int, defects: list[bool] | float) -> tuple[list[np.ndarray], list[bool]]:
+    """`count` frames of LANES parts; `defects` is a per-frame list or a per-part probability."""
+    frames, truth = [], []
+    kinds = ("scratch", "spot", "missing")
+    for i in range(count):
+        if isinstance(defects, list):
+            lane_defect = [None] * LANES
+            if defects[i]:
+                lane_defect[i % LANES] = kinds[i % 3]
+        else:
+            lane_defect = [kinds[int(rng.integers(3))] if rng.random() < defects else None for _ in range(LANES)]
+        frames.append(np.hstack([make_part(rng, PART, defect=k)[0] for k in lane_defect]))
+        truth.append(any(lane_defect))
+    return frames, truth
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    assert writer.isOpened(), "OpenCV cannot write MJPG"
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def fitted_bundle(base: Path) -> Bundle:
+    """The session's real PaDiM bundle (fit on first use, then loaded from the cache folder)."""
+    folder = base / "padim-1x2"
+    with _fit_lock:
+        if (folder / "bundle.yaml").is_file():
+            return Bundle.load(folder)
+        from export.padim import PadimOptions, fit_padim
+
+        rng = np.random.default_rng(1234)
+        frames, _ = conveyor_frames(rng, 10, [False] * 10)
+        train = base / "padim-train" / "good"
+        train.mkdir(parents=True, exist_ok=True)
+        video = write_video(base / "padim-train" / "good.avi", frames)
+        for i, frame in enumerate(read_video(video)):
+            cv2.imwrite(str(train / f"{i:03d}.png"), frame)
+        options = PadimOptions(input_size=INPUT_SIZE, feature_dim=50, seed=0, folds=2, rows=1, cols=LANES,
+                               tile_mode="shared")
+        return fit_padim(train, folder, options)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("WATCHDOG_PID", None)
+    env.update(extra)
+    return env
+
+
+class FlakyVideoServer:
+    """Serves a video file over HTTP like an IP camera, cutting the first `cut` connections half-way.
+
+    A real network stream that dies mid-stream: OpenCV's FFmpeg backend reads it over a real socket and
+    sees the connection close early, exactly as when a camera's cable is pulled.
+    """
+
+    def __init__(self, video: Path, cut: int = 1):
+        import http.server
+        import socketserver
+
+        data = video.read_bytes()
+        server = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                server.requests += 1
+                body = data[: len(data) // 2] if server.requests <= cut else data
+                self.send_response(200)
+                self.send_header("Content-Type", "video/x-msvideo")
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{video.name}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FlakyVideoServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,226 @@
+"""ZeroMQ on loopback: result messages, heatmap encodings, health, high-water marks, the control socket."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from edge_inspector.config import PublishConfig, parse_config
+from edge_inspector.decision import DecisionParams, validate_threshold
+from edge_inspector.errors import ConfigError
+from edge_inspector.pipeline import InferenceEngine
+from edge_inspector.publish import (SCHEMA_VERSION, ControlServer, Publisher, heatmap_to_u8, send_control)
+from edge_inspector.service import load_model
+from edge_inspector.sources import Frame
+from edge_inspector.subscriber import Subscriber, format_health, format_result
+
+from service_helpers import LANES, PART, conveyor_frames, endpoint, fitted_bundle
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    return fitted_bundle(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    config = parse_config({"tiling": {"rows": 1, "cols": LANES},
+                           "model": {"bundle": str(bundle.path), "backend": "onnxruntime", "threads": 2}})
+    return InferenceEngine(load_model(config), DecisionParams(threshold=bundle.threshold, min_defect_area=5))
+
+
+def frame_of(image: np.ndarray, index: int = 0) -> Frame:
+    return Frame(image=image, index=index, capture_time=time.time(), capture_mono=time.monotonic(), capture_ms=1.0)
+
+
+def connected_pair(heatmap: str = "png", **kwargs):
+    """A publisher and a subscriber whose subscription has reached the publisher (no lost first message)."""
+    config = PublishConfig(endpoint=endpoint(), control_endpoint=None, heatmap=heatmap, **kwargs)
+    publisher = Publisher(config, "cam7", health=lambda: {"state": "connected", "fps": 1.5},
+                          min_defect_area=lambda: 5)
+    subscriber = Subscriber(publisher.endpoint, ("inspection.", "health."))
+    deadline = time.monotonic() + 5
+    while not publisher.subscribed.is_set() and time.monotonic() < deadline:
+        publisher._poll_subscriptions()
+        time.sleep(0.01)
+    assert publisher.subscribed.is_set()
+    return publisher, subscriber
+
+
+def test_result_message_header_and_png_heatmap(engine):
+    frames, _ = conveyor_frames(np.random.default_rng(11), 2, [False, True])
+    publisher, subscriber = connected_pair()
+    try:
+        results = [engine.process(frame_of(f, i)) for i, f in enumerate(frames)]
+        for result in results:
+            publisher.send(result)
+        messages = [subscriber.receive(5) for _ in results]
+    finally:
+        subscriber.close()
+        publisher.close()
+    good, bad = messages
+    assert good.topic == "inspection.cam7" and good.is_result
+    header = bad.header
+    assert header["schema_version"] == SCHEMA_VERSION and header["type"] == "inspection"
+    assert header["sequence"] == results[1].sequence and header["frame_index"] == 1
+    assert header["camera_id"] == "cam7" and header["verdict"] == "fail"
+    assert good.header["verdict"] == "pass" and good.header["defects"] == []
+    assert header["threshold"] == pytest.approx(engine.params.threshold)
+    assert header["normalised_score"] == pytest.approx(header["score"] / header["threshold"], rel=1e-4)
+    assert len(header["tile_scores"]) == LANES and header["tile_boxes"] == [[0, 0, PART, PART], [PART, 0, PART, PART]]
+    assert header["defects"] and {"x", "y", "width", "height", "area", "peak"} <= set(header["defects"][0])
+    assert header["min_defect_area"] == 5
+    assert set(header["latency_ms"]) >= {"capture", "inference", "encode", "total"}
+    assert header["model"] == {"id": results[1].model_id, "sha256": results[1].model_sha256}
+    assert header["frame"] == {"width": PART * LANES, "height": PART}
+    assert header["heatmap"]["format"] == "png" and header["error"] is None
+    assert abs(header["capture_time"] - time.time()) < 60 and header["capture_time_iso"].endswith("+00:00")
+    heat = bad.heatmap_image()
+    assert heat.shape == (PART, PART * LANES) and heat.dtype == np.uint8
+    assert np.array_equal(heat, heatmap_to_u8(results[1].heatmap, header["threshold"], 2.0))
+    box = header["defects"][0]
+    assert heat[box["y"]:box["y"] + box["height"], box["x"]:box["x"] + box["width"]].max() > 255 / 2.0
+    assert "FAIL" in format_result(header) and "defect" in format_result(header)
+
+
+def test_jpeg_overlay_and_no_heatmap(engine):
+    frames, _ = conveyor_frames(np.random.default_rng(12), 1, [True])
+    result = engine.process(frame_of(frames[0]))
+    for mode, shape in (("jpeg_overlay", (PART, PART * LANES, 3)), ("none", None)):
+        publisher, subscriber = connected_pair(heatmap=mode)
+        try:
+            publisher.send(result)
+            message = subscriber.receive(5)
+        finally:
+            subscriber.close()
+            publisher.close()
+        image = message.heatmap_image()
+        assert message.header["heatmap"]["format"] == mode
+        assert (image is None and message.heatmap == b"") if shape is None else image.shape == shape
+
+
+def test_heatmap_scale_shrinks_the_image_not_the_boxes(engine):
+    frames, _ = conveyor_frames(np.random.default_rng(14), 1, [True])
+    result = engine.process(frame_of(frames[0]))
+    publisher, subscriber = connected_pair(heatmap_scale=0.5)
+    try:
+        publisher.send(result)
+        message = subscriber.receive(5)
+    finally:
+        subscriber.close()
+        publisher.close()
+    header = message.header
+    assert message.heatmap_image().shape == (PART // 2, PART * LANES // 2)
+    assert (header["heatmap"]["width"], header["heatmap"]["height"]) == (PART * LANES // 2, PART // 2)
+    assert header["frame"] == {"width": PART * LANES, "height": PART}
+    box = result.decision.boxes[0]
+    assert header["defects"][0]["x"] == box.x and header["defects"][0]["width"] == box.width
+
+
+def test_error_results_are_published_with_the_reason(engine):
+    result = engine.process(frame_of(np.zeros((10, 1, 3), np.uint8)))
+    publisher, subscriber = connected_pair()
+    try:
+        publisher.send(result)
+        message = subscriber.receive(5)
+    finally:
+        subscriber.close()
+        publisher.close()
+    header = message.header
+    assert header["verdict"] == "error" and "do not fit" in header["error"]
+    assert header["score"] is None and header["heatmap"]["format"] == "none" and message.heatmap == b""
+    assert "ERROR" in format_result(header)
+
+
+def test_health_on_interval_and_on_request():
+    publisher, subscriber = connected_pair(health_interval_s=60.0)
+    try:
+        publisher.idle()  # first idle: due at once
+        first = subscriber.receive(5)
+        publisher.idle()  # not due again for a minute
+        assert subscriber.receive(0.3) is None
+        publisher.request_health()
+        publisher.idle()
+        second = subscriber.receive(5)
+    finally:
+        subscriber.close()
+        publisher.close()
+    assert first.topic == "health.cam7" and not first.is_result
+    assert first.header["type"] == "health" and first.header["schema_version"] == SCHEMA_VERSION
+    assert first.header["fps"] == 1.5 and second.header["camera_id"] == "cam7"
+    assert "HEALTH cam7 connected" in format_health(second.header)
+
+
+def test_a_stalled_subscriber_cannot_block_the_publisher(engine):
+    frames, _ = conveyor_frames(np.random.default_rng(13), 1, [True])
+    result = engine.process(frame_of(frames[0]))
+    result.frame.image = np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)  # ~0.8 MB JPEG
+    publisher, subscriber = connected_pair(heatmap="jpeg_overlay", sndhwm=5, jpeg_quality=100)
+    subscriber.socket.setsockopt(zmq.RCVHWM, 5)
+    result.heatmap = np.zeros((512, 512), np.float32)
+    sent = 300
+    sender = threading.Thread(target=lambda: [publisher.send(result) for _ in range(sent)])
+    try:
+        sender.start()  # nobody reads: without the high-water mark this would queue ~240 MB
+        sender.join(120)
+        assert not sender.is_alive(), "send blocked on a stalled subscriber"
+        received = 0
+        while subscriber.receive(0.5) is not None:
+            received += 1
+    finally:
+        subscriber.close()
+        publisher.close()
+    assert 0 < received < sent
+
+
+def test_bind_conflicts_are_config_errors():
+    taken = endpoint()
+    config = PublishConfig(endpoint=taken, control_endpoint=None)
+    first = Publisher(config, "a", health=dict)
+    try:
+        with pytest.raises(ConfigError, match="publish.endpoint: cannot bind"):
+            Publisher(config, "b", health=dict)
+        with pytest.raises(ConfigError, match="publish.control_endpoint: cannot bind"):
+            ControlServer(taken, {})
+    finally:
+        first.close()
+
+
+def test_control_socket_commands_and_errors():
+    state = {"threshold": 1.0}
+
+    def set_threshold(request):
+        state["threshold"] = validate_threshold(float(request["value"]) if isinstance(request.get("value"), str)
+                                                else request.get("value"))
+        return {"threshold": state["threshold"]}
+
+    def broken(_request):
+        raise KeyError("bug")
+
+    server = ControlServer(endpoint(), {"status": lambda r: {"state": "connected"}, "set_threshold": set_threshold,
+                                        "broken": broken})
+    server.start()
+    try:
+        address = server.endpoint
+        assert send_control(address, {"command": "status"}) == {"ok": True, "state": "connected"}
+        assert send_control(address, {"command": "set_threshold", "value": 2.5})["threshold"] == 2.5
+        refused = send_control(address, {"command": "set_threshold", "value": -3})
+        assert refused["ok"] is False and "threshold" in refused["error"] and state["threshold"] == 2.5
+        unknown = send_control(address, {"command": "launch"})
+        assert unknown["ok"] is False and "unknown command 'launch'" in unknown["error"]
+        assert send_control(address, {"command": "broken"})["ok"] is False
+        with zmq.Context.instance().socket(zmq.REQ) as raw:  # the plain-text form, and garbage
+            raw.setsockopt(zmq.RCVTIMEO, 5000)
+            raw.connect(address)
+            raw.send(b"set_threshold 4")
+            assert json.loads(raw.recv())["threshold"] == 4.0
+            raw.send(b"{not json")
+            assert "not valid JSON" in json.loads(raw.recv())["error"]
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()

@@ -1,0 +1,104 @@
+"""Tiling geometry, split and stitch: what the model sees and how its maps come back to frame pixels."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_inspector.errors import ConfigError
+from edge_inspector.tiling import Tiler
+
+
+def covered(boxes, shape) -> np.ndarray:
+    count = np.zeros(shape, np.int32)
+    for x, y, w, h in boxes:
+        count[y:y + h, x:x + w] += 1
+    return count
+
+
+def test_grid_covers_the_frame_exactly_once_row_major():
+    tiler = Tiler(2, 3, (64, 64))
+    boxes = tiler.boxes((101, 150, 3))
+    assert len(boxes) == 6 and tiler.tiles == 6
+    assert np.all(covered(boxes, (101, 150)) == 1)
+    assert boxes[0][:2] == (0, 0) and boxes[1][0] > boxes[0][0] and boxes[3][1] > boxes[0][1]  # row-major
+
+
+def test_split_returns_each_tile_resized_in_order():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    tiler = Tiler(2, 2, (50, 75))
+    tiles = tiler.split(frame)
+    assert tiles.shape == (4, 50, 75, 3) and tiles.dtype == np.uint8
+    for tile, (x, y, w, h) in zip(tiles, tiler.boxes(frame.shape)):
+        expected = cv2.resize(frame[y:y + h, x:x + w], (75, 50), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(tile, expected)
+
+
+def test_stitch_places_each_map_in_its_tile():
+    tiler = Tiler(2, 2, (8, 8))
+    maps = np.stack([np.full((8, 8), float(i), np.float32) for i in range(4)])
+    full = tiler.stitch(maps, (40, 60, 3))
+    assert full.shape == (40, 60) and full.dtype == np.float32
+    assert full[5, 5] == 0 and full[5, 55] == 1 and full[35, 5] == 2 and full[35, 55] == 3
+
+
+def test_overlaps_are_averaged():
+    tiler = Tiler(1, 2, (10, 10), tile_size=(10, 10), stride=(10, 6))
+    boxes = tiler.boxes((10, 16))
+    assert boxes == [(0, 0, 10, 10), (6, 0, 10, 10)]
+    full = tiler.stitch(np.stack([np.full((10, 10), 1.0, np.float32), np.full((10, 10), 3.0, np.float32)]), (10, 16))
+    assert np.all(full[:, :6] == 1) and np.all(full[:, 6:10] == 2) and np.all(full[:, 10:] == 3)
+
+
+def test_tile_size_without_stride_spreads_tiles_edge_to_edge():
+    tiler = Tiler(2, 3, (32, 32), tile_size=(60, 80))
+    boxes = tiler.boxes((100, 200))
+    assert np.all(covered(boxes, (100, 200)) >= 1)
+    assert boxes[0][:2] == (0, 0) and boxes[-1][0] + boxes[-1][2] == 200 and boxes[-1][1] + boxes[-1][3] == 100
+
+
+def test_roi_limits_inspection_and_heatmap():
+    tiler = Tiler(2, 2, (16, 16), roi=(10, 20, 40, 30))
+    boxes = tiler.boxes((100, 100))
+    assert min(b[0] for b in boxes) == 10 and max(b[0] + b[2] for b in boxes) == 50
+    assert min(b[1] for b in boxes) == 20 and max(b[1] + b[3] for b in boxes) == 50
+    full = tiler.stitch(np.ones((4, 16, 16), np.float32), (100, 100))
+    assert full[20:50, 10:50].min() == 1.0
+    assert full.sum() == pytest.approx(40 * 30)  # everything outside the ROI is 0
+
+
+def test_split_then_stitch_reconstructs_a_smooth_image():
+    yy, xx = np.mgrid[0:120, 0:160].astype(np.float32)
+    gray = (yy + xx) / 280.0
+    frame = np.repeat((gray * 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    tiler = Tiler(3, 4, (40, 40), tile_size=(50, 50))
+    maps = tiler.split(frame)[..., 0].astype(np.float32) / 255.0
+    back = tiler.stitch(maps, frame.shape)
+    assert np.abs(back - gray).max() < 0.03
+
+
+def test_boxes_follow_the_frame_size():
+    tiler = Tiler(2, 2, (32, 32))
+    assert tiler.boxes((100, 100))[-1] == (50, 50, 50, 50)
+    assert tiler.boxes((200, 100))[-1] == (50, 100, 50, 100)
+
+
+@pytest.mark.parametrize("kwargs, shape, message", [
+    ({"roi": (50, 50, 100, 100)}, (120, 120), "tiling.roi"),
+    ({"tile_size": (20, 20)}, (100, 100), "leave gaps"),
+    ({"tile_size": (200, 20)}, (100, 100), "exceed"),
+    ({"tile_size": (50, 50), "stride": (40, 40)}, (100, 100), "need 130 pixels"),
+])
+def test_geometry_errors_name_the_setting(kwargs, shape, message):
+    with pytest.raises(ConfigError, match=message):
+        Tiler(3, 3, (32, 32), **kwargs).boxes(shape)
+
+
+def test_rejects_wrong_frames_and_map_counts():
+    tiler = Tiler(2, 2, (16, 16))
+    with pytest.raises(ConfigError, match="uint8 HxWx3"):
+        tiler.split(np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match="expected 4 maps"):
+        tiler.stitch(np.zeros((3, 16, 16), np.float32), (32, 32))
