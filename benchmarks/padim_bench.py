@@ -50,7 +50,7 @@ def _backbone_only(bundle, folder: Path) -> Path:
 
     meta = bundle.meta
     options = PadimOptions(backbone=meta.backbone, input_size=tuple(meta.input_size), feature_dim=meta.feature_dim,
-                           seed=meta.training.seed)
+                           seed=meta.training.seed, layers=tuple(meta.layers))
     module = PadimFeatures(options).eval()
     path = folder / "backbone.onnx"
     dummy = torch.zeros((1, *options.input_size, 3), dtype=torch.uint8)

@@ -85,10 +85,23 @@ class TilingInfo:
     rows: int = 1
     cols: int = 1
     mode: str = "shared"  # "shared": one statistics set for all tiles; "per_tile": one per tile position
+    tile_size: list[int] | None = None  # [height, width] in frame pixels (None: the grid divides the ROI)
+    stride: list[int] | None = None  # [dy, dx] between tiles (None: spread evenly)
+    roi: list[int] | None = None  # [x, y, width, height] of the inspected area (None: whole frame)
 
     @property
     def tiles(self) -> int:
         return self.rows * self.cols
+
+    def tiler(self, input_size: tuple[int, int]):
+        """The Tiler that cuts frames exactly as they were cut for training (None for whole-frame bundles)."""
+        from .tiling import Tiler
+
+        if self.tiles == 1 and self.roi is None and self.tile_size is None:
+            return None
+        as_tuple = (lambda v: None if v is None else tuple(int(x) for x in v))
+        return Tiler(self.rows, self.cols, input_size, tile_size=as_tuple(self.tile_size),
+                     stride=as_tuple(self.stride), roi=as_tuple(self.roi))
 
 
 @dataclass

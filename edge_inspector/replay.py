@@ -25,7 +25,6 @@ from .bundle import Bundle
 from .errors import DataError, ImageError
 from .evaluate import EvaluationReport, LabeledImage, discover_labels, evaluate
 from .images import list_images, read_image, read_mask, resize_to
-from .tiling import Tiler
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ class FrameScorer:
 
     def __init__(self, bundle: Bundle, backend: Backend):
         self.bundle, self.backend = bundle, backend
-        tiling = bundle.meta.tiling
-        self.tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size) if tiling.tiles > 1 else None
+        self.tiler = bundle.meta.tiling.tiler(bundle.input_size)
 
     def score(self, image: np.ndarray) -> tuple[float, np.ndarray]:
         """(frame score, anomaly map at the image's resolution)."""

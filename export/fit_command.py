@@ -12,16 +12,19 @@ import click
 from edge_inspector.errors import DataError
 
 
-def _size(text: str) -> tuple[int, int]:
+def _ints(text: str, count: int, option: str) -> tuple[int, ...]:
     try:
-        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+        parts = tuple(int(p) for p in text.lower().replace("x", ",").split(","))
     except ValueError:
-        raise DataError(f"--input-size: expected N or HxW, got {text!r}") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise DataError(f"--input-size: expected N or HxW, got {text!r}")
+        parts = ()
+    if len(parts) != count or min(parts) < 0:
+        raise DataError(f"{option}: expected {count} non-negative integers, got {text!r}")
+    return parts
+
+
+def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
+    """N or HxW."""
+    return (int(text),) * 2 if text.strip().isdigit() else _ints(text, 2, option)
 
 
 @click.command("fit")
@@ -41,6 +44,9 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--rows", type=click.IntRange(min=1), default=1, show_default=True, help="Tile grid rows.")
 @click.option("--cols", type=click.IntRange(min=1), default=1, show_default=True, help="Tile grid columns.")
 @click.option("--tile-mode", type=click.Choice(["shared", "per_tile"]), default="shared", show_default=True)
+@click.option("--tile-size", default=None, help="HxW of each tile in frame pixels (as the service's tiling.tile_size).")
+@click.option("--stride", default=None, help="DYxDX between tiles (as tiling.stride).")
+@click.option("--roi", default=None, help="x,y,width,height of the inspected area (as tiling.roi).")
 @click.option("--validation", "validation", type=click.Path(path_type=Path), default=None,
               help="Labelled folder (MVTec/VisA layout or --validation-labels CSV) for the F1-optimal threshold.")
 @click.option("--validation-labels", type=click.Path(path_type=Path), default=None)
@@ -50,7 +56,7 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, input_size: str,
                 feature_dim: int, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
-                validation: Path | None, validation_labels: Path | None, threshold_rule: str, seed: int,
+                tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None, validation_labels: Path | None, threshold_rule: str, seed: int,
                 batch_size: int) -> None:
     """Fit PaDiM on the good images in TRAIN_FOLDER and write a model bundle."""
     from .padim import PadimOptions, fit_padim
@@ -60,7 +66,9 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
     options = PadimOptions(backbone=backbone, weights=weights, input_size=_size(input_size),
                            feature_dim=feature_dim or None, seed=seed, folds=folds,
                            target_false_reject_rate=target_frr, rows=rows, cols=cols, tile_mode=tile_mode,
-                           batch_size=batch_size)
+                           tile_size=_size(tile_size, "--tile-size") if tile_size else None,
+                           stride=_size(stride, "--stride") if stride else None,
+                           roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size)
     bundle = fit_padim(train_folder, out_dir, options)
     if validation is not None:
         from .validation import calibrate_with_defects

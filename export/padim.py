@@ -51,6 +51,9 @@ class PadimOptions:
     rows: int = 1
     cols: int = 1
     tile_mode: str = "shared"  # or "per_tile"
+    tile_size: tuple[int, int] | None = None  # as the service's tiling.tile_size / stride / roi
+    stride: tuple[int, int] | None = None
+    roi: tuple[int, int, int, int] | None = None
     epsilon: float = 0.01  # added to the covariance diagonal: keeps it invertible for flat regions
     blur_sigma: float = 4.0
     batch_size: int = 8
@@ -205,12 +208,7 @@ class TrainingImages:
         if not self.paths:
             raise DataError(f"{self.folder}: none of the {len(paths)} image files could be read")
         self.skipped = skipped
-        if options.rows * options.cols > 1:
-            from edge_inspector.tiling import Tiler
-
-            self.tiler = Tiler(options.rows, options.cols, options.input_size)
-        else:
-            self.tiler = None
+        self.tiler = tiling_info(options).tiler(options.input_size)
 
     @property
     def file_list_sha256(self) -> str:
@@ -281,6 +279,12 @@ def fit_statistics(data: TrainingImages, features: PadimFeatures, options: Padim
     return totals, oos
 
 
+def tiling_info(options: PadimOptions) -> TilingInfo:
+    as_list = (lambda v: None if v is None else [int(x) for x in v])
+    return TilingInfo(rows=options.rows, cols=options.cols, mode=options.tile_mode,
+                      tile_size=as_list(options.tile_size), stride=as_list(options.stride), roi=as_list(options.roi))
+
+
 def describe_constants(k: int, p: int, d: int) -> str:
     inv_bytes, mean_bytes = k * p * d * d * 4, k * p * d * 4
     return (f"model constants: inverse covariances {inv_bytes / 1e6:.1f} MB + means {mean_bytes / 1e6:.1f} MB "
@@ -316,7 +320,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
                               seed=options.seed, folds=fold_count(len(data.paths), options.folds),
                               fit_seconds=round(time.perf_counter() - started, 2)),
         backbone=options.backbone, layers=list(features.info.layers), feature_dim=d,
-        tiling=TilingInfo(rows=options.rows, cols=options.cols, mode=options.tile_mode),
+        tiling=tiling_info(options),
         model_params={"epsilon": options.epsilon, "blur_sigma": options.blur_sigma, "grid_stride": 4,
                       "statistics_sets": k, "constants_bytes": int(k * p * d * (d + 1) * 4)})
     with staged_bundle_folder(Path(out_dir)) as staging:

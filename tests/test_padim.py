@@ -300,3 +300,33 @@ def test_per_tile_fit_on_two_lane_frames(tmp_path):
     good = create_backend(bundle, "onnxruntime").infer(tiles).scores
     swapped = create_backend(bundle, "onnxruntime").infer(tiles[::-1].copy()).scores
     assert good.max() < swapped.max()  # each tile position judged against its own statistics
+
+
+def test_fit_with_roi_records_geometry_and_replay_uses_it(tmp_path):
+    """A part in one corner of a bigger frame: fit on the ROI; replay crops the same ROI."""
+    from edge_inspector.replay import FrameScorer
+    from edge_inspector.synthetic import make_part
+
+    rng = np.random.default_rng(11)
+    train = tmp_path / "frames"
+    train.mkdir()
+    def frame(defect=None):
+        canvas = np.full((200, 300, 3), 90, np.uint8)
+        canvas[20:148, 40:168] = make_part(rng, 128, defect=defect)[0]
+        return canvas
+    for i in range(8):
+        cv2.imwrite(str(train / f"{i}.png"), frame())
+    runner = CliRunner()
+    from export.cli import main as exporter
+
+    result = runner.invoke(exporter, ["fit", str(train), "--out", str(tmp_path / "b"), "--input-size", "64",
+                                      "--feature-dim", "16", "--folds", "2", "--roi", "40,20,128,128"])
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.meta.tiling.roi == [40, 20, 128, 128]
+    scorer = FrameScorer(bundle, create_backend(bundle, "onnxruntime"))
+    good_score, heatmap = scorer.score(frame())
+    assert heatmap.shape == (200, 300) and heatmap[:, 200:].max() == 0  # outside the ROI: not inspected
+    assert scorer.score(frame("spot"))[0] > good_score
+    bad = runner.invoke(exporter, ["fit", str(train), "--out", str(tmp_path / "c"), "--roi", "1,2,3"])
+    assert bad.exit_code == 2 and "--roi: expected 4 non-negative integers" in bad.output
