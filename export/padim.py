@@ -61,7 +61,7 @@ class PadimOptions:
 
 
 class PadimFeatures(nn.Module):
-    """uint8 BGR -> embedding (N, d, h, w) on the stride-4 grid: backbone stages upsampled and concatenated."""
+    """uint8 BGR -> embedding (N, P, d) on the stride-4 grid: backbone stages upsampled and concatenated."""
 
     def __init__(self, options: PadimOptions):
         super().__init__()
@@ -87,6 +87,12 @@ class PadimFeatures(nn.Module):
         self.keep = [int(getattr(self, f"channels_{i}").numel()) for i in range(len(self.info.channels))]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Embedding (N, P, d): positions of the stride-4 grid row-major, feature channels last.
+
+        Channels-last is the layout the per-position MatMul needs; reaching it at low resolution (before
+        upsampling) keeps the big transposes out of the graph (measured: the full-size transpose cost as
+        much as the MatMul itself).
+        """
         features = self.backbone(self.preprocess(image))
         grid = features[0].shape[-2:]
         parts = []
@@ -95,14 +101,36 @@ class PadimFeatures(nn.Module):
                 continue
             if self.keep[i] < channels:
                 feature = torch.index_select(feature, 1, getattr(self, f"channels_{i}"))
-            if feature.shape[-2:] != grid:
-                feature = F.interpolate(feature, size=grid, mode="bilinear", align_corners=False)
+            feature = feature.permute(0, 2, 3, 1)
+            if feature.shape[1:3] != grid:
+                feature = upsample_nhwc(feature, (int(grid[0]), int(grid[1])))
             parts.append(feature)
-        return torch.cat(parts, dim=1)
+        embedding = torch.cat(parts, dim=3)
+        return embedding.reshape(embedding.shape[0], -1, embedding.shape[3])
+
+
+def _linear_taps(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of bilinear resizing with align_corners=False (as F.interpolate)."""
+    src = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = (src - low).astype(np.float32)
+    return torch.from_numpy(low), torch.from_numpy(high), torch.from_numpy(1.0 - frac), torch.from_numpy(frac)
+
+
+def upsample_nhwc(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (N, h, w, C) to (N, H, W, C) as constant Gathers and weights (stays channels-last)."""
+    for axis, target in ((1, size[0]), (2, size[1])):
+        low, high, w_low, w_high = _linear_taps(int(x.shape[axis]), target)
+        shape = [1, 1, 1, 1]
+        shape[axis] = target
+        x = (torch.index_select(x, axis, low) * w_low.view(shape)
+             + torch.index_select(x, axis, high) * w_high.view(shape))
+    return x
 
 
 class Mahalanobis(nn.Module):
-    """Embedding (N, d, h, w) -> distance map (N, 1, h, w) against per-position Gaussians.
+    """Embedding (N, P, d) -> distance map (N, 1, h, w) against per-position Gaussians.
 
     `mean` is (K, P, d) and `inv_cov` (K, P, d, d), K = 1 for statistics shared by all tiles, or K = tiles
     per frame for per-tile statistics (then N must be a multiple of K, tiles in row-major order).
@@ -111,19 +139,27 @@ class Mahalanobis(nn.Module):
     distances overflow fp16.
     """
 
-    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor, grid: tuple[int, int]):
         super().__init__()
+        self.grid = (int(grid[0]), int(grid[1]))
         self.register_buffer("mean", mean.to(torch.float32))
         self.register_buffer("inv_cov", inv_cov.to(torch.float32))
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        n, d, h, w = emb.shape
-        k, p = self.mean.shape[0], self.mean.shape[1]
-        x = emb.reshape(-1, k, d, h * w).permute(1, 3, 0, 2).reshape(k * p, -1, d)  # (K*P, N/K, d)
+        """emb (N, P, d) -> distance map (N, 1, h, w)."""
+        n, p, d = emb.shape
+        k = self.mean.shape[0]
+        x = by_position(emb, k)  # (K*P, N/K, d)
         diff = x - self.mean.reshape(k * p, 1, d)
         left = torch.matmul(diff, self.inv_cov.reshape(k * p, d, d))
         dist = torch.sqrt(torch.clamp((left * diff).sum(-1), min=0.0))  # (K*P, N/K)
-        return dist.reshape(k, h * w, -1).permute(2, 0, 1).reshape(n, 1, h, w)
+        return dist.reshape(k, p, -1).permute(2, 0, 1).reshape(n, 1, *self.grid)
+
+
+def by_position(emb: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, P, d), N = frames x k tile slots -> (k*P, frames, d): one row block per statistics set and position."""
+    n, p, d = emb.shape
+    return emb.reshape(-1, k, p, d).permute(1, 2, 0, 3).reshape(k * p, -1, d)
 
 
 class PadimModel(nn.Module):
@@ -133,7 +169,7 @@ class PadimModel(nn.Module):
                  input_size: tuple[int, int], blur_sigma: float):
         super().__init__()
         self.features = features
-        self.mahalanobis = Mahalanobis(mean, inv_cov)
+        self.mahalanobis = Mahalanobis(mean, inv_cov, (input_size[0] // 4, input_size[1] // 4))
         self.head = MapToAnswer(input_size, blur_sigma)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,12 +192,11 @@ class GaussianSums:
         self.sum_xx = torch.zeros(self.k * self.p, self.d, self.d, dtype=torch.float64)
 
     def add(self, emb: torch.Tensor) -> None:
-        """emb: (N, d, h, w) with N a multiple of k (whole frames)."""
-        n, d, h, w = emb.shape
-        x = emb.reshape(-1, self.k, d, h * w).permute(1, 3, 0, 2).reshape(self.k * self.p, -1, d).double()
+        """emb: (N, P, d) with N a multiple of k (whole frames)."""
+        x = by_position(emb, self.k).double()
         self.sum_x += x.sum(1)
         self.sum_xx += torch.bmm(x.transpose(1, 2), x)
-        self.count += n // self.k
+        self.count += emb.shape[0] // self.k
 
     def minus(self, other: "GaussianSums") -> "GaussianSums":
         out = GaussianSums(self.k, self.p, self.d)
@@ -272,7 +307,8 @@ def fit_statistics(data: TrainingImages, features: PadimFeatures, options: Padim
             emb = features(torch.from_numpy(batch))
             fold_sums.add(emb)
             cached.append((chunk, emb))
-        distance = Mahalanobis(*totals.minus(fold_sums).gaussian(options.epsilon))
+        distance = Mahalanobis(*totals.minus(fold_sums).gaussian(options.epsilon),
+                               (options.input_size[0] // 4, options.input_size[1] // 4))
         for chunk, emb in cached:
             scores = head(distance(emb))[1].numpy()
             oos[chunk] = scores.reshape(len(chunk), -1).max(axis=1)  # a frame fails if any tile does

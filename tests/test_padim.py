@@ -25,21 +25,30 @@ MVTEC_BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 def test_streaming_sums_match_direct_covariance():
     rng = np.random.default_rng(0)
-    emb = torch.from_numpy(rng.normal(size=(12, 5, 3, 4)).astype(np.float32))
+    emb = torch.from_numpy(rng.normal(size=(12, 12, 5)).astype(np.float32))  # (N, P, d)
     sums = GaussianSums(1, 12, 5)
     sums.add(emb[:7])
     sums.add(emb[7:])
     mean, inv = sums.gaussian(epsilon=0.01)
-    x = emb.numpy().reshape(12, 5, 12).transpose(2, 0, 1).astype(np.float64)  # (P, N, d)
+    x = emb.numpy().transpose(1, 0, 2).astype(np.float64)  # (P, N, d)
     for p in (0, 5, 11):
         cov = np.cov(x[p].T) + 0.01 * np.eye(5)
         np.testing.assert_allclose(mean[0, p].numpy(), x[p].mean(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(inv[0, p].numpy(), np.linalg.inv(cov), rtol=1e-4, atol=1e-5)
 
 
+def test_channels_last_upsampling_matches_bilinear_interpolate():
+    from export.padim import upsample_nhwc
+
+    x = torch.randn(2, 5, 16, 16)
+    expected = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    got = upsample_nhwc(x.permute(0, 2, 3, 1), (64, 64)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_leave_fold_out_equals_fit_without_fold():
     rng = np.random.default_rng(1)
-    emb = torch.from_numpy(rng.normal(size=(10, 4, 2, 2)).astype(np.float32))
+    emb = torch.from_numpy(rng.normal(size=(10, 4, 4)).astype(np.float32))
     total, fold, rest = GaussianSums(1, 4, 4), GaussianSums(1, 4, 4), GaussianSums(1, 4, 4)
     total.add(emb)
     fold.add(emb[:3])
@@ -50,9 +59,9 @@ def test_leave_fold_out_equals_fit_without_fold():
 
 def test_per_tile_statistics_keep_tiles_apart():
     """K=2 slots: frames' tile 0 and tile 1 feed different Gaussians."""
-    emb = torch.zeros(4, 1, 1, 1)
-    emb[0::2] = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)  # tile 0 of frames 0, 1
-    emb[1::2] = torch.tensor([10.0, 30.0]).view(2, 1, 1, 1)  # tile 1
+    emb = torch.zeros(4, 1, 1)
+    emb[0::2] = torch.tensor([1.0, 3.0]).view(2, 1, 1)  # tile 0 of frames 0, 1
+    emb[1::2] = torch.tensor([10.0, 30.0]).view(2, 1, 1)  # tile 1
     sums = GaussianSums(2, 1, 1)
     sums.add(emb)
     mean, _ = sums.gaussian(0.01)
@@ -102,7 +111,8 @@ def _reference_model(bundle: Bundle, options: PadimOptions) -> PadimModel:
     d = bundle.meta.feature_dim
     inv = next(a for a in arrays if a.ndim == 4 and a.shape[-2:] == (d, d))
     mean = next(a for a in arrays if a.ndim == 3 and a.shape[-1] == d and a.shape[1] == inv.shape[1])
-    return PadimModel(PadimFeatures(options), torch.from_numpy(mean), torch.from_numpy(inv), (128, 128), 4.0).eval()
+    return PadimModel(PadimFeatures(options), torch.from_numpy(mean.copy()), torch.from_numpy(inv.copy()), (128, 128),
+                      4.0).eval()
 
 
 def test_separates_generated_defects(small_padim_bundle, synthetic_dataset):
