@@ -132,6 +132,22 @@ def serve_and_watch(config: Path, endpoint: str, out: Path, timeout_s: float) ->
     return results, health, rc
 
 
+def replay_check(line: Recording, out: Path, bundle) -> None:
+    """Score the decoded conveyor frames offline against the generator's labels and print the metrics."""
+    from edge_inspector.backends import create_backend
+    from edge_inspector.replay import replay_folder, write_results
+
+    frames = out / "replay" / "frames"
+    count = extract_frames(line.path, frames)
+    labels = out / "replay" / "labels.csv"
+    rows = ["path,label"] + [f"frames/{i:04d}.png,{int(line.defective[i])}" for i in range(count)]
+    labels.write_text("\n".join(rows) + "\n")
+    summary = replay_folder(frames, bundle, create_backend(bundle, "onnxruntime"), labels_csv=labels)
+    write_results(out / "replay" / "results.csv", summary.rows)
+    if summary.report is not None:
+        click.echo("      " + summary.report.format_table().replace("\n", "\n      "))
+
+
 @click.command("demo")
 @click.option("--out", "out_dir", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the video, training frames, bundle, config, archive and log.")
@@ -150,7 +166,7 @@ def demo_command(out_dir: str, frames: int, train_frames: int, fps: float, defec
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    click.echo(f"[1/4] recording {train_frames} good frames and a {frames}-frame conveyor video into {out}/")
+    click.echo(f"[1/5] recording {train_frames} good frames and a {frames}-frame conveyor video into {out}/")
     good = record(out / "good_footage.avi", train_frames, fps, 0.0, rng)
     line = record(out / "conveyor.avi", frames, fps, defect_rate, rng)
     (out / "ground_truth.json").write_text(json.dumps(
@@ -158,14 +174,17 @@ def demo_command(out_dir: str, frames: int, train_frames: int, fps: float, defec
                                              for i, (d, k) in enumerate(zip(line.defective, line.kinds))]}, indent=1))
     extract_frames(good.path, out / "train" / "good")
 
-    click.echo("[2/4] fitting PaDiM on the good frames (1x2 tiles, shared statistics)")
+    click.echo("[2/5] fitting PaDiM on the good frames (1x2 tiles, shared statistics)")
     options = PadimOptions(input_size=(PART_SIZE, PART_SIZE), feature_dim=50, seed=seed, folds=3,
                            rows=1, cols=LANES, tile_mode="shared")
     bundle = fit_padim(out / "train" / "good", out / "bundle", options)
     click.echo(f"      bundle {bundle.model_id}, threshold {bundle.threshold:.4g} ({bundle.meta.threshold.rule})")
 
+    click.echo("[3/5] offline check: replaying the conveyor frames with their labels (edge-inspector replay)")
+    replay_check(line, out, bundle)
+
     config, endpoint = write_config(out, line.path, out / "bundle", fps)
-    click.echo(f"[3/4] starting the service (edge-inspector run --config {config}); results from {endpoint}:")
+    click.echo(f"[4/5] starting the service (edge-inspector run --config {config}); results from {endpoint}:")
     results, health, rc = serve_and_watch(config, endpoint, out, timeout_s=max(120.0, 4 * frames / fps))
 
     expected = sum(line.defective)
@@ -174,7 +193,7 @@ def demo_command(out_dir: str, frames: int, train_frames: int, fps: float, defec
     agree = sum(1 for i, h in results.items() if (h["verdict"] == "fail") == line.defective[i])
     missed = sum(1 for i, h in results.items() if line.defective[i] and h["verdict"] != "fail")
     false_rejects = sum(1 for i, h in results.items() if not line.defective[i] and h["verdict"] == "fail")
-    click.echo("[4/4] summary")
+    click.echo("[5/5] summary")
     click.echo(f"      frames in video   {frames}")
     click.echo(f"      results received  {len(results)} (dropped by the service: {health.get('dropped', 'n/a')})")
     click.echo(f"      fails             {fails} (expected {sum(line.defective[i] for i in results)} among "
