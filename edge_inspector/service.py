@@ -56,13 +56,18 @@ def check_tiling(config: ServiceConfig, bundle: Bundle) -> None:
                 trained.cols, bundle.path)
 
 
+def checked_tiler(config: ServiceConfig, bundle: Bundle) -> Tiler:
+    """The config's tiling, checked against the grid the bundle was fit on."""
+    check_tiling(config, bundle)
+    tiling = config.tiling
+    return Tiler(tiling.rows, tiling.cols, bundle.input_size, tile_size=tiling.tile_size, stride=tiling.stride,
+                 roi=tiling.roi)
+
+
 def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> ActiveModel:
     """Load, verify, check and warm up a bundle; the first real frame then runs at full speed."""
     bundle = Bundle.load(bundle_path or config.bundle_path)
-    check_tiling(config, bundle)
-    tiling = config.tiling
-    tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size, tile_size=tiling.tile_size, stride=tiling.stride,
-                  roi=tiling.roi)
+    tiler = checked_tiler(config, bundle)
     backend = create_backend(bundle, config.model.backend, config.model.threads)
     started = time.monotonic()
     backend.infer(np.zeros((tiler.tiles, *bundle.input_size, 3), np.uint8))
@@ -336,10 +341,7 @@ def check_config_command(config_path: str, skip_bundle: bool) -> None:
     line = f"{config_path}: OK (camera {config.camera.id}: {source.describe()}"
     if not skip_bundle:
         bundle = Bundle.load(config.bundle_path)
-        check_tiling(config, bundle)
-        tiling = config.tiling
-        tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size, tile_size=tiling.tile_size,
-                      stride=tiling.stride, roi=tiling.roi)
+        tiler = checked_tiler(config, bundle)
         threshold = config.decision.threshold or bundle.threshold
         line += f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g}"
     click.echo(line + ")")
