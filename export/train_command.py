@@ -1,0 +1,35 @@
+"""`edge-export train`: train an AE or VAE from a YAML config and write a model bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edge_inspector.errors import ConfigError
+
+from .autoencoder import MODEL_KINDS
+
+
+@click.command("train")
+@click.option("--model", "kind", type=click.Choice(MODEL_KINDS), required=True,
+              help="ae: convolutional autoencoder; vae: its variational variant.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Training config YAML (see configs/train_ae.yaml).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle folder to write (default: the config's `out`).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+def train_command(kind: str, config_path: Path, out_dir: Path | None, resume: bool) -> None:
+    """Train a reconstruction model on patches of good images and export it as a bundle."""
+    from .ae_training import train_autoencoder  # torch import only when the command runs
+    from .train_config import load_train_config
+
+    config = load_train_config(config_path)
+    out_dir = out_dir or config.out
+    if out_dir is None:
+        raise ConfigError(f"{config_path}: out: no bundle folder given (set `out` in the config or pass --out)")
+    bundle = train_autoencoder(config, kind, out_dir, resume=resume)
+    params = bundle.meta.model_params
+    click.echo(f"wrote {bundle.path} ({bundle.model_id}): {bundle.meta.training.image_count} good images, "
+               f"{params['epochs_run']} epochs (best {params['best_epoch']}), threshold "
+               f"{bundle.threshold:.6g} [{bundle.meta.threshold.rule}]")
