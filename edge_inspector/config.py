@@ -324,9 +324,8 @@ def parse_config(data: Any, where: str = "<config>") -> ServiceConfig:
     return config
 
 
-def load_config(path: str | Path) -> ServiceConfig:
-    """Read and validate a YAML config file; any problem is a ConfigError naming the file and key."""
-    path = Path(path)
+def read_yaml_file(path: Path) -> Any:
+    """Parse a YAML file; a missing, unreadable or malformed file is one ConfigError line with the position."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -338,7 +337,13 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ConfigError(f"{path}: invalid YAML{where} ({problem})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read ({err})") from None
-    config = parse_config(data, str(path))
+    return data
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Read and validate a YAML config file; any problem is a ConfigError naming the file and key."""
+    path = Path(path)
+    config = parse_config(read_yaml_file(path), str(path))
     _resolve_source(config)
     return config
 

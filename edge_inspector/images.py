@@ -6,8 +6,9 @@ BGR, so every path into the model (fit, replay, folder source) converts here, on
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -79,11 +80,12 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def iter_readable(paths: list[Path], logger=None) -> Iterator[tuple[Path, np.ndarray]]:
-    """Yield (path, image) for readable files, logging and skipping unreadable ones."""
+def iter_readable(paths: Iterable[Path], logger: logging.Logger) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yield (path, image) for readable files; unreadable ones are logged and skipped (training sets)."""
     for path in paths:
         try:
-            yield path, read_image(path)
-        except ImageError as err:
-            if logger is not None:
-                logger.warning("skipping %s", err)
+            image = read_image(path)
+        except Exception as err:  # ImageError, or a decoder crash on a damaged file
+            logger.warning("skipping unreadable training image: %s", err)
+            continue
+        yield path, image

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.errors import ConfigError, DataError, InspectorError
 from edge_inspector.evaluate import f1_optimal_threshold
-from edge_inspector.images import list_images, read_image, resize_to
+from edge_inspector.images import iter_readable, list_images, read_image, resize_to
 
 from .autoencoder import (AE_MEAN, AE_STD, Architecture, ConvAutoencoder, ReconstructionError,
                           ReconstructionGraph, count_parameters, fit_normaliser, kl_divergence)
@@ -132,21 +132,15 @@ def load_patches(config: TrainConfig) -> PatchSet:
     paths: list[Path] = []
     frames: list[np.ndarray] = []
     grid: FrameGrid | None = None
-    skipped = 0
-    for path in tqdm(files, desc="read good images", unit="img", leave=False, disable=None):
-        try:
-            image = read_image(path)
-        except Exception as err:  # ImageError, or a decoder crash on a damaged file
-            log.warning("skipping unreadable training image: %s", err)
-            skipped += 1
-            continue
+    for path, image in iter_readable(tqdm(files, desc="read good images", unit="img", leave=False, disable=None),
+                                     log):
         if grid is None:
             grid = frame_grid(config, image.shape[:2], str(folder))
         frames.append(grid.cut(image))
         paths.append(path)
     if grid is None:
         raise DataError(f"{folder}: none of the {len(files)} image files could be read")
-    return PatchSet(folder, paths, np.stack(frames), grid, skipped)
+    return PatchSet(folder, paths, np.stack(frames), grid, len(files) - len(paths))
 
 
 def split_frames(count: int, val_fraction: float, seed: int, source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.errors import DataError
-from edge_inspector.images import list_images, read_image, resize_to
+from edge_inspector.images import iter_readable, list_images, read_image, resize_to
 
 from .backbones import DEFAULT_BACKBONE, backbone_names, create_backbone
 from .graph import BgrToInput, MapToAnswer
@@ -240,16 +240,11 @@ class TrainingImages:
             raise DataError(f"{self.folder}: no images (png, jpg, bmp, tiff) found")
         self.options = options
         self.frame_size: tuple[int, int] | None = None
-        self.paths, skipped = [], 0
-        for path in paths:  # validate once up front so folds are stable and corrupt files are reported once
-            try:
-                image = read_image(path)
-            except Exception as err:  # ImageError, or a decoder crash on a damaged file
-                log.warning("skipping unreadable training image: %s", err)
-                skipped += 1
-                continue
+        self.paths = []
+        for path, image in iter_readable(paths, log):  # once up front: stable folds, corrupt files reported once
             self.frame_size = self.frame_size or image.shape[:2]
             self.paths.append(path)
+        skipped = len(paths) - len(self.paths)
         if not self.paths:
             raise DataError(f"{self.folder}: none of the {len(paths)} image files could be read")
         self.skipped = skipped

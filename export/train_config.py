@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from edge_inspector.config import read_yaml_file
 from edge_inspector.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,12 +68,7 @@ class TrainConfig:
 def load_train_config(path: str | Path) -> TrainConfig:
     """Parse and check a training YAML; every problem is a ConfigError naming the file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml_file(path)
     return config_from_dict(data if data is not None else {}, str(path), base=path.parent)
 
 
