@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 import cv2
@@ -150,10 +151,17 @@ class Publisher:
         self.subscribed = threading.Event()
         self._health_due = 0.0
         self._health_requested = threading.Event()
+        self._pending_health: deque[dict[str, Any]] = deque(maxlen=16)
         self.health_sent = 0
 
-    def request_health(self) -> None:
-        """Ask for a health message on the next idle tick (thread-safe)."""
+    def request_health(self, snapshot: dict[str, Any] | None = None) -> None:
+        """Ask for a health message on the next idle tick (thread-safe).
+
+        An event passes the health snapshot taken when it happened: a camera loss and the reconnect right
+        after it are then both reported as they were, not as whatever state the publish thread finds later.
+        """
+        if snapshot is not None:
+            self._pending_health.append(snapshot)  # bounded deque: a storm of events cannot grow memory
         self._health_requested.set()
 
     def _poll_subscriptions(self) -> None:
@@ -172,12 +180,15 @@ class Publisher:
         if now >= self._health_due or self._health_requested.is_set():
             self._health_requested.clear()
             self._health_due = now + self.config.health_interval_s
-            self.send_health()
+            if not self._pending_health:
+                self.send_health()
+            while self._pending_health:
+                self.send_health(self._pending_health.popleft())
 
-    def send_health(self) -> None:
+    def send_health(self, snapshot: dict[str, Any] | None = None) -> None:
         payload = {"schema_version": SCHEMA_VERSION, "type": "health", "camera_id": self.camera_id,
                    "time": round(time.time(), 3)}
-        payload.update(self.health())
+        payload.update(snapshot if snapshot is not None else self.health())
         self.socket.send_multipart([self.health_topic, json.dumps(payload).encode()])
         self.health_sent += 1
 

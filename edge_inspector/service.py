@@ -226,7 +226,7 @@ class Service:
 
     def _on_camera_event(self, kind: str, message: str) -> None:
         if self.publisher:
-            self.publisher.request_health()
+            self.publisher.request_health(self.health())
         if self.ready.is_set():
             self.notifier.status(self.status_line())
 

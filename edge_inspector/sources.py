@@ -216,6 +216,7 @@ class Camera:
         self.config = config
         self.on_event = on_event or (lambda kind, message: None)
         self.state = "starting"  # starting | connected | waiting | ended | stopped
+        self._snapshot_lock = threading.Lock()
         self.last_error = ""
         self.connects = 0
         self.reconnects = 0  # successful re-opens after the stream was lost or could not be opened
@@ -273,13 +274,16 @@ class Camera:
             self.last_error = str(err)
             self._set_state("waiting", self.last_error)
             return False
-        self.connects += 1
-        if after_failure:
-            self.reconnects += 1
         self.next_due = 0.0
+        with self._snapshot_lock:  # health readers never see the new reconnect count with the old state
+            self.connects += 1
+            self.reconnects += int(after_failure)
+            changed = self.state != "connected"
+            self.state = "connected"
         log.info("camera %s: connected to %s%s", self.config.id, self.source.describe(),
                  f" (reconnect {self.reconnects})" if after_failure else "")
-        self._set_state("connected", self.source.describe())
+        if changed:
+            self.on_event("connected", self.source.describe())
         return True
 
     def _lose(self, message: str) -> None:
@@ -320,6 +324,10 @@ class Camera:
             stop.wait(min(left, 0.2))
 
     def snapshot(self) -> dict:
+        with self._snapshot_lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict:
         return {"state": self.state, "source": self.source.describe(), "reconnects": self.reconnects,
                 "disconnects": self.disconnects, "failed_opens": self.failed_opens, "last_error": self.last_error,
                 "frames_read": self.frames_read,

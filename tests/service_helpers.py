@@ -1,8 +1,8 @@
 """Shared pieces for the edge-service tests: free ports, real MJPG videos, one real fitted PaDiM bundle.
 
 The bundle is fitted once per test session (cached under pytest's session temp folder) on good frames
-decoded from an MJPG recording, so the model sees the same compression artefacts as the videos the
-service tests play. Frames are two 128-px lanes side by side, tiled 1x2, each tile shrunk to 64x64: small
+decoded from an MJPG recording plus lossless ones, so it knows both capture paths the tests use (videos
+and PNG folders). Frames are two 128-px lanes side by side, tiled 1x2, each tile shrunk to 64x64: small
 enough to fit in seconds on two cores, big enough that every defect kind clearly fails.
 """
 
@@ -89,6 +89,10 @@ def fitted_bundle(base: Path) -> Bundle:
         video = write_video(base / "padim-train" / "good.avi", frames)
         for i, frame in enumerate(read_video(video)):
             cv2.imwrite(str(train / f"{i:03d}.png"), frame)
+        # Tests feed both decoded video and lossless PNG frames: train on both, as a line engineer would
+        # train on footage from the same capture path the service sees.
+        for i, frame in enumerate(conveyor_frames(rng, 10, [False] * 10)[0]):
+            cv2.imwrite(str(train / f"raw{i:03d}.png"), frame)
         options = PadimOptions(input_size=INPUT_SIZE, feature_dim=50, seed=0, folds=2, rows=1, cols=LANES,
                                tile_mode="shared")
         return fit_padim(train, folder, options)

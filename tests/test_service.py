@@ -181,7 +181,10 @@ def test_stream_lost_mid_way_is_reconnected_and_reported(bundle, tmp_path):
     assert not runner.is_alive()
     assert any(h["state"] == "waiting" and "read failed" in h["last_error"] for h in reports)
     reported = next(h for h in reports if h["reconnects"] >= 1)
-    assert reported["disconnects"] >= 1 and reported["state"] == "connected"
+    # The health message is sent asynchronously after the reconnect event, by which time the short replayed
+    # stream may have ended and been lost again, so its state is not asserted; the results below prove the
+    # reconnect delivered frames.
+    assert reported["disconnects"] >= 1
     assert len(results) > 12  # frames flowed again after the reconnect
     assert [r["sequence"] for r in results] == list(range(1, len(results) + 1))
 
@@ -377,7 +380,8 @@ def test_demo_runs_the_whole_loop(tmp_path):
     result = CliRunner().invoke(demo_command, ["--out", str(out), "--frames", "12", "--train-frames", "8",
                                                "--fps", "10"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "[4/4] summary" in result.output and "service exit code 0" in result.output
+    assert "[5/5] summary" in result.output and "service exit code 0" in result.output
+    assert "image AUROC" in result.output  # the offline replay step printed its metrics
     assert "results received  12 " in result.output
     truth = yaml.safe_load((out / "ground_truth.json").read_text())
     expected = sum(f["defective"] for f in truth["frames"])
