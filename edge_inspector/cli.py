@@ -31,21 +31,22 @@ class OneLineErrorGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Visual inspection on the edge: run a model bundle on a camera or replay image folders."""
+    configure_logging(verbose)
+
+
+def configure_logging(verbose: bool) -> None:
+    """One log format for both CLIs (journald adds its own timestamp, but the CLI runs elsewhere too)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _register() -> None:
     from .replay import replay_command
-
-    main.add_command(replay_command)
-    # -- service commands (run, check-config, subscribe) are registered below --
     from .service import check_config_command, run_command
     from .subscriber import subscribe_command
 
-    main.add_command(run_command)
-    main.add_command(check_config_command)
-    main.add_command(subscribe_command)
+    for command in (run_command, check_config_command, replay_command, subscribe_command):
+        main.add_command(command)
 
 
 _register()

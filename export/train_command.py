@@ -8,7 +8,7 @@ import click
 
 from edge_inspector.errors import ConfigError
 
-from .autoencoder import MODEL_KINDS
+from .train_config import MODEL_KINDS
 
 
 @click.command("train")

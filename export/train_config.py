@@ -18,6 +18,8 @@ from typing import Any
 from edge_inspector.config import read_yaml_file
 from edge_inspector.errors import ConfigError
 
+MODEL_KINDS = ("ae", "vae")
+
 DEVICES = ("auto", "cpu", "cuda")
 NORMALISATIONS = ("zscore", "none")
 

@@ -447,3 +447,9 @@ def test_first_start_builds_then_reuses_engine(bundle, gpu, caplog):
         assert not any("building" in r.getMessage() for r in caplog.records)
     finally:
         second.close()
+
+
+def test_export_cli_imports_without_torch():
+    """`edge-export tensorrt` must start on a Jetson that has no torch: the CLI module may not import it."""
+    code = "import sys, export.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).resolve().parents[1])).returncode == 0
