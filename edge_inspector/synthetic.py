@@ -9,6 +9,7 @@ same replay/evaluate code paths run on generated and on real benchmark data.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -78,21 +79,28 @@ def _add_defect(rng, gray, mask, kind, center, outer, inner, scale):
     raise ValueError(f"unknown defect kind {kind!r} (expected one of {', '.join(DEFECT_KINDS)})")
 
 
+def write_mvtec_layout(folder: Path, make: Callable[[str | None], tuple[np.ndarray, np.ndarray]],
+                       defect_kinds: tuple[str, ...], train: int, test_good: int, test_per_defect: int) -> Path:
+    """Write generated images (and masks) in MVTec AD layout: `make(defect_or_None) -> (image, mask)`."""
+    def save(sub: str, name: str, image: np.ndarray) -> None:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / sub / name), image)
+
+    for i in range(train):
+        save("train/good", f"{i:03d}.png", make(None)[0])
+    for i in range(test_good):
+        save("test/good", f"{i:03d}.png", make(None)[0])
+    for kind in defect_kinds:
+        for i in range(test_per_defect):
+            image, mask = make(kind)
+            save(f"test/{kind}", f"{i:03d}.png", image)
+            save(f"ground_truth/{kind}", f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
+    return folder
+
+
 def write_dataset(root: str | Path, train: int = 60, test_good: int = 12, test_per_defect: int = 8,
                   size: int = 256, seed: int = 0, category: str = "washer") -> Path:
     """Write a synthetic category in MVTec AD layout under root/category and return that folder."""
     rng = np.random.default_rng(seed)
-    folder = Path(root) / category
-    def save(sub: str, name: str, image: np.ndarray) -> None:
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / sub / name), image)
-    for i in range(train):
-        save("train/good", f"{i:03d}.png", make_part(rng, size)[0])
-    for i in range(test_good):
-        save("test/good", f"{i:03d}.png", make_part(rng, size)[0])
-    for kind in DEFECT_KINDS:
-        for i in range(test_per_defect):
-            image, mask = make_part(rng, size, defect=kind)
-            save(f"test/{kind}", f"{i:03d}.png", image)
-            save(f"ground_truth/{kind}", f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
-    return folder
+    return write_mvtec_layout(Path(root) / category, lambda defect: make_part(rng, size, defect=defect),
+                              DEFECT_KINDS, train, test_good, test_per_defect)

@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge_inspector.synthetic import write_mvtec_layout
+
 TEXTURES = ("fabric", "brushed", "grain")
 DEFECTS = ("scratch", "spot", "missing")
 
@@ -97,19 +99,5 @@ def write_texture_dataset(root: str | Path, texture: str = "fabric", train: int 
                           test_per_defect: int = 6, size: int = 128, seed: int = 0) -> Path:
     """Write one texture category in MVTec AD layout under root/texture and return that folder."""
     rng = np.random.default_rng(seed)
-    folder = Path(root) / texture
-
-    def save(sub: str, name: str, image: np.ndarray) -> None:
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / sub / name), image)
-
-    for i in range(train):
-        save("train/good", f"{i:03d}.png", make_texture(rng, size, texture)[0])
-    for i in range(test_good):
-        save("test/good", f"{i:03d}.png", make_texture(rng, size, texture)[0])
-    for kind in DEFECTS:
-        for i in range(test_per_defect):
-            image, mask = make_texture(rng, size, texture, kind)
-            save(f"test/{kind}", f"{i:03d}.png", image)
-            save(f"ground_truth/{kind}", f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
-    return folder
+    return write_mvtec_layout(Path(root) / texture, lambda defect: make_texture(rng, size, texture, defect),
+                              DEFECTS, train, test_good, test_per_defect)

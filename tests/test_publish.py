@@ -52,17 +52,22 @@ def connected_pair(heatmap: str = "png", **kwargs):
     return publisher, subscriber
 
 
-def test_result_message_header_and_png_heatmap(engine):
-    frames, _ = conveyor_frames(np.random.default_rng(11), 2, [False, True])
-    publisher, subscriber = connected_pair()
+def publish_and_receive(results, heatmap: str = "png", **kwargs):
+    """Send results through a real loopback PUB/SUB pair and return the messages as received."""
+    publisher, subscriber = connected_pair(heatmap, **kwargs)
     try:
-        results = [engine.process(frame_of(f, i)) for i, f in enumerate(frames)]
         for result in results:
             publisher.send(result)
-        messages = [subscriber.receive(5) for _ in results]
+        return [subscriber.receive(5) for _ in results]
     finally:
         subscriber.close()
         publisher.close()
+
+
+def test_result_message_header_and_png_heatmap(engine):
+    frames, _ = conveyor_frames(np.random.default_rng(11), 2, [False, True])
+    results = [engine.process(frame_of(f, i)) for i, f in enumerate(frames)]
+    messages = publish_and_receive(results)
     good, bad = messages
     assert good.topic == "inspection.cam7" and good.is_result
     header = bad.header
@@ -92,13 +97,7 @@ def test_jpeg_overlay_and_no_heatmap(engine):
     frames, _ = conveyor_frames(np.random.default_rng(12), 1, [True])
     result = engine.process(frame_of(frames[0]))
     for mode, shape in (("jpeg_overlay", (PART, PART * LANES, 3)), ("none", None)):
-        publisher, subscriber = connected_pair(heatmap=mode)
-        try:
-            publisher.send(result)
-            message = subscriber.receive(5)
-        finally:
-            subscriber.close()
-            publisher.close()
+        message, = publish_and_receive([result], heatmap=mode)
         image = message.heatmap_image()
         assert message.header["heatmap"]["format"] == mode
         assert (image is None and message.heatmap == b"") if shape is None else image.shape == shape
@@ -107,13 +106,7 @@ def test_jpeg_overlay_and_no_heatmap(engine):
 def test_heatmap_scale_shrinks_the_image_not_the_boxes(engine):
     frames, _ = conveyor_frames(np.random.default_rng(14), 1, [True])
     result = engine.process(frame_of(frames[0]))
-    publisher, subscriber = connected_pair(heatmap_scale=0.5)
-    try:
-        publisher.send(result)
-        message = subscriber.receive(5)
-    finally:
-        subscriber.close()
-        publisher.close()
+    message, = publish_and_receive([result], heatmap_scale=0.5)
     header = message.header
     assert message.heatmap_image().shape == (PART // 2, PART * LANES // 2)
     assert (header["heatmap"]["width"], header["heatmap"]["height"]) == (PART * LANES // 2, PART // 2)
@@ -124,13 +117,7 @@ def test_heatmap_scale_shrinks_the_image_not_the_boxes(engine):
 
 def test_error_results_are_published_with_the_reason(engine):
     result = engine.process(frame_of(np.zeros((10, 1, 3), np.uint8)))
-    publisher, subscriber = connected_pair()
-    try:
-        publisher.send(result)
-        message = subscriber.receive(5)
-    finally:
-        subscriber.close()
-        publisher.close()
+    message, = publish_and_receive([result])
     header = message.header
     assert header["verdict"] == "error" and "do not fit" in header["error"]
     assert header["score"] is None and header["heatmap"]["format"] == "none" and message.heatmap == b""
