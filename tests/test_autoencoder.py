@@ -340,7 +340,7 @@ def test_cli_train_and_one_line_errors(tmp_path):
 
     from export.cli import main
 
-    folder = _write_images(tmp_path / "good", 10)
+    _write_images(tmp_path / "good", 10)  # train_folder "good" is relative to the config file
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(dict(train_folder="good", input_size=32, depth=2, base_channels=8,
                                           latent_channels=4, epochs=2, device="cpu")))
