@@ -84,21 +84,38 @@ def extract_frames(video: Path, folder: Path) -> int:
 
 
 def write_config(out: Path, video: Path, bundle: Path, fps: float) -> tuple[Path, str]:
+    """Write out/demo.yaml. Paths in a service config resolve relative to the config file, so they are
+    written relative to `out` (the config's own folder): the demo folder can be moved or copied as a whole."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
-        "camera": {"id": "demo", "source": str(video), "kind": "file", "fps": fps},
+        "camera": {"id": "demo", "source": _relative_to(video, out), "kind": "file", "fps": fps},
         "tiling": {"rows": 1, "cols": LANES},
-        "model": {"bundle": str(bundle), "backend": "onnxruntime", "threads": 2},
+        "model": {"bundle": _relative_to(bundle, out), "backend": "onnxruntime", "threads": 2},
         "decision": {"min_defect_area": 0},
         "pipeline": {"queue_size": 4},
         "publish": {"endpoint": endpoint, "control_endpoint": f"tcp://127.0.0.1:{free_port()}",
                     "heatmap": "png", "health_interval_s": 2.0, "wait_for_subscriber_s": 30.0},
-        "archive": {"enabled": True, "folder": str(out / "archive"), "max_files": 200},
+        "archive": {"enabled": True, "folder": "archive", "max_files": 200},
         "logging": {"level": "INFO"},
     }
     path = out / "demo.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, endpoint
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    """`path` as the config file in `folder` must name it (config paths resolve relative to the config)."""
+    return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+
+
+def service_error_line(log_path: Path) -> str:
+    """The service's own explanation of why it stopped: its `error:` line, else its last log line."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as err:
+        return f"(cannot read {log_path}: {err.strerror})"
+    errors = [line for line in lines if line.startswith("error:") or " ERROR " in line or "Error" in line]
+    return (errors or lines or ["(the service printed nothing)"])[-1]
 
 
 def serve_and_watch(config: Path, endpoint: str, out: Path, timeout_s: float) -> tuple[dict[int, dict], dict, int]:
@@ -187,6 +204,20 @@ def demo_command(out_dir: str, frames: int, train_frames: int, fps: float, defec
     click.echo(f"[4/5] starting the service (edge-inspector run --config {config}); results from {endpoint}:")
     results, health, rc = serve_and_watch(config, endpoint, out, timeout_s=max(120.0, 4 * frames / fps))
 
+    if rc != 0 or not results:
+        # A summary of zeros would hide the cause: show the service's own words and fail loudly.
+        click.echo("[5/5] FAILED: the service " + (f"exited with code {rc}" if rc != 0 else "published no results"),
+                   err=True)
+        click.echo(f"      service says: {service_error_line(out / 'service.log')}", err=True)
+        click.echo(f"      full log: {out / 'service.log'}", err=True)
+        raise SystemExit(1)
+    print_summary(line, results, health, frames)
+    click.echo(f"      service exit code {rc}; log {out / 'service.log'}; failed frames in {out / 'archive'}")
+    click.echo(f"      took {time.monotonic() - started:.0f} s")
+
+
+def print_summary(line: Recording, results: dict[int, dict], health: dict, frames: int) -> None:
+    """Compare the verdicts the subscriber received with the generator's ground truth."""
     expected = sum(line.defective)
     fails = sum(1 for h in results.values() if h["verdict"] == "fail")
     errors = sum(1 for h in results.values() if h["verdict"] == "error")
@@ -199,9 +230,4 @@ def demo_command(out_dir: str, frames: int, train_frames: int, fps: float, defec
     click.echo(f"      fails             {fails} (expected {sum(line.defective[i] for i in results)} among "
                f"those frames, {expected} in the whole video)")
     click.echo(f"      missed defects    {missed}, false rejects {false_rejects}, errors {errors}")
-    if results:
-        click.echo(f"      agreement         {agree}/{len(results)} = {100.0 * agree / len(results):.1f}%")
-    click.echo(f"      service exit code {rc}; log {out / 'service.log'}; failed frames in {out / 'archive'}")
-    click.echo(f"      took {time.monotonic() - started:.0f} s")
-    if rc != 0 or not results:
-        raise SystemExit(1)
+    click.echo(f"      agreement         {agree}/{len(results)} = {100.0 * agree / len(results):.1f}%")
