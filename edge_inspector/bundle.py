@@ -34,7 +34,7 @@ from .errors import BundleError
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.yaml"
 MODEL_FILE = "model.onnx"
-MODEL_KINDS = ("padim", "ae", "vae")
+MODEL_KINDS = ("padim", "ae", "vae", "patchcore")
 
 
 @dataclass
