@@ -41,11 +41,12 @@ def configure_logging(verbose: bool) -> None:
 
 
 def _register() -> None:
+    from .info import info_command
     from .replay import replay_command
     from .service import check_config_command, run_command
     from .subscriber import subscribe_command
 
-    for command in (run_command, check_config_command, replay_command, subscribe_command):
+    for command in (run_command, check_config_command, replay_command, info_command, subscribe_command):
         main.add_command(command)
 
 

@@ -13,6 +13,7 @@ the maps' good pixels in memory, never a pairwise or per-pixel Python loop.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +25,13 @@ import numpy as np
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, list_images
 
+log = logging.getLogger(__name__)
+
 GOOD = "good"
 GOOD_WORDS = frozenset({"0", "good", "ok", "pass", "normal"})
 DEFECT_WORDS = frozenset({"1", "defect", "defective", "ng", "fail", "anomaly", "bad"})
+LABEL_WORDS_HELP = (f"{'/'.join(sorted(GOOD_WORDS))} (good) or {'/'.join(sorted(DEFECT_WORDS))} (defective), "
+                    "any case")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +101,26 @@ def _find_visa(folder: Path) -> list[LabeledImage] | None:
         for path in list_images(sub, recursive=False):
             mask = _find_file(data_dir / "Masks" / "Anomaly", (path.stem,)) if label else None
             items.append(LabeledImage(path, label, defect_type, mask))
-    return items
+    return _visa_test_split(data_dir.parent, items)
+
+
+def _visa_test_split(category: Path, items: list[LabeledImage]) -> list[LabeledImage]:
+    """Keep VisA's test images only. A VisA category's Images/Normal holds the training images too; the
+    split lives in `split_csv/1cls.csv` beside the categories. Counting training images as test images
+    inflates every metric, so without that file we say so loudly."""
+    split_csv = category.parent / "split_csv" / "1cls.csv"
+    if not split_csv.is_file():
+        log.warning("%s: VisA layout without %s: every image under Data/Images is counted as a test image, "
+                    "including any the bundle was trained on", category, split_csv)
+        return items
+    test: set[Path] = set()
+    with open(split_csv, newline="", encoding="utf-8-sig") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("object") == category.name and row.get("split", "").strip().lower() == "test":
+                test.add((category.parent / row.get("image", "")).resolve())
+    kept = [item for item in items if item.path.resolve() in test]
+    log.info("%s: VisA split %s keeps %d test images of %d", category, split_csv, len(kept), len(items))
+    return kept
 
 
 def _find_file(folder: Path, stems: Sequence[str]) -> Path | None:
@@ -140,9 +164,19 @@ def read_labels_csv(csv_path: Path) -> list[LabeledImage]:
             raise DataError(f"{csv_path}:{rows[0][0]}: header has no 'label' column (expected path,label[,mask])")
         columns = {name: header.index(name) for name in columns if name in header}
         rows = rows[1:]
-    items = [_labels_csv_row(csv_path, number, row, columns) for number, row in rows]
-    if not items:
+    listed = [_labels_csv_row(csv_path, number, row, columns) for number, row in rows]
+    if not listed:
         raise DataError(f"{csv_path}: labels CSV has no rows (expected path,label[,mask])")
+    items = [item for item in listed if item.path.is_file()]
+    missing = [item.path for item in listed if not item.path.is_file()]
+    log.info("%s: %d labelled images; relative paths resolve against the CSV's folder %s", csv_path, len(listed),
+             csv_path.parent.resolve())
+    if missing:
+        log.warning("%s: %d listed images not found, left out of the evaluation (first: %s)", csv_path,
+                    len(missing), ", ".join(str(p) for p in missing[:3]))
+    if not items:
+        raise DataError(f"{csv_path}: none of the {len(listed)} listed images exist (relative paths resolve "
+                        f"against {csv_path.parent.resolve()})")
     return items
 
 
@@ -157,10 +191,8 @@ def _labels_csv_row(csv_path: Path, number: int, row: list[str], columns: dict[s
         raise DataError(f"{where}: expected 'path,label[,mask]', got {','.join(row)!r}")
     label = parse_label(cell("label"))
     if label is None:
-        raise DataError(f"{where}: label {cell('label')!r} is not one of 0/1/good/ok/pass/defect/ng/fail/anomaly")
+        raise DataError(f"{where}: label {cell('label')!r} is not one of {LABEL_WORDS_HELP}")
     path = _resolve(csv_path.parent, cell("path"))
-    if not path.is_file():
-        raise DataError(f"{where}: image {path} does not exist")
     mask = _resolve(csv_path.parent, cell("mask")) if cell("mask") else None
     if mask is not None and not mask.is_file():
         raise DataError(f"{where}: mask {mask} does not exist")

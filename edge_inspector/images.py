@@ -58,7 +58,25 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
         raise ImageError(f"{path}: cannot decode mask image")
     if size is not None and mask.shape != tuple(size):
         mask = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-    return mask > 127
+    return mask > mask_cutoff(mask)
+
+
+def mask_cutoff(mask: np.ndarray) -> int:
+    """Pixel value above which a mask pixel is defective.
+
+    Two conventions exist: 0/255 masks (MVTec AD; JPEG-saved ones carry noise near the edges, hence the
+    midpoint) and label-index masks where each defect class is a small integer (VisA: 1..7). Reading the
+    latter at 127 made every VisA mask empty and pixel metrics silently n/a; a mask whose brightest pixel
+    is at most 127 is therefore read as "any non-zero value is a defect".
+    """
+    return 127 if int(mask.max(initial=0)) > 127 else 0
+
+
+def list_non_images(folder: str | Path) -> list[Path]:
+    """Files under folder that replay/fit skip because they are not images (hidden files ignored)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

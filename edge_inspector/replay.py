@@ -18,13 +18,13 @@ from pathlib import Path
 import click
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .backends import BACKEND_KINDS, Backend, create_backend
 from .bundle import Bundle
 from .errors import DataError, ImageError
 from .evaluate import EvaluationReport, LabeledImage, discover_labels, evaluate
-from .images import list_images, read_image, read_mask, resize_to
+from .images import list_images, list_non_images, read_image, read_mask, resize_to
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class ReplayRow:
 class ReplaySummary:
     rows: list[ReplayRow] = field(default_factory=list)
     report: EvaluationReport | None = None
+    skipped_files: int = 0  # files under the folder that are not images (counted, never silently dropped)
+    unlisted_images: int = 0  # with --labels: images under the folder that the CSV does not list
 
     @property
     def counts(self) -> dict[str, int]:
@@ -73,8 +75,17 @@ class FrameScorer:
         return float(result.scores.max()), self.tiler.stitch(result.anomaly_maps, image.shape)
 
 
-def overlay_image(image: np.ndarray, heatmap: np.ndarray, threshold: float) -> np.ndarray:
-    """Heatmap blended on the image (red = at/over 2x threshold) with the over-threshold area outlined."""
+VERDICT_COLOURS = {"pass": (60, 180, 60), "fail": (40, 40, 230)}  # BGR: green, red
+
+
+def overlay_image(image: np.ndarray, heatmap: np.ndarray, threshold: float, score: float | None = None
+                  ) -> np.ndarray:
+    """What an engineer looks at first: the heatmap blended on the image, the defect outlined, the verdict.
+
+    Colours (JET): blue = far below the threshold, green/yellow = approaching it, red = at or over twice
+    the threshold. White outline: every region whose score is over the threshold. Banner: PASS/FAIL and
+    the score as a multiple of the threshold (1.00x is the threshold).
+    """
     from .publish import heatmap_to_u8
 
     colour = cv2.applyColorMap(heatmap_to_u8(heatmap, threshold, 2.0), cv2.COLORMAP_JET)
@@ -82,7 +93,22 @@ def overlay_image(image: np.ndarray, heatmap: np.ndarray, threshold: float) -> n
     contours, _ = cv2.findContours((heatmap > threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
                                    cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
+    if score is not None:
+        _draw_verdict(out, score, threshold)
     return out
+
+
+def _draw_verdict(image: np.ndarray, score: float, threshold: float) -> None:
+    """A filled banner in the top-left corner, sized to the image so it reads on 256 px and 5 MP alike."""
+    verdict = "fail" if score > threshold else "pass"
+    text = f"{verdict.upper()} {score / threshold:.2f}x"
+    scale = max(0.4, min(image.shape[:2]) / 400.0)
+    thickness = max(1, round(scale * 2))
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(2, round(4 * scale))
+    cv2.rectangle(image, (0, 0), (width + 2 * pad, height + baseline + 2 * pad), VERDICT_COLOURS[verdict], -1)
+    cv2.putText(image, text, (pad, height + pad), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
+                cv2.LINE_AA)
 
 
 def _eval_size(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -100,9 +126,14 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
     if not paths:
         raise DataError(f"{folder}: no images (png, jpg, bmp, tiff) found")
     scorer = FrameScorer(bundle, backend)
-    summary = ReplaySummary()
+    summary = ReplaySummary(skipped_files=len(list_non_images(folder)))
+    if summary.skipped_files:
+        log.warning("%s: %d files are not images (png, jpg, jpeg, bmp, tif, tiff) and are skipped", folder,
+                    summary.skipped_files)
+    if labels_csv is not None:
+        summary.unlisted_images = _count_unlisted(folder, paths, labels_csv)
     kept_maps, kept_items, kept_scores = [], [], []
-    for index, path in enumerate(tqdm(paths, desc="replay", unit="img")):
+    for index, path in enumerate(progress(paths, desc="replay", unit="img")):
         started = time.perf_counter()
         try:
             image = read_image(path)
@@ -115,7 +146,7 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
         verdict = "fail" if score > bundle.threshold else "pass"
         summary.rows.append(ReplayRow(str(path), score, bundle.normalise(score), verdict, latency))
         if overlays is not None:
-            _write_overlay(overlays, folder, path, overlay_image(image, heatmap, bundle.threshold))
+            _write_overlay(overlays, folder, path, overlay_image(image, heatmap, bundle.threshold, score))
         if items is not None:
             size = _eval_size(heatmap.shape)
             kept_maps.append(cv2.resize(heatmap, (size[1], size[0]), interpolation=cv2.INTER_AREA))
@@ -124,6 +155,16 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
     if kept_items:
         summary.report = _evaluate(kept_items, kept_scores, kept_maps, bundle.threshold)
     return summary
+
+
+def _count_unlisted(folder: Path, listed: list[Path], labels_csv: Path) -> int:
+    """Images under the replay folder that the labels CSV does not name: likely a path typo, so say so."""
+    named = {path.resolve() for path in listed}
+    unlisted = [path for path in list_images(folder) if path.resolve() not in named]
+    if unlisted:
+        log.warning("%s: %d images under %s are not listed in %s and are not scored (first: %s)", labels_csv,
+                    len(unlisted), folder, labels_csv, unlisted[0])
+    return len(unlisted)
 
 
 def _evaluate(items: list[LabeledImage], scores: list[float], maps: list[np.ndarray],
@@ -173,7 +214,9 @@ def _num(value: float | None, digits: int = 6) -> str:
               help="Results CSV (default: <folder name>-results.csv in the current folder).")
 @click.option("--overlays", type=click.Path(path_type=Path), default=None, help="Write heatmap overlays here.")
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path), default=None,
-              help="CSV with path,label[,mask] (otherwise MVTec AD / VisA layout is detected).")
+              help="CSV with path,label[,mask] rows; relative paths resolve against the CSV's own folder; labels "
+                   "0/good/ok/pass/normal or 1/defect/defective/ng/fail/anomaly/bad (otherwise the MVTec AD / "
+                   "VisA layout is detected).")
 @click.option("--metrics", "metrics_file", type=click.Path(path_type=Path), default=None,
               help="Also write the metrics as JSON.")
 @click.option("--backend", type=click.Choice(BACKEND_KINDS), default="onnxruntime", show_default=True)
@@ -189,8 +232,15 @@ def replay_command(folder: Path, bundle_dir: Path, results: Path | None, overlay
     results = results or Path(f"{folder.resolve().name}-results.csv")
     write_results(results, summary.rows)
     counts = summary.counts
+    skipped = f", {summary.skipped_files} non-image files skipped" if summary.skipped_files else ""
+    unlisted = f", {summary.unlisted_images} images not in --labels" if summary.unlisted_images else ""
     click.echo(f"{len(summary.rows)} images: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error"
-               f"  (threshold {bundle.threshold:.6g}, model {bundle.model_id}) -> {results}")
+               f"{skipped}{unlisted}  (threshold {bundle.threshold:.6g}, model {bundle.model_id}) -> {results}")
+    if overlays is not None:
+        click.echo(f"overlays in {overlays}/ (banner: verdict and score / threshold; white outline: over threshold)")
+    if counts["pass"] + counts["fail"] == 0:
+        raise DataError(f"{folder}: none of the {len(summary.rows)} images could be scored; see the error column "
+                        f"of {results}")
     if summary.report is not None:
         click.echo(summary.report.format_table())
         if metrics_file is not None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from edge_inspector.progress import is_interactive, progress
 
 from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.errors import ConfigError, DataError, InspectorError
@@ -132,7 +132,7 @@ def load_patches(config: TrainConfig) -> PatchSet:
     paths: list[Path] = []
     frames: list[np.ndarray] = []
     grid: FrameGrid | None = None
-    for path, image in iter_readable(tqdm(files, desc="read good images", unit="img", leave=False, disable=None),
+    for path, image in iter_readable(progress(files, desc="read good images", unit="img", leave=False),
                                      log):
         if grid is None:
             grid = frame_grid(config, image.shape[:2], str(folder))
@@ -263,7 +263,8 @@ class Trainer:
         if len(chunks) > 1 and len(chunks[-1]) == 1:
             chunks.pop()  # batch norm cannot learn statistics from a single patch
         total, seen = 0.0, 0
-        for step, idx in enumerate(chunks):
+        batches = progress(chunks, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch", leave=False)
+        for step, idx in enumerate(batches):
             x = self._inputs(patches[idx], self.config.flip_augment)
             recon, mu, logvar = self.net(x)
             loss = self.error(x, recon).mean()
@@ -294,8 +295,10 @@ def fit_network(trainer: Trainer, train: torch.Tensor, val: torch.Tensor, state:
                 checkpoint: Path, mark: dict[str, Any]) -> TrainState:
     """Epochs with early stopping on validation error; checkpoint after each epoch."""
     config = trainer.config
-    bar = tqdm(range(state.epoch, config.epochs), desc=f"train {trainer.net.arch.kind}", unit="epoch",
-               initial=state.epoch, total=config.epochs, disable=None)
+    bar = progress(range(state.epoch, config.epochs), desc=f"train {trainer.net.arch.kind}", unit="epoch",
+                   initial=state.epoch, total=config.epochs)
+    # Without a terminal (journald, CI) the bar is off: one INFO line per epoch shows the run is alive.
+    epoch_level = logging.DEBUG if is_interactive() else logging.INFO
     stopped_early = state.bad_epochs >= config.patience
     for epoch in bar:
         if stopped_early:
@@ -317,8 +320,8 @@ def fit_network(trainer: Trainer, train: torch.Tensor, val: torch.Tensor, state:
         else:
             state.bad_epochs += 1
         bar.set_postfix(loss=f"{train_loss:.5f}", val=f"{val_error:.5f}", best=f"{state.best_val:.5f}")
-        log.debug("epoch %d: train loss %.6f, validation error %.6f (%.1f s)", epoch + 1, train_loss, val_error,
-                  seconds)
+        log.log(epoch_level, "epoch %d/%d: train loss %.6f, validation error %.6f (%.1f s)", epoch + 1,
+                config.epochs, train_loss, val_error, seconds)
         save_checkpoint(checkpoint, state, trainer.net, trainer.optimizer, trainer.generator, mark)
         stopped_early = state.bad_epochs >= config.patience
     bar.close()

@@ -11,6 +11,8 @@ import click
 
 from edge_inspector.errors import DataError
 
+from .staging import check_output_folder
+
 
 def _ints(text: str, count: int, option: str) -> tuple[int, ...]:
     try:
@@ -54,13 +56,15 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
               help="Decide with the conformal false-reject threshold or the F1-optimal one.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--force", is_flag=True, help="Replace the bundle already in --out.")
 def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, input_size: str,
                 feature_dim: int, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
                 tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None, validation_labels: Path | None, threshold_rule: str, seed: int,
-                batch_size: int) -> None:
+                batch_size: int, force: bool) -> None:
     """Fit PaDiM on the good images in TRAIN_FOLDER and write a model bundle."""
     from .padim import PadimOptions, fit_padim
 
+    check_output_folder(out_dir, force)
     if threshold_rule == "f1" and validation is None:
         raise DataError("--threshold-rule f1 needs --validation FOLDER with labelled good and defective images")
     options = PadimOptions(backbone=backbone, weights=weights, input_size=_size(input_size),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
-from tqdm import tqdm
+from edge_inspector.progress import progress
 
 from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.errors import DataError
@@ -62,10 +62,15 @@ class PadimOptions:
 
 
 class PadimFeatures(nn.Module):
-    """uint8 BGR -> embedding (N, P, d) on the stride-4 grid: backbone stages upsampled and concatenated."""
+    """uint8 BGR -> embedding (N, P, d) on the stride-4 grid: backbone stages upsampled and concatenated.
 
-    def __init__(self, options: PadimOptions):
+    `grid_stride` 8 puts the embedding on the stride-8 grid instead (finer taps are average-pooled down):
+    the memory-bank kind (`export.patchcore`) uses it, a quarter of the positions to search.
+    """
+
+    def __init__(self, options, grid_stride: int = 4):
         super().__init__()
+        self.grid_stride = int(grid_stride)
         self.backbone, self.info = create_backbone(options.backbone, options.weights, options.layers)
         self.preprocess = BgrToInput(self.info.mean, self.info.std)
         total = sum(self.info.channels)
@@ -101,7 +106,7 @@ class PadimFeatures(nn.Module):
         much as the MatMul itself).
         """
         features = self.backbone(self.preprocess(image))
-        grid = features[0].shape[-2:]
+        grid = (int(image.shape[1]) // self.grid_stride, int(image.shape[2]) // self.grid_stride)
         parts = []
         for i, (feature, channels) in enumerate(zip(features, self.info.channels)):
             if self.keep[i] == 0:
@@ -111,6 +116,9 @@ class PadimFeatures(nn.Module):
             if self.neighbourhood > 1:
                 feature = F.avg_pool2d(feature, self.neighbourhood, 1, self.neighbourhood // 2,
                                        count_include_pad=False)
+            factor = self.grid_stride // self.info.strides[i]
+            if factor > 1:  # a tap finer than the grid: average it down (keeps what the pixels said)
+                feature = F.avg_pool2d(feature, factor, factor)
             feature = feature.permute(0, 2, 3, 1)
             if feature.shape[1:3] != grid:
                 feature = upsample_nhwc(feature, (int(grid[0]), int(grid[1])))
@@ -265,7 +273,7 @@ class TrainingImages:
 
     def batches(self, indices: list[int], desc: str) -> Iterator[tuple[list[int], np.ndarray]]:
         per_batch = max(1, self.options.batch_size // max(1, self.options.rows * self.options.cols))
-        for start in tqdm(range(0, len(indices), per_batch), desc=desc, unit="batch", leave=False):
+        for start in progress(range(0, len(indices), per_batch), desc=desc, unit="batch", leave=False):
             chunk = indices[start:start + per_batch]
             yield chunk, np.concatenate([self.tiles_of(self.paths[i]) for i in chunk])
 
@@ -326,6 +334,52 @@ def tiling_info(options: PadimOptions) -> TilingInfo:
                       tile_size=as_list(options.tile_size), stride=as_list(options.stride), roi=as_list(options.roi))
 
 
+# Float64 (K*P, d, d) sets alive at the peak of a fit: totals, one fold's sums, totals minus fold, and the
+# covariance with its temporaries and inverse. Calibrated on bottle (d=100, 256 px: 328 MB a set, 2.5 GB peak
+# with torch and the backbone, i.e. about 6 sets + 0.5 GB).
+FIT_PEAK_SETS = 6
+FIT_BASE_BYTES = 500_000_000
+
+
+def fit_memory_bytes(options: PadimOptions, dim: int, images: int) -> int:
+    """Estimated peak memory of a PaDiM fit: it grows with the grid and d squared, not with the images."""
+    k = options.rows * options.cols if options.tile_mode == "per_tile" else 1
+    p = (options.input_size[0] // 4) * (options.input_size[1] // 4)
+    tiles = options.rows * options.cols
+    cached = min(images, MAX_FOLD_FRAMES) * tiles * p * dim * 4  # one fold's embeddings, float32
+    return FIT_PEAK_SETS * k * p * dim * dim * 8 + cached + FIT_BASE_BYTES
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fit_memory(options: PadimOptions, dim: int, images: int) -> None:
+    """Refuse a fit that cannot fit in memory before it starts, with the figure and the flag that lowers it.
+
+    `--feature-dim 0` (all 1056 Lite0 channels) at 256 px needs about 36.5 GB per statistics set: without this
+    check the fit ran for minutes and then died in the allocator.
+    """
+    needed, available = fit_memory_bytes(options, dim, images), available_memory_bytes()
+    if available is None or needed <= available:
+        log.info("estimated fit memory %.1f GB (available %s)", needed / 1e9,
+                 "unknown" if available is None else f"{available / 1e9:.1f} GB")
+        return
+    sets = "per-tile statistics sets" if options.tile_mode == "per_tile" else "positions"
+    raise DataError(f"fit needs about {needed / 1e9:.1f} GB of memory at d={dim}, "
+                    f"{options.input_size[0]}x{options.input_size[1]} input, but {available / 1e9:.1f} GB is "
+                    f"available; lower --feature-dim (memory grows with its square; 100 needs "
+                    f"{fit_memory_bytes(options, min(dim, 100), images) / 1e9:.1f} GB) or --input-size ({sets})")
+
+
 def describe_constants(k: int, p: int, d: int) -> str:
     inv_bytes, mean_bytes = k * p * d * d * 4, k * p * d * 4
     return (f"model constants: inverse covariances {inv_bytes / 1e6:.1f} MB + means {mean_bytes / 1e6:.1f} MB "
@@ -339,6 +393,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
     started = time.perf_counter()
     data = TrainingImages(Path(train_folder), options)
     features = PadimFeatures(options).eval()
+    check_fit_memory(options, features.dim, len(data.paths))
     log.info("fitting PaDiM (%s, d=%d) on %d images from %s", options.backbone, features.dim,
              len(data.paths), data.folder)
     totals, oos = fit_statistics(data, features, options)

@@ -8,6 +8,7 @@ import click
 
 from edge_inspector.errors import ConfigError
 
+from .staging import check_output_folder
 from .train_config import MODEL_KINDS
 
 
@@ -19,7 +20,8 @@ from .train_config import MODEL_KINDS
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Bundle folder to write (default: the config's `out`).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
-def train_command(kind: str, config_path: Path, out_dir: Path | None, resume: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace the bundle already in the output folder.")
+def train_command(kind: str, config_path: Path, out_dir: Path | None, resume: bool, force: bool) -> None:
     """Train a reconstruction model on patches of good images and export it as a bundle."""
     from .ae_training import train_autoencoder  # torch import only when the command runs
     from .train_config import load_train_config
@@ -28,6 +30,7 @@ def train_command(kind: str, config_path: Path, out_dir: Path | None, resume: bo
     out_dir = out_dir or config.out
     if out_dir is None:
         raise ConfigError(f"{config_path}: out: no bundle folder given (set `out` in the config or pass --out)")
+    check_output_folder(out_dir, force)
     bundle = train_autoencoder(config, kind, out_dir, resume=resume)
     params = bundle.meta.model_params
     click.echo(f"wrote {bundle.path} ({bundle.model_id}): {bundle.meta.training.image_count} good images, "
