@@ -5,11 +5,19 @@ A bundle is a folder:
     model.onnx            uint8 BGR (N, H, W, 3) -> anomaly_map float32 (N, H, W), score float32 (N)
     model.onnx.data       (only when the constants exceed ONNX's 2 GB protobuf limit: external data)
     engines/*.engine      (optional TensorRT engines built on/for a device)
-    bundle.yaml           metadata below, including the sha256 of every file above
+    bundle.yaml           metadata below, including the sha256 of every file above and `meta_sha256`,
+                          a digest over the metadata itself
 
 Everything the runtime needs to judge a part is in the graph or in bundle.yaml, so the device never needs
 torch or the training code. `Bundle.load` verifies every listed file's sha256, so a truncated copy or an
-edited model is refused with one clear line instead of producing wrong verdicts on the line.
+edited model is refused with one clear line instead of producing wrong verdicts on the line. The metadata
+(threshold, tiling, ...) decides verdicts as much as the graph does, so it is protected the same way:
+`meta_sha256` is the sha256 of the canonical JSON of every other key, checked at load, and the model id
+published with every result is derived from that digest, so any change to what judges parts (a one-byte
+threshold edit included) is either refused or shows up as a new model id on the wire. This is integrity,
+not authenticity: whoever can write the bundle can also recompute the digest, but not without the model
+id changing. Every value is type-checked at load (`threshold.value: "4.2"` is one line naming the key),
+and `files:` entries must stay inside the bundle folder.
 
 Score convention: `score` is the model's raw anomaly score (PaDiM: max Mahalanobis distance over the blurred
 map; AE: max blurred reconstruction error). `normalised_score = score / threshold`, so 1.0 is exactly the
@@ -21,9 +29,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -34,6 +45,8 @@ from .errors import BundleError
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.yaml"
 MODEL_FILE = "model.onnx"
+META_DIGEST_KEY = "meta_sha256"
+ENGINE_PREFIX = "engines/"
 MODEL_KINDS = ("padim", "ae", "vae", "patchcore")
 
 
@@ -123,6 +136,7 @@ class BundleMeta:
     package_version: str = __version__
     model_params: dict[str, Any] = field(default_factory=dict)  # kind-specific numbers, informative only
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    meta_sha256: str = ""  # sha256 of the canonical JSON of everything above (set by write_meta)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -137,25 +151,118 @@ class BundleMeta:
             raise BundleError(f"{source}: {err}") from None
 
 
-def _build(cls, data: Any, where: str):
+def _build(cls, data: Any, where: str, prefix: str = ""):
     """Build a (nested) dataclass from a dict, naming the offending key on any mismatch."""
     if not isinstance(data, dict):
-        raise BundleError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise BundleError(f"{where}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
-        raise BundleError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise BundleError(f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    nested = {"threshold": ThresholdInfo, "score_stats": ScoreStats, "training": TrainingInfo, "tiling": TilingInfo}
     for name, value in data.items():
-        if name in nested and cls is BundleMeta and value is not None:
-            value = _build(nested[name], value, f"{where}: {name}")
+        key = prefix + name
+        hint = hints.get(name, Any)
+        nested = _dataclass_in(hint)
+        if nested is not None and value is not None:
+            value = _build(nested, value, where, key + ".")
+        elif not _matches(value, hint):
+            raise BundleError(f"{where}: {key}: expected {_describe(hint)}, got {_shown(value)}")
         kwargs[name] = value
     missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise BundleError(f"{where}: missing key(s) {', '.join(missing)}")
     return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (also inside `X | None`), else None."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    found = [o for o in options if dataclasses.is_dataclass(o)]
+    return found[0] if found else None
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's type hint (ints pass for floats; bools never pass for numbers)."""
+    if hint is Any:
+        return True
+    if _is_union(hint):
+        return any(_matches(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False
+        key_hint, value_hint = args or (Any, Any)
+        return all(_matches(k, key_hint) and _matches(v, value_hint) for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    if _is_union(hint):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def canonical_json(data: dict[str, Any]) -> bytes:
+    """The bytes a metadata digest is taken over: sorted keys, no whitespace, independent of YAML layout."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def meta_digest(data: dict[str, Any]) -> str:
+    """sha256 of the metadata without its own digest key (data: bundle.yaml as parsed, or BundleMeta.to_dict())."""
+    return hashlib.sha256(canonical_json({k: v for k, v in data.items() if k != META_DIGEST_KEY})).hexdigest()
+
+
+def identity_digest(meta: "BundleMeta") -> str:
+    """The digest the model id is made of: all metadata except the digest itself and engine entries.
+
+    Engines are derived from model.onnx (and verified by their own sha256), so building one on the device
+    does not change which model judges the parts; everything else (threshold, tiling, model.onnx's sha256)
+    does.
+    """
+    data = meta.to_dict()
+    data["files"] = {k: v for k, v in meta.files.items() if not k.startswith(ENGINE_PREFIX)}
+    return meta_digest(data)
+
+
+def check_file_entry(rel: Any, where: Path) -> None:
+    """A `files:` key must be a relative path inside the bundle: no `..`, no absolute path, no backslash."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        raise BundleError(f"{where}: files: entry {_shown(rel)} is not a relative file path")
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or rel.startswith("~"):
+        raise BundleError(f"{where}: files: entry {rel!r} points outside the bundle folder (refused)")
 
 
 def sha256_file(path: Path) -> str:
@@ -190,9 +297,15 @@ class Bundle:
         return self.meta.files[MODEL_FILE]
 
     @property
+    def meta_sha256(self) -> str:
+        return self.meta.meta_sha256
+
+    @property
     def model_id(self) -> str:
+        """`<kind>-<backbone>-<12 hex>`: the hex is the identity digest over model.onnx's sha256 and all the
+        metadata, so a changed threshold or tiling is a new model id on the wire, like a changed graph."""
         name = self.meta.model_kind + (f"-{self.meta.backbone}" if self.meta.backbone else "")
-        return f"{name}-{self.sha256[:12]}"
+        return f"{name}-{identity_digest(self.meta)[:12]}"
 
     def normalise(self, score: float) -> float:
         return float(score) / self.threshold if self.threshold > 0 else float("inf")
@@ -209,11 +322,18 @@ class Bundle:
             data = yaml.safe_load(meta_path.read_text())
         except yaml.YAMLError as err:
             raise BundleError(f"{meta_path}: invalid YAML ({str(err).splitlines()[0]})") from None
-        if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        except (OSError, UnicodeDecodeError) as err:
+            raise BundleError(f"{meta_path}: cannot read ({_os_reason(err)}; the service user needs read "
+                              "access to the bundle folder and its files)") from None
+        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise BundleError(f"{meta_path}: format_version {data['format_version']} is newer than this "
                               f"runtime supports ({FORMAT_VERSION}); upgrade edge-inspector")
         meta = BundleMeta.from_dict(data, str(meta_path))
         _validate(meta, meta_path)
+        _check_digest(data, meta_path)
+        for rel in meta.files:
+            check_file_entry(rel, meta_path)
         bundle = cls(path, meta)
         if verify:
             bundle.verify()
@@ -223,11 +343,19 @@ class Bundle:
         """Check every file listed in bundle.yaml exists and has the recorded sha256."""
         if MODEL_FILE not in self.meta.files:
             raise BundleError(f"{self.path / BUNDLE_FILE}: files has no entry for {MODEL_FILE}")
+        root = self.path.resolve()
         for rel, expected in self.meta.files.items():
+            check_file_entry(rel, self.path / BUNDLE_FILE)
             file = self.path / rel
+            if not file.resolve().is_relative_to(root):
+                raise BundleError(f"{file}: a link out of the bundle folder (refused)")
             if not file.is_file():
                 raise BundleError(f"{file}: listed in bundle.yaml but missing")
-            actual = sha256_file(file)
+            try:
+                actual = sha256_file(file)
+            except OSError as err:
+                raise BundleError(f"{file}: cannot read ({_os_reason(err)}; the service user needs read "
+                                  "access to the bundle folder and its files)") from None
             if actual != expected:
                 raise BundleError(f"{file}: sha256 mismatch (file altered or truncated; expected "
                                   f"{expected[:12]}..., found {actual[:12]}...)")
@@ -251,8 +379,24 @@ def _validate(meta: BundleMeta, where: Path) -> None:
         raise BundleError(f"{where}: tiling.mode must be shared or per_tile, got {meta.tiling.mode!r}")
 
 
+def _check_digest(data: dict[str, Any], where: Path) -> None:
+    recorded = data.get(META_DIGEST_KEY)
+    if not recorded:
+        raise BundleError(f"{where}: {META_DIGEST_KEY} missing (bundle written by hand or by an older "
+                          "edge-export; export it again)")
+    actual = meta_digest(data)
+    if recorded != actual:
+        raise BundleError(f"{where}: {META_DIGEST_KEY} mismatch (metadata edited after export; expected "
+                          f"{str(recorded)[:12]}..., found {actual[:12]}...)")
+
+
+def _os_reason(err: OSError | UnicodeDecodeError) -> str:
+    return err.strerror or str(err) if isinstance(err, OSError) else "not UTF-8 text"
+
+
 def write_meta(folder: Path, meta: BundleMeta) -> None:
-    """Write bundle.yaml atomically (a reader never sees half a file)."""
+    """Write bundle.yaml atomically (a reader never sees half a file), with its metadata digest."""
+    meta.meta_sha256 = meta_digest(meta.to_dict())
     tmp = folder / (BUNDLE_FILE + ".tmp")
     tmp.write_text(yaml.safe_dump(meta.to_dict(), sort_keys=False))
     os.replace(tmp, folder / BUNDLE_FILE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -150,3 +151,53 @@ class FlakyVideoServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+UNPRIVILEGED_UID = 65534  # nobody
+
+
+def shared_folder(prefix: str) -> Path:
+    """A fresh folder any user can traverse (pytest's tmp_path is private to the user running the tests)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    folder.chmod(0o755)
+    return folder
+
+
+_DROP_PRIVILEGES = """
+import os, sys
+import cv2, numpy, onnxruntime, yaml, zmq, click  # imported while the interpreter's folders are readable
+import edge_inspector.cli, edge_inspector.service, edge_inspector.backends.onnxruntime
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setresgid({uid}, {uid}, {uid})
+    os.setresuid({uid}, {uid}, {uid})
+"""
+
+
+def unprivileged_run(code: str, *args: str, timeout: float = 120):
+    """Run Python code as a user without root's permission bypass, so file modes are really enforced.
+
+    Root reads a mode-000 file without complaint, but the service runs as an unprivileged user. When the
+    tests run as root, the child imports what it needs first (the interpreter may live in root's private
+    home) and then drops to `nobody` for good before running `code`; otherwise it runs as the current user.
+    """
+    import subprocess
+
+    script = _DROP_PRIVILEGES.format(uid=UNPRIVILEGED_UID) + code
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(), cwd="/tmp")
+
+
+CLI_CODE = "sys.argv[0] = 'edge-inspector'; edge_inspector.cli.main()"
+
+
+def copy_world_readable(source: Path, target: Path) -> Path:
+    """Copy a folder tree with folders 0755 and files 0644 (what an installed bundle looks like)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target

@@ -1,0 +1,112 @@
+"""bundle.yaml is protected like model.onnx: types, digest, model id, file paths, unreadable files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_inspector.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
+from edge_inspector.errors import BundleError
+
+from service_helpers import copy_world_readable, fitted_bundle, shared_folder, unprivileged_run
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return fitted_bundle(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def copy(bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(bundle.path, tmp_path / "bundle"))
+
+
+def edit_yaml(folder: Path, change, keep_digest: bool = True) -> None:
+    """Edit bundle.yaml as a text editor would (the recorded digest is left as it was unless told)."""
+    path = folder / BUNDLE_FILE
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    if not keep_digest:
+        data["meta_sha256"] = meta_digest(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_file_and_key(copy):
+    edit_yaml(copy, lambda d: d["threshold"].__setitem__("value", "4.2"))
+    with pytest.raises(BundleError) as err:
+        Bundle.load(copy)
+    message = str(err.value)
+    assert message == f"{copy / BUNDLE_FILE}: threshold.value: expected a number, got '4.2'"
+    edit_yaml(copy, lambda d: d.__setitem__("input_size", [128, "x"]))
+    with pytest.raises(BundleError, match=r"input_size: expected a list of integers, got \[128, 'x'\]"):
+        Bundle.load(copy)
+
+
+def test_a_one_byte_threshold_edit_is_refused_and_a_re_digested_one_changes_the_model_id(bundle, copy):
+    text = (copy / BUNDLE_FILE).read_text()
+    value = yaml.safe_load(text)["threshold"]["value"]
+    (copy / BUNDLE_FILE).write_text(text.replace(f"value: {value}", f"value: {value * 1.3}", 1))
+    with pytest.raises(BundleError, match="meta_sha256 mismatch"):
+        Bundle.load(copy)
+    # Someone who recomputes the digest gets the edit loaded, but never unseen: the model id changes.
+    edit_yaml(copy, lambda d: None, keep_digest=False)
+    edited = Bundle.load(copy)
+    assert edited.threshold == pytest.approx(value * 1.3)
+    assert edited.sha256 == bundle.sha256  # same graph ...
+    assert edited.model_id != bundle.model_id  # ... but another model id on the wire
+    assert edited.model_id.rsplit("-", 1)[0] == bundle.model_id.rsplit("-", 1)[0]
+
+
+def test_a_missing_digest_is_refused(copy):
+    edit_yaml(copy, lambda d: d.pop("meta_sha256"))
+    with pytest.raises(BundleError, match="meta_sha256 missing"):
+        Bundle.load(copy)
+
+
+def test_an_engine_recorded_later_keeps_the_model_id(bundle, copy):
+    (copy / "engines").mkdir()
+    (copy / "engines" / "x_sm87_trt10.3.0_fp16.engine").write_bytes(b"engine")
+    loaded = Bundle.load(copy)
+    loaded.add_file("engines/x_sm87_trt10.3.0_fp16.engine")
+    again = Bundle.load(copy)
+    assert again.model_id == bundle.model_id and "engines/x_sm87_trt10.3.0_fp16.engine" in again.meta.files
+
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "/etc/hostname", "engines/../../x", "a\\..\\b"])
+def test_file_entries_outside_the_bundle_are_refused(copy, entry):
+    meta = Bundle.load(copy).meta
+    meta.files[entry] = "0" * 64
+    write_meta(copy, meta)  # a correct digest: the path itself is what is refused
+    with pytest.raises(BundleError, match="files: entry"):
+        Bundle.load(copy)
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a model file")
+    os.symlink(secret, copy / "notes.txt")
+    bundle = Bundle.load(copy, verify=False)
+    bundle.meta.files["notes.txt"] = "0" * 64
+    write_meta(copy, bundle.meta)
+    with pytest.raises(BundleError, match="link out of the bundle"):
+        Bundle.load(copy)
+
+
+def test_an_unreadable_bundle_is_a_one_line_error_for_the_service_user(bundle):
+    folder = shared_folder("unreadable-bundle")
+    try:
+        installed = copy_world_readable(bundle.path, folder / "bundle")
+        script = "from edge_inspector.bundle import Bundle; Bundle.load(sys.argv[1])"
+        assert unprivileged_run(script, str(installed)).returncode == 0
+        (installed / "model.onnx").chmod(0o600)  # what `cp -r` of a private export gives
+        done = unprivileged_run(script, str(installed))
+        assert "BundleError" in done.stderr and "model.onnx: cannot read (Permission denied" in done.stderr
+        (installed / BUNDLE_FILE).chmod(0o600)
+        done = unprivileged_run(script, str(installed))
+        assert "bundle.yaml: cannot read (Permission denied" in done.stderr
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
