@@ -459,11 +459,13 @@ class EvaluationReport:
                  f"{f'AUPRO@{self.aupro_fpr_limit:g}':<17}{_fmt(self.aupro)}",
                  "",
                  f"{'operating point':<18}{'threshold':>12}{'precision':>11}{'recall':>9}{'F1':>8}"
-                 f"{'false reject':>14}{'escape':>9}"]
+                 f"{'false reject':>14}{'escape':>9}{'good rejected':>15}{'defects passed':>16}"]
         for name, threshold, c in (("bundle threshold", self.threshold, self.confusion),
                                    ("F1-optimal", self.f1_optimal_threshold, self.f1_optimal)):
+            # The confusion matrix in the line's words: fp of fp+tn good parts rejected, fn of fn+tp defects passed.
             lines.append(f"{name:<18}{threshold:>12.6g}{c.precision:>11.3f}{c.recall:>9.3f}{c.f1:>8.3f}"
-                         f"{_pct(c.false_reject_rate):>14}{_pct(c.escape_rate):>9}")
+                         f"{_pct(c.false_reject_rate):>14}{_pct(c.escape_rate):>9}"
+                         f"{f'{c.fp}/{c.fp + c.tn}':>15}{f'{c.fn}/{c.fn + c.tp}':>16}")
         lines += ["", f"{'defect type':<18}{'images':>8}{'flagged':>9}{'recall':>9}{'mean score':>12}"]
         for name, count in self.counts.items():
             recall = "-" if name == GOOD else _pct(self.per_defect_recall.get(name, 0.0))
