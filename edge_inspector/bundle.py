@@ -62,6 +62,11 @@ class ThresholdInfo:
     conformal_value: float | None = None
     f1_optimal_value: float | None = None
     note: str = ""
+    # What the decision threshold costs on labelled validation images (fit --validation), when given:
+    target_escape_rate: float | None = None  # rule "escape_rate": the share of defects allowed to pass
+    validation_escape_rate: float | None = None  # share of validation defects passed at `value`
+    validation_false_reject_rate: float | None = None  # share of validation good images rejected at `value`
+    operating_curve: list[dict[str, float]] | None = None  # {threshold, false_reject_rate, escape_rate} rows
 
 
 @dataclass

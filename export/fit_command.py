@@ -24,6 +24,9 @@ def _ints(text: str, count: int, option: str) -> tuple[int, ...]:
     return parts
 
 
+DEFAULT_MODEL = "patchcore"  # chosen from the yardstick (README, "Accuracy across data sets")
+
+
 def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
     """N or HxW."""
     return (int(text),) * 2 if text.strip().isdigit() else _ints(text, 2, option)
@@ -52,32 +55,74 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--validation", "validation", type=click.Path(path_type=Path), default=None,
               help="Labelled folder (MVTec/VisA layout or --validation-labels CSV) for the F1-optimal threshold.")
 @click.option("--validation-labels", type=click.Path(path_type=Path), default=None)
-@click.option("--threshold-rule", type=click.Choice(["frr", "f1"]), default="frr", show_default=True,
-              help="Decide with the conformal false-reject threshold or the F1-optimal one.")
+@click.option("--threshold-rule", type=click.Choice(["frr", "f1", "escape"]), default="frr", show_default=True,
+              help="Decide with the conformal false-reject threshold, the F1-optimal one or the one that "
+                   "meets --target-escape on the validation defects.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the bundle already in --out.")
+@click.option("--model", "model_kind", type=click.Choice(["padim", "patchcore"]), default=DEFAULT_MODEL,
+              show_default=True, help="patchcore: memory bank of good patches (best accuracy in README's "
+              "yardstick); padim: per-position Gaussians (faster on CPU at batch 8).")
+@click.option("--bank-fraction", type=float, default=None,
+              help="patchcore: bank size as a share of all training patches [default 0.01].")
+@click.option("--bank-size", type=click.IntRange(min=1), default=None, help="patchcore: exact bank size.")
+@click.option("--projection-dim", type=click.IntRange(min=1), default=None,
+              help="patchcore: random projection of the backbone channels [default 256].")
+@click.option("--feature-stride", type=click.Choice(["4", "8", "16"]), default=None,
+              help="patchcore: grid of the bank search in input pixels [default 8].")
+@click.option("--target-escape", type=float, default=None,
+              help="With --validation and --threshold-rule escape: the share of validation defects "
+                   "allowed to pass; the threshold is the highest one that keeps to it.")
 def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, input_size: str,
                 feature_dim: int, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
                 tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None, validation_labels: Path | None, threshold_rule: str, seed: int,
-                batch_size: int, force: bool) -> None:
-    """Fit PaDiM on the good images in TRAIN_FOLDER and write a model bundle."""
+                batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
+                bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
+                target_escape: float | None) -> None:
+    """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
     from .padim import PadimOptions, fit_padim
 
     check_output_folder(out_dir, force)
-    if threshold_rule == "f1" and validation is None:
-        raise DataError("--threshold-rule f1 needs --validation FOLDER with labelled good and defective images")
+    if threshold_rule in ("f1", "escape") and validation is None:
+        raise DataError(f"--threshold-rule {threshold_rule} needs --validation FOLDER with labelled good and "
+                        "defective images")
+    if (threshold_rule == "escape") != (target_escape is not None):
+        raise DataError("--threshold-rule escape and --target-escape RATE go together")
+    if target_escape is not None and not 0 <= target_escape < 1:
+        raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
+    patchcore_only = {"bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
+                      "feature_stride": None if feature_stride is None else int(feature_stride)}
+    if model_kind == "patchcore":
+        from .patchcore import PatchcoreOptions, fit_patchcore
+
+        if tile_mode != "shared":
+            raise DataError("--tile-mode per_tile is a PaDiM option; patchcore keeps one bank for all tiles")
+        pc_options = PatchcoreOptions(
+            backbone=backbone, weights=weights, input_size=_size(input_size), seed=seed, folds=folds,
+            target_false_reject_rate=target_frr, rows=rows, cols=cols,
+            tile_size=_size(tile_size, "--tile-size") if tile_size else None,
+            stride=_size(stride, "--stride") if stride else None,
+            roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size,
+            **{k: v for k, v in patchcore_only.items() if v is not None})
+        fitted = fit_patchcore(train_folder, out_dir, pc_options)
+    else:
+        given = [k for k, v in patchcore_only.items() if v is not None]
+        if given:
+            raise DataError(f"--{given[0].replace('_', '-')} is a patchcore option (use --model patchcore)")
+        fitted = None
     options = PadimOptions(backbone=backbone, weights=weights, input_size=_size(input_size),
                            feature_dim=feature_dim or None, seed=seed, folds=folds,
                            target_false_reject_rate=target_frr, rows=rows, cols=cols, tile_mode=tile_mode,
                            tile_size=_size(tile_size, "--tile-size") if tile_size else None,
                            stride=_size(stride, "--stride") if stride else None,
                            roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size)
-    bundle = fit_padim(train_folder, out_dir, options)
+    bundle = fitted or fit_padim(train_folder, out_dir, options)
     if validation is not None:
         from .validation import calibrate_with_defects
 
-        bundle = calibrate_with_defects(bundle, validation, validation_labels, use_f1=threshold_rule == "f1")
+        bundle = calibrate_with_defects(bundle, validation, validation_labels, use_f1=threshold_rule == "f1",
+                                        target_escape=target_escape)
     t = bundle.meta.threshold
     click.echo(f"bundle written to {bundle.path} ({bundle.model_id})")
     click.echo(f"threshold {t.value:.6g} ({t.rule}): {t.note}")

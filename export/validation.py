@@ -1,13 +1,23 @@
-"""Threshold from labelled defect images: the F1-optimal operating point, recorded beside the conformal one.
+"""Threshold from labelled defect images: the F1-optimal operating point, recorded beside the conformal one,
+and what the decision threshold costs in escaped defects.
 
 Runs the exported bundle itself (ONNX Runtime, same tiling as the service), so the F1 threshold is measured
 on exactly what the device will compute, for any model kind.
+
+The default threshold is still set from good parts alone (a false-reject rate the line can live with); the
+labelled defects then say what it costs: the escape rate at that threshold and a table of false-reject rate
+against escape rate, printed and recorded in bundle.yaml. `--threshold-rule escape --target-escape R` picks
+the highest threshold that lets at most R of the validation defects pass instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+
+import click
+import numpy as np
 
 from edge_inspector.backends import create_backend
 from edge_inspector.bundle import Bundle, write_meta
@@ -15,15 +25,18 @@ from edge_inspector.errors import DataError
 from edge_inspector.evaluate import discover_labels
 from edge_inspector.replay import replay_folder
 
-from .threshold import apply_f1_rule
+from .threshold import (LOUD_ESCAPE_RATE, apply_f1_rule, format_tradeoff, operating_point, threshold_for_escape,
+                        tradeoff_table)
 
 log = logging.getLogger(__name__)
 
 
 def calibrate_with_defects(bundle: Bundle, folder: Path, labels_csv: Path | None = None,
-                           use_f1: bool = False) -> Bundle:
-    """Score a labelled folder (good and defective), record the F1-optimal threshold, optionally adopt it."""
-    if discover_labels(folder, labels_csv) is None:
+                           use_f1: bool = False, target_escape: float | None = None) -> Bundle:
+    """Score a labelled folder (good and defective), record the F1-optimal threshold and the operating curve,
+    optionally decide with the F1-optimal threshold or the one meeting `target_escape`."""
+    items = discover_labels(folder, labels_csv)
+    if items is None:
         raise DataError(f"{folder}: no labels found (expected MVTec AD / VisA layout or a labels CSV)")
     summary = replay_folder(folder, bundle, create_backend(bundle, "onnxruntime"), labels_csv=labels_csv)
     report = summary.report
@@ -31,6 +44,38 @@ def calibrate_with_defects(bundle: Bundle, folder: Path, labels_csv: Path | None
         raise DataError(f"{folder}: the F1-optimal threshold needs both good and defective labelled images")
     log.info("validation on %d labelled images: image AUROC %s, F1-optimal threshold %.6g (F1 %.3f)",
              report.num_images, report.image_auroc, report.f1_optimal_threshold, report.f1_optimal.f1)
-    apply_f1_rule(bundle.meta.threshold, report.f1_optimal_threshold, use_f1)
+    info = apply_f1_rule(bundle.meta.threshold, report.f1_optimal_threshold, use_f1)
+    labels = {str(item.path): item.label for item in items}
+    scored = [(row.score, labels[row.path]) for row in summary.rows if row.score is not None]
+    good = np.array([s for s, y in scored if y == 0])
+    defects = np.array([s for s, y in scored if y == 1])
+    if target_escape is not None:
+        info.value = threshold_for_escape(defects, target_escape)
+        info.rule = "escape_rate"
+        info.target_escape_rate = float(target_escape)
+        info.note += (f"; decision uses the highest threshold that lets <= {target_escape:g} of the "
+                      f"{defects.size} validation defects pass")
+    record_operating_point(bundle, good, defects)
     write_meta(bundle.path, bundle.meta)
     return Bundle.load(bundle.path)
+
+
+def record_operating_point(bundle: Bundle, good: np.ndarray, defects: np.ndarray) -> None:
+    """Print and record the escape rate at the decision threshold and the trade-off table; one loud line when
+    the threshold lets more than half of the known defects through."""
+    info = bundle.meta.threshold
+    chosen = operating_point(good, defects, info.value)
+    curve = tradeoff_table(good, defects)
+    info.validation_escape_rate = chosen.escape_rate
+    info.validation_false_reject_rate = chosen.false_reject_rate
+    info.operating_curve = [dataclasses.asdict(point) for point in curve]
+    click.echo(f"on {good.size} good and {defects.size} defective validation images the threshold "
+               f"{info.value:.6g} ({info.rule}) rejects {100 * chosen.false_reject_rate:.1f}% of good parts and "
+               f"lets {100 * chosen.escape_rate:.1f}% of defects pass; the trade-off on these images:")
+    click.echo(format_tradeoff(curve, chosen))
+    if chosen.escape_rate > LOUD_ESCAPE_RATE:
+        message = (f"WARNING: this threshold lets {100 * chosen.escape_rate:.0f}% of the validation defects "
+                   f"PASS ({round(chosen.escape_rate * defects.size)} of {defects.size}): see the table above, "
+                   f"or pick one with --threshold-rule escape --target-escape RATE")
+        log.warning(message)
+        click.echo(message, err=True)

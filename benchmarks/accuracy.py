@@ -1,0 +1,247 @@
+"""The accuracy yardstick: fit every model kind on every category and replay its test set (run on demand).
+
+    nice python benchmarks/accuracy.py                       # all categories under ../shared/data, all kinds
+    python benchmarks/accuracy.py --categories fryum --kinds patchcore --set bank_fraction=0.02
+
+For each (category, kind): the fit runs in a fresh process (so its peak RSS is its own), the bundle is
+replayed over the category's test set with the product's own code (`edge_inspector.replay.replay_folder`,
+ONNX Runtime, 2 threads), and one table row is printed: image AUROC, pixel AUROC, AUPRO@0.3, false-reject
+and escape rates at the bundle's own threshold, the escape rate at the thresholds that give 1% and 5% false
+rejects on the test's good images, fit time, peak RSS of the fit, and ms per image at batch 1 (bare ONNX
+Runtime session, 2 threads, median of 30). Every change is judged on the whole table, not one number.
+Asserts nothing; `--json FILE` keeps the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+KINDS = ("padim", "patchcore", "ae")
+
+
+@dataclass
+class Row:
+    category: str
+    kind: str
+    settings: str
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None
+    aupro: float | None = None
+    false_reject: float | None = None  # at the bundle threshold
+    escape: float | None = None  # at the bundle threshold
+    escape_at_frr1: float | None = None
+    escape_at_frr5: float | None = None
+    certified: bool | None = None
+    fit_s: float | None = None
+    peak_rss_mb: float | None = None
+    ms_per_image: float | None = None
+    error: str = ""
+
+
+def find_categories(data: Path) -> dict[str, Path]:
+    """category name -> folder holding train/good and test/ (MVTec layout, as ../shared/data keeps them)."""
+    found = {}
+    for train in sorted(data.glob("*/*/train/good")):
+        category = train.parent.parent
+        found[category.name] = category
+    return found
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"none": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+def _fit_job(kind: str, train: str, out: str, settings: dict[str, Any], threads: int) -> dict[str, float]:
+    """Runs in a fresh process: fit one bundle; report wall time and this process's peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="  %(name)s: %(message)s")
+    started = time.perf_counter()
+    if kind == "padim":
+        from export.padim import PadimOptions, fit_padim
+
+        fit_padim(train, out, PadimOptions(**settings))
+    elif kind == "patchcore":
+        from export.patchcore import PatchcoreOptions, fit_patchcore
+
+        fit_patchcore(train, out, PatchcoreOptions(**settings))
+    elif kind == "ae":
+        from export.ae_training import train_autoencoder
+        from export.train_config import TrainConfig
+
+        train_autoencoder(TrainConfig(train_folder=Path(train), **settings), "ae", out)
+    else:
+        raise ValueError(kind)
+    seconds = time.perf_counter() - started
+    return {"fit_s": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def fit_in_child(kind: str, train: Path, out: Path, settings: dict[str, Any], threads: int) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_fit_job, (kind, str(train), str(out), settings, threads))
+
+
+def latency_ms(bundle, image: np.ndarray, threads: int, repeat: int = 30) -> float:
+    """Median ms of one batch-1 inference of the bundle's graph (ONNX Runtime, `threads` intra-op threads)."""
+    import onnxruntime as ort
+
+    from edge_inspector.images import resize_to
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(bundle.onnx_path), options, providers=["CPUExecutionProvider"])
+    batch = resize_to(image, bundle.input_size)[None]
+    session.run(None, {"image": batch})
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        session.run(None, {"image": batch})
+        times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)
+
+
+def evaluate_bundle(row: Row, category: Path, bundle_dir: Path, threads: int) -> None:
+    """Replay the test set with the product's replay code and fill the accuracy columns."""
+    from edge_inspector.backends import create_backend
+    from edge_inspector.bundle import Bundle
+    from edge_inspector.evaluate import discover_labels
+    from edge_inspector.images import read_image
+    from edge_inspector.replay import replay_folder
+    from export.threshold import operating_point, threshold_for_false_reject
+
+    bundle = Bundle.load(bundle_dir)
+    summary = replay_folder(category, bundle, create_backend(bundle, "onnxruntime", threads=threads))
+    report = summary.report
+    labels = {str(item.path): item.label for item in discover_labels(category)}
+    scored = [(r.score, labels[r.path]) for r in summary.rows if r.score is not None]
+    good = np.array([s for s, y in scored if y == 0])
+    bad = np.array([s for s, y in scored if y == 1])
+    row.image_auroc, row.pixel_auroc, row.aupro = report.image_auroc, report.pixel_auroc, report.aupro
+    row.false_reject, row.escape = report.confusion.false_reject_rate, report.confusion.escape_rate
+    row.escape_at_frr1 = operating_point(good, bad, threshold_for_false_reject(good, 0.01)).escape_rate
+    row.escape_at_frr5 = operating_point(good, bad, threshold_for_false_reject(good, 0.05)).escape_rate
+    row.certified = bool(bundle.meta.threshold.certified)
+    row.ms_per_image = latency_ms(bundle, read_image(Path(summary.rows[0].path)), threads)
+
+
+def default_settings(kind: str, epochs: int | None) -> dict[str, Any]:
+    if kind == "ae" and epochs is not None:
+        return {"epochs": epochs}
+    return {}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("| category | kind | settings | image AUROC | pixel AUROC | AUPRO | false reject @bundle | "
+            "escape @bundle | escape @1% FR | escape @5% FR | fit s | fit peak RSS MB | ms/image b1 |")
+    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.category} | {r.kind} | {r.settings} | error: {r.error} |")
+            continue
+        cert = "" if r.certified else " (not certified)"
+        lines.append(f"| {r.category} | {r.kind} | {r.settings} | {_num(r.image_auroc)} | {_num(r.pixel_auroc)} | "
+                     f"{_num(r.aupro)} | {_pct(r.false_reject)}{cert} | {_pct(r.escape)} | {_pct(r.escape_at_frr1)} | "
+                     f"{_pct(r.escape_at_frr5)} | {_num(r.fit_s, 0)} | {_num(r.peak_rss_mb, 0)} | "
+                     f"{_num(r.ms_per_image, 1)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with <set>/<category>/train/good")
+    parser.add_argument("--categories", default="", help="comma list (default: every category found)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
+    parser.add_argument("--epochs", type=int, default=None, help="autoencoder epochs (default: its config default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="KEY=VALUE option of the fitted kinds (e.g. bank_fraction=0.02); repeatable")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime and torch threads")
+    parser.add_argument("--bundles", type=Path, default=None, help="keep bundles here (default: a temp folder)")
+    parser.add_argument("--json", type=Path, default=None, help="append the rows to this JSON-lines file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    found = find_categories(args.data)
+    if not found:
+        print(f"error: no <set>/<category>/train/good under {args.data}", file=sys.stderr)
+        return 2
+    wanted = [c for c in args.categories.split(",") if c] or list(found)
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        print(f"error: categories not found under {args.data}: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    overrides = dict(item.split("=", 1) for item in args.overrides)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="accuracy-") as tmp:
+        bundles = args.bundles or Path(tmp)
+        for category in wanted:
+            for kind in [k for k in args.kinds.split(",") if k]:
+                settings = default_settings(kind, args.epochs)
+                settings.update({k: _parse_value(v) for k, v in overrides.items() if _accepts(kind, k)})
+                label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "default"
+                row = Row(category, kind, label)
+                out = bundles / f"{category}-{kind}"
+                print(f"== {category} / {kind} ({label})", flush=True)
+                try:
+                    row.fit_s, row.peak_rss_mb = fit_in_child(kind, found[category] / "train" / "good", out,
+                                                              settings, args.threads).values()
+                    evaluate_bundle(row, found[category], out, args.threads)
+                except Exception as err:  # noqa: BLE001  (one failed cell must not lose the rest of the table)
+                    row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                rows.append(row)
+                print(format_table([row]).splitlines()[-1], flush=True)
+                if args.json:
+                    with open(args.json, "a") as handle:
+                        handle.write(json.dumps(asdict(row)) + "\n")
+    print()
+    print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; threads {args.threads}")
+    print(format_table(rows))
+    return 0
+
+
+def _accepts(kind: str, key: str) -> bool:
+    """Does this kind's options object have this field (so one --set can target one kind among several)?"""
+    if kind == "padim":
+        from export.padim import PadimOptions as options
+    elif kind == "patchcore":
+        from export.patchcore import PatchcoreOptions as options
+    else:
+        from export.train_config import TrainConfig as options
+    return key in {f.name for f in fields(options)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

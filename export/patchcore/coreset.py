@@ -1,0 +1,94 @@
+"""Greedy coreset (k-center) selection of the memory bank.
+
+Why greedy k-center: a bank of randomly chosen training patches misses the rare-but-normal patches (an
+edge, a highlight), so good parts showing them score high. Measured on VisA fryum (Lite0, stride 8, 256-d,
+1% bank): random bank image AUROC 0.807, greedy coreset 0.941. Greedy k-center adds, one at a time, the
+patch farthest from everything chosen so far, so every training patch ends up close to some bank entry.
+
+Why it is fast and bounded: the pool is never compared with itself (that N x N matrix is what makes naive
+implementations run out of memory). We keep one "distance to the nearest chosen patch" per pool row and,
+per chosen patch, update it with one matrix-vector product, so memory is the pool plus O(N) and each step
+is a single pass over the pool. The pool is first projected to a few dimensions (Johnson-Lindenstrauss:
+distances are roughly kept), which makes that pass cheap enough for a CPU: it is read once per chosen patch.
+On a GPU the same code runs on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from edge_inspector.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
+    """(dim_in, dim_out) Gaussian matrix scaled so squared lengths are kept on average."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(dim_in, dim_out, generator=generator) / math.sqrt(dim_out)
+
+
+def selection_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+NEAREST_ROWS = 8192  # pool rows compared with all initial centres at once (bounds that distance block)
+
+
+@torch.no_grad()
+def greedy_coreset(points: torch.Tensor, count: int, seed: int = 0, device: torch.device | None = None,
+                   desc: str = "coreset", initial: np.ndarray | None = None) -> np.ndarray:
+    """Indices of `count` rows of `points` (N, d) chosen by greedy k-center (farthest-point) selection.
+
+    Each step costs one (N, d) x (d,) product: squared distance = |x|^2 - 2 x.c + |c|^2, with |x|^2 computed
+    once. `initial` (row indices) starts the selection from those centres instead of one random row: the
+    k-fold threshold reuses the final bank minus the held-out images' entries this way and only fills the
+    holes they leave, instead of selecting from scratch once per fold. Deterministic for a seed and device.
+    """
+    n = int(points.shape[0])
+    if count >= n:
+        return np.arange(n)
+    if count < 1:
+        raise ValueError(f"coreset size must be >= 1, got {count}")
+    device = device or selection_device()
+    x = points.to(device=device, dtype=torch.float32).contiguous()
+    sq_norm = (x * x).sum(1)
+    chosen = torch.empty(count, dtype=torch.int64, device=device)
+    if initial is not None and len(initial):
+        start = min(len(initial), count)
+        chosen[:start] = torch.as_tensor(np.asarray(initial[:start]), dtype=torch.int64, device=device)
+        nearest = _nearest_squared(x, sq_norm, chosen[:start])
+    else:
+        start = 1
+        chosen[0] = int(np.random.default_rng(seed).integers(n))
+        nearest = torch.full((n,), float("inf"), device=device)
+        _update(x, sq_norm, chosen[0], nearest, torch.empty(n, device=device))
+    distance = torch.empty(n, device=device)
+    for step in progress(range(start, count), desc=desc, unit="patch", leave=False, mininterval=1.0):
+        chosen[step] = torch.argmax(nearest)
+        _update(x, sq_norm, chosen[step], nearest, distance)
+    return chosen.cpu().numpy()
+
+
+def _update(x: torch.Tensor, sq_norm: torch.Tensor, index: torch.Tensor, nearest: torch.Tensor,
+            distance: torch.Tensor) -> None:
+    """nearest = min(nearest, |x - x[index]|^2), in place, one pass over the pool."""
+    torch.mv(x, x[index], out=distance)
+    distance.mul_(-2.0).add_(sq_norm).add_(sq_norm[index])
+    torch.minimum(nearest, distance, out=nearest)
+
+
+def _nearest_squared(x: torch.Tensor, sq_norm: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Squared distance of every row to its nearest centre: chunked MatMuls, never an N x N matrix."""
+    c = x[centres]
+    c_sq = sq_norm[centres]
+    out = torch.empty(x.shape[0], device=x.device)
+    for lo in range(0, x.shape[0], NEAREST_ROWS):
+        block = x[lo:lo + NEAREST_ROWS]
+        d = torch.addmm(c_sq[None, :], block, c.t(), alpha=-2.0)
+        out[lo:lo + NEAREST_ROWS] = d.amin(1) + sq_norm[lo:lo + NEAREST_ROWS]
+    return out

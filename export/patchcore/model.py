@@ -1,0 +1,82 @@
+"""The memory-bank graph: uint8 BGR -> backbone features -> random projection -> distance to the nearest bank
+patch (one MatMul + a min) -> upsampling, blur, score. Same contract as every bundle, so the device runs it
+with no change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graph import MapToAnswer
+from ..padim import PadimFeatures
+
+
+class ProjectedFeatures(nn.Module):
+    """uint8 BGR (N, H, W, 3) -> projected patch features (N, P, D) on the feature-stride grid.
+
+    The backbone part is PaDiM's feature extractor (all channels, k x k neighbourhood averaging, taps brought
+    to one grid); the random projection then shrinks 1056 Lite0 channels to D so the bank search is D-wide.
+    """
+
+    def __init__(self, features: PadimFeatures, projection: torch.Tensor):
+        super().__init__()
+        self.features = features
+        self.register_buffer("projection", projection.to(torch.float32))
+
+    @property
+    def dim(self) -> int:
+        return int(self.projection.shape[1])
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.features(image), self.projection)
+
+
+class BankDistance(nn.Module):
+    """Projected features (N, P, D) -> map (N, 1, h, w) of Euclidean distances to the nearest bank entry.
+
+    The nearest entry minimises |b|^2 - 2 x.b (|x|^2 does not depend on b): one (N*P, D) x (D, M) MatMul and
+    an argmin over M, the whole cost of the search. A submodule of its own so its ONNX nodes
+    are named `/bank/...` (a TensorRT build can keep them in fp32: the subtraction cancels).
+    """
+
+    def __init__(self, bank: torch.Tensor, grid: tuple[int, int]):
+        super().__init__()
+        bank = bank.to(torch.float32)
+        self.grid = (int(grid[0]), int(grid[1]))
+        # Distances do not change when both sides are shifted by the bank's mean, but x.b shrinks, and with
+        # it the float32 rounding that could pick a different (near-tie) nearest entry in ORT than in torch.
+        centre = bank.mean(0)
+        bank = bank - centre
+        self.register_buffer("centre", centre)
+        self.register_buffer("bank_t", bank.t().contiguous())
+        self.register_buffer("bank_sq", (bank * bank).sum(1))
+
+    @property
+    def size(self) -> int:
+        return int(self.bank_t.shape[1])
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        n, p, d = emb.shape
+        x = emb.reshape(n * p, d) - self.centre
+        nearest = torch.argmin(self.bank_sq - 2.0 * torch.matmul(x, self.bank_t), dim=1)
+        # The distance itself is recomputed from the nearest entry: the expanded form cancels for patches
+        # that sit on a bank entry (training-like patches), and sqrt magnifies that near 0 (measured: ORT vs
+        # torch differed by 6e-4 of the map's maximum with it, far less with the exact difference).
+        diff = x.t() - torch.index_select(self.bank_t, 1, nearest)  # (D, N*P)
+        dist = torch.sqrt((diff * diff).sum(0))
+        return dist.reshape(n, 1, *self.grid)
+
+
+class PatchcoreModel(nn.Module):
+    """The exported graph: uint8 BGR (N, H, W, 3) -> anomaly_map (N, H, W), score (N)."""
+
+    def __init__(self, features: ProjectedFeatures, bank: torch.Tensor, input_size: tuple[int, int],
+                 feature_stride: int, blur_sigma: float):
+        super().__init__()
+        self.features = features
+        self.bank = BankDistance(bank, (input_size[0] // feature_stride, input_size[1] // feature_stride))
+        self.head = MapToAnswer(input_size, blur_sigma)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.bank(self.features(image)))

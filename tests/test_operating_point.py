@@ -1,0 +1,87 @@
+"""The operating point: escape rate at the threshold, the trade-off table, threshold by target escape rate."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_inspector.bundle import Bundle
+from export.threshold import (
+    operating_point,
+    threshold_for_escape,
+    threshold_for_false_reject,
+    tradeoff_table,
+)
+
+GOOD = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+DEFECTS = np.array([5.5, 8.5, 9.5, 11.0, 12.0, 13.0, 14.0, 15.0])
+
+
+def test_operating_point_counts_fails_above_the_threshold():
+    point = operating_point(GOOD, DEFECTS, 9.0)
+    assert point.false_reject_rate == pytest.approx(0.1)  # only 10 > 9
+    assert point.escape_rate == pytest.approx(2 / 8)  # 5.5 and 8.5 pass
+
+
+def test_threshold_for_false_reject_rate():
+    assert threshold_for_false_reject(GOOD, 0.0) == 10.0
+    assert threshold_for_false_reject(GOOD, 0.1) == 9.0  # one good part of ten may be rejected
+    assert threshold_for_false_reject(GOOD, 0.05) == 10.0  # half a part rounds down to none
+
+
+def test_threshold_for_target_escape_keeps_to_it_and_is_the_highest_that_does():
+    for rate in (0.0, 0.125, 0.3, 0.5):
+        t = threshold_for_escape(DEFECTS, rate)
+        assert operating_point(GOOD, DEFECTS, t).escape_rate <= rate + 1e-12
+        above = np.nextafter(t, np.inf)
+        assert operating_point(GOOD, DEFECTS, above).escape_rate > rate  # one step higher breaks it
+
+
+def test_tradeoff_table_runs_from_no_false_rejects_to_more_and_escapes_fall():
+    table = tradeoff_table(GOOD, DEFECTS, (0.0, 0.1, 0.2, 0.5))
+    assert [p.false_reject_rate for p in table] == pytest.approx([0.0, 0.1, 0.2, 0.5])
+    escapes = [p.escape_rate for p in table]
+    assert escapes == sorted(escapes, reverse=True) and escapes[0] == pytest.approx(3 / 8)
+
+
+def test_fit_validation_records_escape_rate_and_curve_and_target_escape_rule(small_padim_bundle, synthetic_dataset,
+                                                                           tmp_path):
+    """Through the real CLI: the loud line when most defects pass, then the escape rule keeps to its target."""
+    from export.validation import calibrate_with_defects
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(small_padim_bundle.path, bundle_dir)
+    bundle = Bundle.load(bundle_dir)
+    bundle.meta.threshold.value = 1e9  # a threshold nothing reaches: every defect passes
+    from edge_inspector.bundle import write_meta
+
+    write_meta(bundle_dir, bundle.meta)
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    result = runner.invoke(_calibrate_cli, [str(bundle_dir), str(synthetic_dataset)])
+    assert result.exit_code == 0, result.output
+    assert "100% of the validation defects PASS" in (result.output + getattr(result, "stderr", ""))
+    t = Bundle.load(bundle_dir).meta.threshold
+    assert t.validation_escape_rate == 1.0 and t.validation_false_reject_rate == 0.0
+    assert len(t.operating_curve) >= 3 and t.operating_curve[0]["false_reject_rate"] == 0.0
+
+    calibrated = calibrate_with_defects(Bundle.load(bundle_dir), synthetic_dataset, target_escape=0.25)
+    t = calibrated.meta.threshold
+    assert t.rule == "escape_rate" and t.target_escape_rate == 0.25
+    assert t.validation_escape_rate <= 0.25
+
+
+import click
+
+
+@click.command()
+@click.argument("bundle_dir")
+@click.argument("folder")
+def _calibrate_cli(bundle_dir: str, folder: str) -> None:
+    from pathlib import Path
+
+    from export.validation import calibrate_with_defects
+
+    calibrate_with_defects(Bundle.load(bundle_dir), Path(folder))

@@ -1,0 +1,148 @@
+"""Memory-bank (patchcore) kind: coreset, bank distance, ONNX parity, bundle contract, CLI, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edge_inspector.backends import create_backend
+from edge_inspector.bundle import Bundle
+from edge_inspector.errors import DataError
+from edge_inspector.replay import replay_folder
+from export.onnx_export import onnx_reference_check
+from export.patchcore import PatchcoreOptions, fit_patchcore
+from export.patchcore.coreset import greedy_coreset
+from export.patchcore.model import BankDistance
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+SMALL = {"input_size": (128, 128), "folds": 3, "target_false_reject_rate": 0.05, "bank_fraction": 0.1, "seed": 1}
+
+
+def _naive_farthest_points(x: np.ndarray, count: int, first: int) -> list[int]:
+    chosen = [first]
+    nearest = ((x - x[first]) ** 2).sum(1)
+    while len(chosen) < count:
+        chosen.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(1))
+    return chosen
+
+
+def test_greedy_coreset_is_farthest_point_selection():
+    x = np.random.default_rng(0).normal(size=(500, 6)).astype(np.float32)
+    got = greedy_coreset(torch.from_numpy(x), 40, seed=3, device=torch.device("cpu"))
+    assert got.tolist() == _naive_farthest_points(x.astype(np.float64), 40, int(got[0]))
+
+
+def test_greedy_coreset_covers_rare_clusters_random_sampling_misses():
+    rng = np.random.default_rng(1)
+    common = rng.normal(0, 1, size=(5000, 4))
+    rare = rng.normal(0, 0.1, size=(5, 4)) + 20.0  # 0.1% of the pool, far away
+    x = torch.from_numpy(np.concatenate([common, rare]).astype(np.float32))
+    picked = greedy_coreset(x, 20, seed=0, device=torch.device("cpu"))
+    assert (picked >= 5000).any(), "the rare cluster must get a bank entry"
+    assert len(set(picked.tolist())) == 20
+
+
+def test_bank_distance_equals_brute_force_nearest_neighbour():
+    rng = np.random.default_rng(2)
+    bank = torch.from_numpy(rng.normal(3.0, 1.0, size=(300, 16)).astype(np.float32))
+    emb = torch.from_numpy(rng.normal(3.0, 1.0, size=(2, 12, 16)).astype(np.float32))
+    emb[0, 0] = bank[7]  # a query on a bank entry: distance exactly 0
+    got = BankDistance(bank, (3, 4))(emb)
+    expected = torch.cdist(emb.reshape(-1, 16).double(), bank.double()).min(1).values.reshape(2, 1, 3, 4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert float(got[0, 0, 0, 0]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def patchcore_bundle(synthetic_dataset, tmp_path_factory) -> Bundle:
+    return fit_patchcore(synthetic_dataset / "train" / "good", tmp_path_factory.mktemp("pc") / "washer",
+                         PatchcoreOptions(**SMALL))
+
+
+def test_bundle_keeps_the_contract(patchcore_bundle):
+    meta = patchcore_bundle.meta
+    assert meta.model_kind == "patchcore" and tuple(meta.input_size) == (128, 128)
+    assert meta.model_params["bank_size"] == round(0.1 * 24 * 16 * 16)
+    assert meta.threshold.value > 0 and meta.score_stats.count == 24
+    model = onnx.load(str(patchcore_bundle.onnx_path))
+    (image,) = model.graph.input
+    assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in model.graph.output] == ["anomaly_map", "score"]
+    backend = create_backend(patchcore_bundle, "onnxruntime", threads=1)  # the device side, unchanged
+    for n in (1, 3):
+        result = backend.infer(np.full((n, 128, 128, 3), 128, np.uint8))
+        assert result.anomaly_maps.shape == (n, 128, 128) and result.anomaly_maps.dtype == np.float32
+        assert result.scores.shape == (n,)
+        np.testing.assert_allclose(result.scores, result.anomaly_maps.max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_onnx_runtime_matches_torch(patchcore_bundle, synthetic_dataset):
+    from edge_inspector.images import list_images, read_image, resize_to
+    from export.patchcore.fit import create_features
+    from export.patchcore.model import PatchcoreModel
+
+    onnx_model = onnx.load(str(patchcore_bundle.onnx_path))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
+    bank_t = next(v for k, v in weights.items() if k.endswith("bank_t"))
+    centre = next(v for k, v in weights.items() if k.endswith("centre"))
+    bank = torch.from_numpy(bank_t.T + centre)
+    options = PatchcoreOptions(**SMALL)
+    model = PatchcoreModel(create_features(options), bank, (128, 128), 8, options.blur_sigma)
+    images = np.stack([resize_to(read_image(p), (128, 128)) for p in list_images(synthetic_dataset / "test")[:4]])
+    assert onnx_reference_check(model, patchcore_bundle.onnx_path, images, rtol=1e-3) < 1e-3
+
+
+def test_patchcore_separates_generated_defects(patchcore_bundle, synthetic_dataset):
+    report = replay_folder(synthetic_dataset, patchcore_bundle,
+                           create_backend(patchcore_bundle, "onnxruntime", threads=1)).report
+    assert report.image_auroc >= 0.95
+    assert report.pixel_auroc >= 0.9
+    assert report.confusion.false_reject_rate <= 0.2
+
+
+def test_fit_command_fits_patchcore(synthetic_dataset, tmp_path):
+    from export.cli import main
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
+                                       "--model", "patchcore", "--input-size", "64", "--bank-size", "50",
+                                       "--folds", "2", "--target-frr", "0.1"])
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(out)
+    assert bundle.meta.model_kind == "patchcore" and bundle.meta.model_params["bank_size"] == 50
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tile_mode": "per_tile"}, "tile_mode"),
+    ({"bank_fraction": 0.0}, "bank_fraction"),
+    ({"feature_stride": 5}, "feature_stride"),
+    ({"input_size": (100, 100)}, "multiples of 16"),
+])
+def test_bad_options_are_one_line_errors(synthetic_dataset, tmp_path, change, message):
+    with pytest.raises(DataError, match=message):
+        fit_patchcore(synthetic_dataset / "train" / "good", tmp_path / "b", PatchcoreOptions(**{**SMALL, **change}))
+
+
+def test_empty_folder_is_a_data_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        fit_patchcore(tmp_path / "empty", tmp_path / "b", PatchcoreOptions(**SMALL))
+
+
+@pytest.mark.mvtec
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "mvtec" / "bottle").is_dir(), reason="../shared/data/mvtec/bottle absent")
+def test_mvtec_bottle_accuracy(tmp_path):
+    """Default settings on the real bottle set: today's PaDiM bar (image 0.995, pixel 0.980)."""
+    category = SHARED_DATA / "mvtec" / "bottle"
+    bundle = fit_patchcore(category / "train" / "good", tmp_path / "bottle", PatchcoreOptions(folds=2))
+    report = replay_folder(category, bundle, create_backend(bundle, "onnxruntime")).report
+    assert report.image_auroc >= 0.995
+    assert report.pixel_auroc >= 0.975
