@@ -45,8 +45,10 @@ def _register() -> None:
     from .replay import replay_command
     from .service import check_config_command, run_command
     from .subscriber import subscribe_command
+    from .tools.view import view_command
 
-    for command in (run_command, check_config_command, replay_command, info_command, subscribe_command):
+    for command in (run_command, check_config_command, replay_command, info_command, subscribe_command,
+                    view_command):
         main.add_command(command)
 
 

@@ -1,0 +1,299 @@
+"""`edge-inspector view`: the operator's web page, served by the standard library beside the service.
+
+One process: a feed thread fills the `Hub` from ZeroMQ; `ThreadingHTTPServer` serves the page, its static
+assets (shipped in the package: no build step, no CDN), the pictures, a JSON snapshot, and one Server-Sent
+Events stream per browser. Each stream is written by its own request thread from a bounded queue with a
+socket send timeout and a fixed send buffer, so a stalled browser is cut off after `client_timeout_s` and
+never holds up the feed, the service or the other browsers.
+
+Routes: `/` the page, `/static/<file>`, `/events` (SSE), `/api/state` (snapshot), `/api/view` (the view's
+own counters), `/image/<camera>/<id>` (the PNG heatmap or JPEG overlay exactly as published),
+`/api/control/<camera>/status|threshold|reload` (only with `--control`; POST with JSON).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import mimetypes
+import socket
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ...errors import ConfigError
+from .control import ControlLink
+from .feed import Feed
+from .hub import Hub, encode_event
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+SSE_SNDBUF = 64 * 1024  # fixed kernel send buffer per browser (autotuning would let a stalled one hold MBs)
+PING_EVERY_S = 2.0  # the page reconnects when it hears nothing for a few of these
+MAX_BODY = 64 * 1024
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT` -> (host, port); ConfigError naming --listen otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen: expected HOST:PORT such as 127.0.0.1:8080, got {value!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"--token-file {path}: cannot read it ({err.strerror})") from None
+    if len(token) < 8:
+        raise ConfigError(f"--token-file {path}: expected a secret of at least 8 characters on its first line")
+    return token.splitlines()[0]
+
+
+class ViewHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], hub: Hub, control: ControlLink | None, token: str | None,
+                 client_timeout_s: float, sse_sndbuf: int = SSE_SNDBUF):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.hub = hub
+        self.control = control
+        self.token = token
+        self.client_timeout_s = client_timeout_s
+        self.sse_sndbuf = sse_sndbuf
+        self.stopping = threading.Event()
+        super().__init__(address, ViewHandler)
+
+
+class ViewHandler(BaseHTTPRequestHandler):
+    server: ViewHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "edge-inspector-view"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str, cache: str = "no-store") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, data: Any, status: int = 200) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json({"ok": False, "error": message}, status)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        parts = [unquote(p) for p in path.split("/")[1:]]
+        if path in ("/", "/index.html"):
+            return self._static("index.html")
+        if parts[0] == "static" and len(parts) == 2:
+            return self._static(parts[1])
+        if path == "/events":
+            return self._events()
+        if path == "/api/state":
+            return self._json(self.server.hub.snapshot())
+        if path == "/api/view":
+            return self._json(self.server.hub.stats())
+        if parts[0] == "image" and len(parts) == 3:
+            return self._image(parts[1], parts[2])
+        if parts[:2] == ["api", "control"] and len(parts) == 4 and parts[3] == "status":
+            return self._control(parts[2], "status", {})
+        self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+
+    def do_POST(self) -> None:
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if parts[:2] != ["api", "control"] or len(parts) != 4 or parts[3] not in ("threshold", "reload"):
+            return self._error(HTTPStatus.NOT_FOUND, f"no such action: {self.path}")
+        body = self._body()
+        if body is not None:
+            self._control(parts[2], parts[3], body)
+
+    def _body(self) -> dict[str, Any] | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get_content_type() != "application/json":  # also blocks cross-site form posts
+            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "expected Content-Type: application/json")
+            return None
+        if length > MAX_BODY:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
+            return None
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError as err:
+            self._error(HTTPStatus.BAD_REQUEST, f"request body is not valid JSON ({err})")
+            return None
+        if not isinstance(body, dict):
+            self._error(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
+            return None
+        return body
+
+    # -- pages and pictures ------------------------------------------------------------------------------------
+
+    def _static(self, name: str) -> None:
+        path = (STATIC / name).resolve()
+        if path.parent != STATIC or not path.is_file():
+            return self._error(HTTPStatus.NOT_FOUND, f"no such file: {name}")
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        self._send(200, path.read_bytes(), content_type, cache="no-cache")
+
+    def _image(self, camera_id: str, item_id: str) -> None:
+        item = self.server.hub.image(camera_id, int(item_id)) if item_id.isdigit() else None
+        if item is None or not item.content_type:
+            return self._error(HTTPStatus.NOT_FOUND, f"no picture {item_id} for camera {camera_id!r} (too old?)")
+        # Ids are never reused (they start at the clock), so a picture can be cached for good.
+        self._send(200, item.image, item.content_type, cache="private, max-age=86400, immutable")
+
+    # -- live stream -------------------------------------------------------------------------------------------
+
+    def _events(self) -> None:
+        hub = self.server.hub
+        attached = hub.attach(self.address_string())
+        if attached is None:
+            return self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"too many browsers (max {hub.max_clients})")
+        client, snapshot = attached
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.server.sse_sndbuf)
+            self.connection.settimeout(self.server.client_timeout_s)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.send_header("X-Accel-Buffering", "no")
+            self.end_headers()
+            self.wfile.write(b"retry: 2000\n\n" + snapshot)
+            while not client.closed and not self.server.stopping.is_set():
+                events, resync = client.take(PING_EVERY_S)
+                if resync:
+                    events = [hub.resync(client)] + client.take(0)[0]
+                if not events:
+                    events = [encode_event("ping", hub.link)]
+                self.wfile.write(b"".join(events))
+                client.sent += len(events)
+        except (TimeoutError, OSError) as err:  # browser gone, or stalled past client_timeout_s
+            log.info("browser %s detached (%s); %d event(s) dropped for it", client.peer, err or "closed",
+                     client.dropped)
+        finally:
+            hub.detach(client)
+
+    # -- control -----------------------------------------------------------------------------------------------
+
+    def _authorised(self) -> bool:
+        token = self.server.token
+        if token is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())
+
+    def _control(self, camera_id: str, action: str, body: dict[str, Any]) -> None:
+        control = self.server.control
+        if control is None or not control.enabled:
+            return self._error(HTTPStatus.FORBIDDEN, "read-only view: start it with --control to change settings")
+        origin = self.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+            return self._error(HTTPStatus.FORBIDDEN, f"cross-origin request from {origin} refused")
+        if not self._authorised():
+            return self._error(HTTPStatus.UNAUTHORIZED, "operator key missing or wrong")
+        if action == "status":
+            reply = control.status(camera_id)
+        elif action == "threshold":
+            reply = control.set_threshold(camera_id, body.get("value"))
+        else:
+            reply = control.reload(camera_id, body.get("bundle"))
+        if action != "status":
+            log.info("%s from %s for camera %s: %s -> %s", action, self.address_string(), camera_id,
+                     json.dumps(body), json.dumps(reply)[:300])
+        self._json(reply, reply_status(reply))
+
+
+def reply_status(reply: dict[str, Any]) -> int:
+    """200 for ok; 502 when the service did not answer; 400 when it answered with a refusal."""
+    if reply.get("ok"):
+        return HTTPStatus.OK
+    error = str(reply.get("error"))
+    return HTTPStatus.BAD_GATEWAY if "no reply" in error or "no control endpoint" in error else HTTPStatus.BAD_REQUEST
+
+
+class ViewServer:
+    """Feed + hub + HTTP server, started and stopped together."""
+
+    def __init__(self, connect: list[str], control: list[str] | None = None, listen: str = "127.0.0.1:8080",
+                 token: str | None = None, keep_fails: int = 24, keep_scores: int = 500,
+                 client_buffer: int = 64, max_clients: int = 16, client_timeout_s: float = 20.0,
+                 silent_after_s: float = 12.0, sse_sndbuf: int = SSE_SNDBUF):
+        if not connect:
+            raise ConfigError("--connect: at least one result endpoint is needed, e.g. tcp://127.0.0.1:5556")
+        host, port = parse_listen(listen)
+        if control and token is None and not is_loopback(host):
+            raise ConfigError(f"--listen {listen}: a view with --control on a non-loopback address needs "
+                              "--token-file (anyone on the network could change the threshold)")
+        self.control = ControlLink(control or [])
+        self.hub = Hub(keep_fails=keep_fails, keep_scores=keep_scores, client_buffer=client_buffer,
+                       max_clients=max_clients,
+                       control_info={"enabled": self.control.enabled, "auth": "token" if token else "none"})
+        self.feed = Feed(connect, self.hub, silent_after_s=silent_after_s)
+        try:
+            self.http = ViewHTTPServer((host, port), self.hub, self.control, token, client_timeout_s, sse_sndbuf)
+        except OSError as err:
+            self.feed.stop()
+            self.feed._close()
+            raise ConfigError(f"--listen {listen}: cannot listen there ({err.strerror})") from None
+        self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.2},
+                                       name="view-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        address, port = self.http.server_address[:2]
+        host = address.decode() if isinstance(address, bytes) else str(address)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/"
+
+    def start(self) -> None:
+        self.feed.start()
+        self.thread.start()
+        if self.control.enabled:  # learn camera -> control endpoint early; retried on first use if absent
+            threading.Thread(target=self.control.discover, name="view-control-discover", daemon=True).start()
+
+    def alive(self) -> bool:
+        return self.feed.thread.is_alive() and self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.http.stopping.set()
+        self.hub.close_all()
+        self.http.shutdown()
+        self.http.server_close()
+        self.feed.stop()
