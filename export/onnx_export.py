@@ -18,14 +18,19 @@ OPSET = 17
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def export_onnx(module: nn.Module, folder: Path, input_size: tuple[int, int], constant_bytes: int = 0) -> Path:
-    """Write folder/model.onnx with input `image` uint8 (N,H,W,3) and outputs anomaly_map, score; batch dynamic."""
+def export_onnx(module: nn.Module, folder: Path, input_size: tuple[int, int], constant_bytes: int = 0,
+                trace_batch: int = 2) -> Path:
+    """Write folder/model.onnx with input `image` uint8 (N,H,W,3) and outputs anomaly_map, score; batch dynamic.
+
+    `trace_batch`: the example batch traced; graphs that group the batch (per-tile statistics: whole frames
+    of K tiles) need a multiple of K.
+    """
     import onnx
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MODEL_FILE
     module = module.eval()
-    dummy = torch.zeros((2, input_size[0], input_size[1], 3), dtype=torch.uint8)
+    dummy = torch.zeros((trace_batch, input_size[0], input_size[1], 3), dtype=torch.uint8)
     with torch.no_grad():
         torch.onnx.export(
             module, (dummy,), str(path), input_names=["image"], output_names=["anomaly_map", "score"],

@@ -421,7 +421,8 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
                       "neighbourhood": options.neighbourhood,
                       "statistics_sets": k, "constants_bytes": int(k * p * d * (d + 1) * 4)})
     with staged_bundle_folder(Path(out_dir)) as staging:
-        export_onnx(model, staging, options.input_size, constant_bytes=k * p * d * d * 4)
+        export_onnx(model, staging, options.input_size, constant_bytes=k * p * d * d * 4,
+                    trace_batch=2 * k)
         check = data.tiles_of(data.paths[0])[: max(1, k)]
         check = np.concatenate([check, check]) if k == 1 else check
         rel = onnx_reference_check(model, staging / "model.onnx", check)

@@ -146,3 +146,16 @@ def test_mvtec_bottle_accuracy(tmp_path):
     report = replay_folder(category, bundle, create_backend(bundle, "onnxruntime")).report
     assert report.image_auroc >= 0.995
     assert report.pixel_auroc >= 0.975
+
+
+@pytest.mark.parametrize("rows, cols", [(2, 2), (2, 3)])
+def test_per_tile_padim_statistics_export_for_any_grid(synthetic_dataset, tmp_path, rows, cols):
+    """PaDiM per-tile statistics (issue 10, item 5): grids of 3+ tiles used to crash at export."""
+    from export.padim import PadimOptions, fit_padim
+
+    bundle = fit_padim(synthetic_dataset / "train" / "good", tmp_path / "b",
+                       PadimOptions(input_size=(64, 64), feature_dim=20, folds=2, rows=rows, cols=cols,
+                                    tile_mode="per_tile", target_false_reject_rate=0.1))
+    assert bundle.meta.model_params["statistics_sets"] == rows * cols
+    result = create_backend(bundle, "onnxruntime", threads=1).infer(np.zeros((2 * rows * cols, 64, 64, 3), np.uint8))
+    assert result.scores.shape == (2 * rows * cols,)
