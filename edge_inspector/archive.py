@@ -122,9 +122,10 @@ class Archive:
                 f"{header.get('camera_id', 'cam')}_{result.sequence:08d}_{result.verdict}")
         blobs: list[tuple[str, bytes]] = []
         ext = ".jpg" if self.config.image_format == "jpg" else ".png"
-        ok, image = cv2.imencode(ext, result.frame.image)
-        if ok:
-            blobs.append((stem + ext, image.tobytes()))
+        if result.frame.image is not None:  # error results from unreadable files have no frame to keep
+            ok, image = cv2.imencode(ext, result.frame.image)
+            if ok:
+                blobs.append((stem + ext, image.tobytes()))
         if result.heatmap is not None and result.decision is not None:
             heat8 = heatmap_to_u8(result.heatmap, result.decision.threshold, self.full_scale)
             ok, heat = cv2.imencode(".png", heat8, [cv2.IMWRITE_PNG_COMPRESSION, 3])

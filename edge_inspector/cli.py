@@ -50,6 +50,15 @@ def _register() -> None:
     for command in (run_command, check_config_command, replay_command, info_command, subscribe_command,
                     view_command):
         main.add_command(command)
+    _register_service_tools()
+
+
+def _register_service_tools() -> None:
+    from .control_command import control_command
+    from .keys import keys_command
+
+    for command in (control_command, keys_command):
+        main.add_command(command)
 
 
 _register()

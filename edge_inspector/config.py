@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -163,6 +164,9 @@ class CameraConfig:
     read_timeout_s: float = opt(5.0, number(0.1, 600.0), "a read blocking longer than this counts as a failure")
     reconnect_initial_s: float = opt(0.5, number(0.01, 600.0), "first reconnect delay; doubles per failure")
     reconnect_max_s: float = opt(10.0, number(0.01, 3600.0), "reconnect delay cap")
+    max_frame_pixels: int = opt(50_000_000, integer(1, 1_000_000_000),
+                                "folder: an image whose header declares more pixels is refused before decoding "
+                                "(an error result), so a decompression bomb cannot exhaust memory")
 
 
 @dataclass
@@ -189,6 +193,11 @@ class DecisionConfig:
                                   "raw-score threshold override (null: the bundle's)")
     min_defect_area: int = opt(0, integer(0), "fail only when a connected over-threshold region exceeds this many pixels")
     max_boxes: int = opt(20, integer(0, 1000), "defect boxes reported per frame (largest first)")
+    threshold_min: float | None = opt(None, optional(number(0.0, low_open=True)),
+                                      "lowest threshold allowed (config or set_threshold); null: the bundle's "
+                                      "median good-part score")
+    threshold_max: float | None = opt(None, optional(number(0.0, low_open=True)),
+                                      "highest threshold allowed; null: 4 x the bundle's highest good-part score")
 
 
 @dataclass
@@ -221,11 +230,27 @@ class PublishConfig:
 @dataclass
 class ArchiveConfig:
     enabled: bool = opt(False, boolean(), "keep frames for review")
-    folder: str = opt("archive", text(), "where (relative paths are relative to this config file)")
+    folder: str | None = opt(None, optional(text()),
+                             "where (relative paths: to this config file); null: $STATE_DIRECTORY/archive/<camera "
+                             "id> under systemd, else archive/ beside the config")
     verdicts: tuple[str, ...] = opt(("fail",), verdict_list(), "which verdicts to keep")
     max_files: int = opt(1000, integer(1), "frames kept; oldest removed first")
     max_megabytes: float = opt(500.0, number(0.0, low_open=True), "total size cap; oldest removed first")
     image_format: str = opt("png", choice("png", "jpg"), "frame file format")
+
+
+@dataclass
+class SecurityConfig:
+    """Optional ZeroMQ CURVE (edge_inspector/keys.py). Key files come from `edge-inspector keys`."""
+
+    curve_secret_key: str | None = opt(None, optional(text()),
+                                       "the service's NAME.key_secret; null: no CURVE (plain TCP, no authentication)")
+    result_clients: str | None = opt(None, optional(text()),
+                                     "folder of client public keys (*.key) allowed to subscribe; null: any client "
+                                     "that has the service's public key")
+    control_clients: str | None = opt(None, optional(text()),
+                                      "folder of client public keys allowed on the control socket (required "
+                                      "with CURVE)")
 
 
 @dataclass
@@ -242,6 +267,7 @@ class ServiceConfig:
     pipeline: PipelineConfig = section(PipelineConfig)
     publish: PublishConfig = section(PublishConfig)
     archive: ArchiveConfig = section(ArchiveConfig)
+    security: SecurityConfig = section(SecurityConfig)
     logging: LoggingConfig = section(LoggingConfig)
     path: str = field(default="<config>", metadata={"internal": True})
 
@@ -251,7 +277,18 @@ class ServiceConfig:
 
     @property
     def archive_path(self) -> Path:
-        return self._resolve(self.archive.folder)
+        """Explicit folders resolve like every path; the default lives in systemd's StateDirectory (the unit's
+        only writable place under ProtectSystem=strict), or beside the config outside systemd."""
+        if self.archive.folder is not None:
+            return self._resolve(self.archive.folder)
+        state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if state:
+            return Path(state) / "archive" / self.camera.id
+        return self._resolve("archive")
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config: relative paths are relative to the config file."""
+        return self._resolve(value)
 
     def _resolve(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -314,6 +351,17 @@ def _cross_checks(config: ServiceConfig) -> None:
                            f"({slowest_camera_call:g} s), or a slow camera would look like a hung service")
     if config.publish.control_endpoint == config.publish.endpoint and not config.publish.endpoint.endswith(":*"):
         raise config.error("publish.control_endpoint", "must differ from publish.endpoint")
+    decision = config.decision
+    if decision.threshold_min is not None and decision.threshold_max is not None and (
+            decision.threshold_max < decision.threshold_min):
+        raise config.error("decision.threshold_max", f"expected >= decision.threshold_min "
+                           f"({decision.threshold_min}), got {decision.threshold_max}")
+    security = config.security
+    if security.curve_secret_key is None and (security.result_clients or security.control_clients):
+        raise config.error("security.curve_secret_key", "required when result_clients or control_clients is set")
+    if security.curve_secret_key and config.publish.control_endpoint and not security.control_clients:
+        raise config.error("security.control_clients", "required with CURVE: a folder with the public keys of the "
+                           "clients allowed to change the threshold")
 
 
 def parse_config(data: Any, where: str = "<config>") -> ServiceConfig:
@@ -326,10 +374,16 @@ def parse_config(data: Any, where: str = "<config>") -> ServiceConfig:
 
 def read_yaml_file(path: Path) -> Any:
     """Parse a YAML file; a missing, unreadable or malformed file is one ConfigError line with the position."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise ConfigError(f"{path}: config file not found") from None
+    except PermissionError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror}; the service user needs read access to it)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

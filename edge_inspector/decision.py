@@ -32,6 +32,35 @@ class DecisionParams:
             raise ConfigError(f"min_defect_area must be >= 0, got {self.min_defect_area}")
 
 
+# A threshold beyond this multiple of the worst good part's score passes almost anything the model can see.
+MAX_THRESHOLD_FACTOR = 4.0
+
+
+def threshold_range(bundle_threshold: float, good_p50: float | None, good_max: float | None,
+                    low: float | None = None, high: float | None = None) -> tuple[float, float]:
+    """The thresholds a running line may be moved to, from the bundle's out-of-sample good-part scores.
+
+    Below the median good score more than half of the good parts would fail; above MAX_THRESHOLD_FACTOR
+    times the highest good score (or the bundle threshold, if higher) inspection is all but switched off.
+    Without score statistics the range is the bundle threshold / 4 .. x 4. `low`/`high` (config:
+    decision.threshold_min/max) replace either end: the config file is root's, the control socket is not.
+    """
+    reference = max(bundle_threshold, good_max or 0.0)
+    derived_low = min(good_p50, bundle_threshold) if good_p50 is not None and good_p50 > 0 else \
+        bundle_threshold / MAX_THRESHOLD_FACTOR
+    lowest = low if low is not None else derived_low
+    highest = high if high is not None else reference * MAX_THRESHOLD_FACTOR
+    return float(lowest), float(max(highest, lowest))
+
+
+def check_in_range(value: float, bounds: tuple[float, float], what: str = "threshold") -> float:
+    low, high = bounds
+    if not low <= value <= high:
+        raise ConfigError(f"{what}: {value:.6g} is outside the allowed range [{low:.6g}, {high:.6g}] (set by "
+                          "the bundle's good-part scores or decision.threshold_min/max in the config)")
+    return value
+
+
 def validate_threshold(value: object) -> float:
     """A threshold must be a finite number > 0 (a zero or NaN threshold would fail or pass everything)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

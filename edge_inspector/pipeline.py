@@ -31,6 +31,12 @@ from .tiling import Tiler
 
 log = logging.getLogger(__name__)
 
+# Every result's latency_ms carries all of these (docs/wire-format.md); stages a frame never reached are 0.
+LATENCY_KEYS = ("capture", "queue", "tiling", "inference", "decision", "encode", "total")
+# The supervisor ticks every 0.1 s; a gap this long means the whole process was paused (SIGSTOP, swapped
+# out, a stalled disk under the logger), not that one stage hung.
+PAUSE_GAP_S = 2.0
+
 
 class QueueClosed(Exception):
     """The producer has finished and everything queued has been taken."""
@@ -207,9 +213,13 @@ class InferenceEngine:
         result = Result(sequence=self.sequence, frame=frame, verdict="error", model_id=model.model_id,
                         model_sha256=model.sha256)
         timings = result.timings
+        timings.update(dict.fromkeys(LATENCY_KEYS, 0.0))
         timings["capture"] = frame.capture_ms
         t0 = time.monotonic()
         timings["queue"] = (t0 - frame.capture_mono) * 1000.0
+        if frame.error is not None or frame.image is None:  # the source could not deliver this one
+            result.error = frame.error or "no image"
+            return result
         try:
             tiles = model.tiler.split(frame.image)
             t1 = time.monotonic()
@@ -260,14 +270,16 @@ class Stage:
             self.error = f"{type(err).__name__}: {err}"
             log.exception("pipeline stage %s crashed", self.name)
 
-    def problem(self, stall_s: float) -> str | None:
+    def problem(self, stall_s: float, resumed_at: float = 0.0) -> str | None:
+        """Why this stage is unhealthy, or None. A stage gets a full stall_s after a process-wide pause
+        ended at `resumed_at`: it could not have beaten while everything was stopped."""
         if self.error:
             return f"{self.name} crashed ({self.error})"
         if self.finished:
             return None
         if not self.thread.is_alive():
             return f"{self.name} is not running"
-        age = time.monotonic() - self.last_beat
+        age = time.monotonic() - max(self.last_beat, resumed_at)
         if age > stall_s:
             return f"{self.name} unresponsive for {age:.1f} s"
         return None
@@ -292,6 +304,17 @@ class Pipeline:
         self.finished = threading.Event()
         self.stages = [Stage("capture", self._capture), Stage("inference", self._infer),
                        Stage("publish", self._publish)]
+        self.last_tick: float | None = None  # None: no supervisor ticks (pause detection off)
+        self.resumed_at = 0.0
+
+    def tick(self) -> None:
+        """Called by the supervising thread every ~0.1 s; a long gap means the whole process was paused."""
+        now = time.monotonic()
+        if self.last_tick is not None and now - self.last_tick > PAUSE_GAP_S:
+            log.warning("the process was paused for %.1f s (SIGSTOP, swapping or a stalled disk); stage "
+                        "heartbeats are judged from now on", now - self.last_tick)
+            self.resumed_at = now
+        self.last_tick = now
 
     def start(self) -> None:
         for stage in self.stages:
@@ -319,8 +342,20 @@ class Pipeline:
         return not any(stage.thread.is_alive() for stage in self.stages[1:])
 
     def problems(self) -> list[str]:
-        """Why the pipeline is not healthy (empty list: every stage alive and responsive)."""
-        return [p for p in (stage.problem(self.stall_timeout_s) for stage in self.stages) if p]
+        """Why the pipeline is not healthy (empty list: every stage alive and responsive).
+
+        Health messages are built on the publish thread, which may run right after a process-wide pause
+        before the supervisor has ticked: while the last tick is older than PAUSE_GAP_S, stage ages are
+        measured from now, so a pause is never reported as a stall. A supervisor that stays silent for the
+        whole stall timeout is reported itself (and it no longer feeds the systemd watchdog anyway).
+        """
+        now = time.monotonic()
+        silent = 0.0 if self.last_tick is None else now - self.last_tick
+        resumed_at = now if silent > PAUSE_GAP_S else self.resumed_at
+        problems = [p for p in (stage.problem(self.stall_timeout_s, resumed_at) for stage in self.stages) if p]
+        if silent > self.stall_timeout_s:
+            problems.append(f"supervisor unresponsive for {silent:.1f} s")
+        return problems
 
     # -- stages ---------------------------------------------------------------------------------------------
 
@@ -388,4 +423,10 @@ class Pipeline:
                     self.stats.publish_errors += 1
                     log.exception("could not publish result sequence %d", result.sequence)
         finally:
+            finish = getattr(self.sink, "finish", None)
+            if finish is not None:
+                try:
+                    finish()  # the run's last message, from the thread that owns the socket
+                except Exception:
+                    log.exception("could not send the final message")
             self.finished.set()

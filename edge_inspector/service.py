@@ -8,6 +8,12 @@ for it, since a service stuck in "activating" would hide the problem from the li
 
 The main thread supervises: WATCHDOG=1 only while every stage is alive and responsive, exit 1 if a stage
 crashed (systemd restarts it), and on SIGTERM: stop capturing, drain what was captured, close, exit 0.
+
+Exit codes mean what the unit assumes: 2 (`RestartPreventExitStatus=2`) only for a config or bundle the
+user must fix (unreadable ones included); 1 for everything a restart may clear (a crashed stage, a GPU out
+of memory, a failed engine build). Worst case from a real stage hang to a restart by systemd:
+`pipeline.stall_timeout_s` (the hang is noticed) + `WatchdogSec` (the last ping ages out) + `RestartSec`,
+20 + 30 + 3 = 53 s with the shipped defaults.
 """
 
 from __future__ import annotations
@@ -26,15 +32,15 @@ import numpy as np
 import zmq
 
 from .archive import Archive
-from .backends import create_backend
+from .backends import Backend, BackendRuntimeError, create_backend
 from .bundle import Bundle
 from .config import ServiceConfig, config_to_dict, load_config
-from .decision import DecisionParams, validate_threshold
+from .decision import DecisionParams, check_in_range, threshold_range, validate_threshold
 from .errors import ConfigError
 from .pipeline import ActiveModel, InferenceEngine, Pipeline, Stats
 from .publish import ControlServer, Publisher
 from .sources import Camera, create_source
-from .systemd import Notifier
+from .systemd import Notifier, extending_start
 from .tiling import Tiler
 
 log = logging.getLogger(__name__)
@@ -68,13 +74,31 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Active
     """Load, verify, check and warm up a bundle; the first real frame then runs at full speed."""
     bundle = Bundle.load(bundle_path or config.bundle_path)
     tiler = checked_tiler(config, bundle)
-    backend = create_backend(bundle, config.model.backend, config.model.threads)
+    bundle_range(config, bundle)  # a config threshold outside the new bundle's range is refused up front
     started = time.monotonic()
-    backend.infer(np.zeros((tiler.tiles, *bundle.input_size, 3), np.uint8))
-    log.info("model %s loaded (%s, threshold %.4g), warm-up inference of %d tile(s) took %.0f ms",
+
+    def warm_up(backend: Backend) -> None:
+        backend.infer(np.zeros((tiler.tiles, *bundle.input_size, 3), np.uint8))
+
+    backend = create_backend(bundle, config.model.backend, config.model.threads, warm_up=warm_up)
+    log.info("model %s loaded (%s, threshold %.4g), start and warm-up inference of %d tile(s) took %.0f ms",
              bundle.model_id, backend.describe(), bundle.threshold, tiler.tiles,
              (time.monotonic() - started) * 1000)
     return ActiveModel(bundle=bundle, backend=backend, tiler=tiler)
+
+
+def bundle_range(config: ServiceConfig, bundle: Bundle) -> tuple[float, float]:
+    """The thresholds allowed with this bundle; a config threshold outside it is a ConfigError."""
+    stats = bundle.meta.score_stats
+    decision = config.decision
+    bounds = threshold_range(bundle.threshold, stats.p50 if stats else None, stats.max if stats else None,
+                             decision.threshold_min, decision.threshold_max)
+    if decision.threshold is not None:
+        try:
+            check_in_range(decision.threshold, bounds, "decision.threshold")
+        except ConfigError as err:
+            raise ConfigError(f"{config.path}: {err} with bundle {bundle.path}") from None
+    return bounds
 
 
 class Service:
@@ -92,7 +116,10 @@ class Service:
         self.engine: InferenceEngine | None = None
         self.camera: Camera | None = None
         self.archive: Archive | None = None
+        self.curve = None
         self.ready = threading.Event()
+        self.threshold_source = "bundle"
+        self.threshold_bounds: tuple[float, float] = (0.0, float("inf"))
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
@@ -108,16 +135,31 @@ class Service:
             self._close_sockets()
             raise
 
+    def _start_curve(self, config: ServiceConfig) -> None:
+        security = config.security
+        if not security.curve_secret_key:
+            return
+        from .keys import CurveServer
+
+        self.curve = CurveServer(self.context, config.resolve(security.curve_secret_key),
+                                 config.resolve(security.result_clients) if security.result_clients else None,
+                                 config.resolve(security.control_clients) if security.control_clients else None)
+
     def _start(self, config: ServiceConfig) -> None:
         source = create_source(config.camera)  # config-level problems (kind, GStreamer) before any binding
         self.archive = (Archive(config.archive_path, config.archive, config.publish.heatmap_full_scale)
                         if config.archive.enabled else None)
+        self._start_curve(config)
         self.publisher = Publisher(config.publish, config.camera.id, self.health,
                                    min_defect_area=lambda: self.engine.params.min_defect_area if self.engine else 0,
-                                   archive=self.archive, context=self.context)
+                                   archive=self.archive, context=self.context, curve=self.curve)
         if config.publish.control_endpoint:
-            self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context)
-        model = load_model(config)
+            self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context,
+                                         curve=self.curve)
+        with extending_start(self.notifier, "loading the model (a TensorRT engine build takes minutes)"):
+            model = load_model(config)
+        self.threshold_bounds = bundle_range(config, model.bundle)
+        self.threshold_source = "config" if config.decision.threshold is not None else "bundle"
         self.engine = InferenceEngine(model, self._decision_params(model.bundle))
         self.camera = Camera(source, config.camera, on_event=self._on_camera_event)
         when_behind = config.pipeline.when_behind
@@ -129,12 +171,13 @@ class Service:
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats)
         if config.publish.wait_for_subscriber_s > 0:
             self.pipeline.gate.clear()
-        log.info("camera %s: %s; %s; when behind: %s; results on %s%s", config.camera.id, source.describe(),
+        log.info("camera %s: %s; %s; when behind: %s; results on %s%s%s", config.camera.id, source.describe(),
                  model.tiler.describe(), when_behind, self.publisher.endpoint,
-                 f", control on {self.control.endpoint}" if self.control else "")
-        self.pipeline.start()
-        if self.control:
+                 f", control on {self.control.endpoint}" if self.control else "",
+                 "" if self.curve else " (no CURVE: anyone who reaches these endpoints is served)")
+        if self.control:  # first: the pipeline's first health message must not find it "not running"
             self.control.start()
+        self.pipeline.start()
         self.ready.set()
         self.notifier.ready(self.status_line())
 
@@ -161,7 +204,9 @@ class Service:
         next_ping = time.monotonic()
         next_status = time.monotonic() + 2.0
         hold_until = time.monotonic() + self.config.publish.wait_for_subscriber_s
+        withheld = False
         while not self.stop_event.wait(0.1):
+            self.pipeline.tick()
             now = time.monotonic()
             if not self.pipeline.gate.is_set() and (self.publisher.subscribed.is_set() or now >= hold_until):
                 self.pipeline.gate.set()
@@ -174,19 +219,22 @@ class Service:
                 log.info("stream ended after %d frame(s); stopping", self.stats.processed)
                 break
             if ping_every and now >= next_ping:
-                if problems:
-                    log.error("withholding watchdog: %s", "; ".join(problems))
-                else:
+                if not problems:
                     self.notifier.watchdog()
-                next_ping = now + ping_every
+                    next_ping = now + ping_every
+                elif not withheld:  # logged once per streak; the ping goes out on the first tick it clears
+                    log.error("withholding watchdog: %s", "; ".join(problems))
+                withheld = bool(problems)
             if now >= next_status:
                 self.notifier.status(self.status_line())
                 next_status = now + 2.0
         return 0
 
     def problems(self) -> list[str]:
-        problems = self.pipeline.problems() if self.pipeline else ["not started"]
-        if self.control and not self.control.thread.is_alive() and not self.control.stop_event.is_set():
+        problems = self.pipeline.problems() if self.pipeline else []  # not started yet: starting is no problem
+        control = self.control
+        if control and control.thread.ident is not None and not control.thread.is_alive() and (
+                not control.stop_event.is_set()):
             problems.append("control socket thread is not running")
         return problems
 
@@ -211,13 +259,16 @@ class Service:
         self.notifier.close()
 
     def _close_sockets(self) -> None:
+        """Close what start opened. The final `stopped` health message is the publish thread's own last
+        send (Publisher.finish), so nothing is published after it."""
         if self.control:
             self.control.stop()
         publish_alive = self.pipeline is not None and self.pipeline.stages[2].thread.is_alive()
         if self.publisher and not publish_alive:  # the socket belongs to the publish thread while it runs
-            if self.pipeline is not None:
-                self.publisher.send_health()  # a final health message saying we stopped
             self.publisher.close()
+        if self.curve is not None:
+            self.curve.close()
+            self.curve = None
         if self.context:
             self.context.term() if not publish_alive else self.context.destroy(linger=0)
             self.context = None
@@ -266,8 +317,11 @@ class Service:
             "inference_ms": stats["inference_ms"],
             "last_sequence": stats["last_sequence"],
             "uptime_s": stats["uptime_s"],
-            "model": {"id": model.model_id, "sha256": model.sha256} if model else None,
+            "model": {"id": model.model_id, "sha256": model.sha256, "meta_sha256": model.bundle.meta_sha256}
+            if model else None,
             "threshold": self.engine.params.threshold if self.engine else None,
+            "threshold_source": self.threshold_source,
+            "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
         }
 
@@ -284,6 +338,7 @@ class Service:
                                                             "path": str(model.bundle.path),
                                                             "backend": model.backend.describe()},
                 "threshold": self.engine.params.threshold, "bundle_threshold": model.bundle.threshold,
+                "threshold_range": list(self.threshold_bounds), "threshold_source": self.threshold_source,
                 "min_defect_area": self.engine.params.min_defect_area, "tiling": model.tiler.describe(),
                 "config": {"path": self.config.path, **config_to_dict(self.config)}}
 
@@ -292,56 +347,103 @@ class Service:
                 "archive": self.archive.snapshot() if self.archive else None}
 
     def _cmd_set_threshold(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Move the threshold within the allowed range; every change is logged and announced in health."""
         value = request.get("value")
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
                 pass
-        value = validate_threshold(value)
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ConfigError(f"threshold: expected a finite number > 0, got {shown}")
+        value = check_in_range(validate_threshold(value), self.threshold_bounds)
         previous = self.engine.params.threshold
         self.engine.params = dataclasses.replace(self.engine.params, threshold=value)
-        log.info("threshold changed over the control socket: %.6g -> %.6g", previous, value)
-        return {"threshold": value, "previous": previous}
+        self.threshold_source = f"control socket ({request.get('_peer') or 'unknown peer'})"
+        # WARNING, not INFO: a moved threshold changes verdicts, so it must stand out in the journal.
+        log.warning("threshold changed: %.6g -> %.6g by the %s (bundle %s, allowed %.6g..%.6g)", previous, value,
+                    self.threshold_source, self.engine.model.model_id, *self.threshold_bounds)
+        if self.publisher:
+            self.publisher.request_health()  # subscribers see the new threshold at once, not 5 s later
+        return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds)}
 
     def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
         """Load a bundle (default: the configured folder again) and swap it in between two frames."""
-        path = request.get("bundle")
+        path = request.get("bundle", request.get("value"))
         if path is not None and not isinstance(path, str):
-            raise ConfigError(f"reload: bundle must be a folder path string, got {path!r}")
+            raise ConfigError(f"reload: bundle must be a folder path string, got {type(path).__name__}")
         model = load_model(self.config, Path(path) if path else None)
         previous = self.engine.model.model_id
         params = self._decision_params(model.bundle)
+        self.threshold_bounds = bundle_range(self.config, model.bundle)
+        self.threshold_source = "config" if self.config.decision.threshold is not None else "bundle"
         self.engine.swap(model, params)
-        log.info("reload: %s -> %s (threshold %.6g)", previous, model.model_id, params.threshold)
+        log.warning("reload by the control socket (%s): %s -> %s (threshold %.6g)", request.get("_peer") or "unknown",
+                    previous, model.model_id, params.threshold)
+        if self.publisher:
+            self.publisher.request_health()
         return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold}
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
 
 
+def config_argument(argument: str | None, option: str | None) -> str:
+    """`FILE` or `--config FILE`: both commands take both forms (the docs use either)."""
+    if argument and option and argument != option:
+        raise ConfigError(f"two configs given ({argument} and --config {option}); give one")
+    if not (argument or option):
+        raise ConfigError("no config given (FILE or --config FILE)")
+    return argument or option  # type: ignore[return-value]
+
+
 @click.command("run")
-@click.option("--config", "config_path", required=True, help="Service config YAML (see configs/).")
-def run_command(config_path: str) -> None:
-    """Run the inspection service on one camera (systemd-aware; SIGTERM drains and exits 0)."""
-    config = load_config(config_path)
+@click.argument("config_file", metavar="[FILE]", required=False)
+@click.option("--config", "config_path", help="Service config YAML (see configs/); the same as FILE.")
+def run_command(config_file: str | None, config_path: str | None) -> None:
+    """Run the inspection service on one camera (systemd-aware; SIGTERM drains and exits 0).
+
+    Exit status: 0 after SIGTERM or the end of a finite source; 2 for a config or bundle to fix (systemd
+    does not restart); 1 for anything a restart may clear (crashed stage, GPU out of memory).
+    """
+    config = load_config(config_argument(config_file, config_path))
     root = logging.getLogger()
     if root.level > logging.DEBUG:  # -v on the command line wins over the config
         root.setLevel(config.logging.level)
-    sys.exit(Service(config).run())
+    try:
+        code = Service(config).run()
+    except BackendRuntimeError as err:
+        log.critical("cannot start the model, a restart may help: %s", err)
+        click.echo(f"error: {err} (restartable)", err=True)
+        code = 1
+    sys.exit(code)
 
 
 @click.command("check-config")
-@click.argument("config_path", metavar="FILE")
+@click.argument("config_file", metavar="[FILE]", required=False)
+@click.option("--config", "config_path", help="The same as FILE.")
 @click.option("--skip-bundle", is_flag=True, help="Validate the YAML only, not the model bundle it names.")
-def check_config_command(config_path: str, skip_bundle: bool) -> None:
+def check_config_command(config_file: str | None, config_path: str | None, skip_bundle: bool) -> None:
     """Validate a service config (and its bundle) without starting anything."""
+    config_path = config_argument(config_file, config_path)
     config = load_config(config_path)
     source = create_source(config.camera)
     line = f"{config_path}: OK (camera {config.camera.id}: {source.describe()}"
     if not skip_bundle:
         bundle = Bundle.load(config.bundle_path)
         tiler = checked_tiler(config, bundle)
+        low, high = bundle_range(config, bundle)
         threshold = config.decision.threshold or bundle.threshold
-        line += f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g}"
+        line += (f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g} "
+                 f"(allowed {low:.6g}..{high:.6g})")
+    if config.security.curve_secret_key:
+        from .keys import load_client_keys, load_secret_key
+
+        load_secret_key(config.resolve(config.security.curve_secret_key), "security.curve_secret_key")
+        for key in ("result_clients", "control_clients"):
+            folder = getattr(config.security, key)
+            if folder:
+                load_client_keys(config.resolve(folder), f"security.{key}")
+        line += "; CURVE on"
     click.echo(line + ")")

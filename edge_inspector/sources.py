@@ -24,7 +24,8 @@ import numpy as np
 
 from .config import CameraConfig
 from .errors import ConfigError, ImageError, InspectorError
-from .images import IMAGE_EXTENSIONS, list_images, read_image, to_bgr8
+from .imageheader import HeaderError, image_size
+from .images import IMAGE_EXTENSIONS, list_images, to_bgr8
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,20 @@ class EndOfStream(Exception):
     """A finite source (file or folder without `loop`) has delivered its last frame."""
 
 
+class FrameError(Exception):
+    """One frame could not be delivered (unreadable file, decode failure, too large) but the source is fine:
+    the frame becomes an `error` result naming the reason, and capture goes on."""
+
+
 @dataclass
 class Frame:
-    image: np.ndarray  # uint8 BGR HxWx3
+    image: np.ndarray | None  # uint8 BGR HxWx3; None when the source could not deliver it (see error)
     index: int  # frames captured since the service started (gaps in processed results = dropped frames)
     capture_time: float  # wall clock (time.time()) when the frame was read
     capture_mono: float  # monotonic time of the same instant, for latencies
     capture_ms: float  # time spent reading/decoding it
+    source_file: str | None = None  # the image file it came from (folder sources)
+    error: str | None = None  # why there is no image: becomes an `error` result, never a silent gap
 
 
 def detect_kind(source: int | str) -> str:
@@ -73,6 +81,7 @@ class FrameSource(ABC):
 
     kind = "abstract"
     finite = False  # True when the stream has a real end (file/folder without loop)
+    current_file: str | None = None  # the file the last read came from (folder sources)
 
     @abstractmethod
     def open(self) -> None: ...
@@ -161,7 +170,10 @@ class FolderSource(FrameSource):
         self.finite = not config.loop
         self.paths: list[Path] = []
         self.position = 0
-        self.unreadable = 0  # images skipped because they could not be decoded
+        self.unreadable = 0  # images that could not be read or decoded (each one an error result)
+        self.max_pixels = config.max_frame_pixels
+        # No compressed image is larger than its raw 16-bit RGBA pixels: anything bigger is not worth reading.
+        self.max_bytes = config.max_frame_pixels * 8 + (1 << 20)
 
     def describe(self) -> str:
         return f"folder {self.folder}"
@@ -175,18 +187,46 @@ class FolderSource(FrameSource):
             raise SourceError(f"{self.folder}: no images yet")
 
     def read(self) -> np.ndarray:
-        while True:
-            if self.position >= len(self.paths):
-                if not self.config.loop:
-                    raise EndOfStream
-                self.open()  # re-list, so images added meanwhile are picked up
-            path = self.paths[self.position]
-            self.position += 1
-            try:
-                return read_image(path)
-            except ImageError as err:
-                self.unreadable += 1
-                log.warning("skipping unreadable image: %s", err)
+        if self.position >= len(self.paths):
+            if not self.config.loop:
+                raise EndOfStream
+            self.open()  # re-list, so images added meanwhile are picked up
+        path = self.paths[self.position]
+        self.position += 1
+        self.current_file = str(path)
+        try:
+            return self._decode(path)
+        except FrameError as err:
+            self.unreadable += 1
+            raise FrameError(f"{path}: {err}") from None
+
+    def _decode(self, path: Path) -> np.ndarray:
+        """Read one image: any OSError, a header over max_frame_pixels or a decode failure is a FrameError."""
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(self.max_bytes + 1)
+        except OSError as err:
+            raise FrameError(f"cannot read ({err.strerror or err})") from None
+        if len(data) > self.max_bytes:
+            raise FrameError(f"file larger than {self.max_bytes >> 20} MB, more than any image of at most "
+                             f"camera.max_frame_pixels ({self.max_pixels}) pixels")
+        try:
+            width, height = image_size(data)
+        except HeaderError as err:
+            raise FrameError(f"cannot decode image ({err})") from None
+        if width * height > self.max_pixels:
+            raise FrameError(f"{width}x{height} = {width * height} pixels exceeds camera.max_frame_pixels "
+                             f"({self.max_pixels}); refused before decoding")
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+        except cv2.error as err:
+            raise FrameError(f"cannot decode image ({str(err).strip().splitlines()[-1]})") from None
+        if image is None:
+            raise FrameError("cannot decode image (corrupt or not an image)")
+        try:
+            return to_bgr8(image, str(path))
+        except ImageError as err:
+            raise FrameError(str(err).removeprefix(f"{path}: ")) from None
 
 
 def gstreamer_available() -> bool:
@@ -245,11 +285,15 @@ class Camera:
                     lost = False
                 self._pace(stop, beat)
                 start = time.monotonic()
+                error: str | None = None
                 try:
-                    image = self.source.read()
+                    image: np.ndarray | None = self.source.read()
                 except EndOfStream:
                     self._set_state("ended", "end of stream")
                     return
+                except FrameError as err:  # this frame only: reported as an error result, capture goes on
+                    image, error = None, str(err)
+                    self.last_error = error
                 except (SourceError, ImageError) as err:
                     self._lose(str(err))
                     lost = True
@@ -257,7 +301,7 @@ class Camera:
                 now = time.monotonic()
                 beat()
                 yield Frame(image=image, index=self.frames_read, capture_time=time.time(), capture_mono=now,
-                            capture_ms=(now - start) * 1000.0)
+                            capture_ms=(now - start) * 1000.0, source_file=self.source.current_file, error=error)
                 self.frames_read += 1
         finally:
             self.source.close()

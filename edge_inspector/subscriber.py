@@ -48,11 +48,14 @@ class Subscriber:
     """SUB socket on a service's PUB endpoint. Topics are prefixes: `inspection.` for all cameras' results."""
 
     def __init__(self, endpoint: str, topics: tuple[str, ...] = ("inspection.", "health."),
-                 context: zmq.Context | None = None, rcvhwm: int = 1000):
+                 context: zmq.Context | None = None, rcvhwm: int = 1000, keys: Any | None = None):
+        """`keys`: an `edge_inspector.keys.ClientKeys` when the service runs with CURVE."""
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self.socket)
         for topic in topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         try:
@@ -120,16 +123,23 @@ def format_health(header: dict[str, Any]) -> str:
 @click.option("--count", type=int, default=0, help="Exit after this many results (0: run until Ctrl-C).")
 @click.option("--save-heatmaps", type=click.Path(file_okay=False), default=None,
               help="Write each result's heatmap to this folder as <camera>_<sequence>.png/.jpg.")
+@click.option("--server-key", type=click.Path(dir_okay=False), default=None,
+              help="CURVE: the service's public key file (NAME.key).")
+@click.option("--client-key", type=click.Path(dir_okay=False), default=None,
+              help="CURVE: this client's secret key file (NAME.key_secret).")
 def subscribe_command(endpoint: str, camera: str, health: bool, as_json: bool, count: int,
-                      save_heatmaps: str | None) -> None:
+                      save_heatmaps: str | None, server_key: str | None, client_key: str | None) -> None:
     """Print inspection results (and health) from a running service, e.g. tcp://127.0.0.1:5556."""
+    from .keys import client_keys_option
+
+    keys = client_keys_option(server_key, client_key)
     suffix = f".{camera}" if camera else "."
     topics = ("inspection" + suffix,) + (("health" + suffix,) if health else ())
     folder = Path(save_heatmaps) if save_heatmaps else None
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
     received = 0
-    with Subscriber(endpoint, topics) as subscriber:
+    with Subscriber(endpoint, topics, keys=keys) as subscriber:
         try:
             while not count or received < count:
                 message = subscriber.receive()

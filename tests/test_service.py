@@ -234,11 +234,18 @@ def test_control_socket_threshold_and_reload_without_stopping(bundle, tmp_path):
 
             refused = send_control(control, {"command": "set_threshold", "value": "high"})
             assert refused["ok"] is False and "threshold" in refused["error"]
-            raised = send_control(control, {"command": "set_threshold", "value": bundle.threshold * 1000})
-            assert raised["ok"] and raised["previous"] == bundle.threshold
+            low, high = status["threshold_range"]
+            assert low <= bundle.threshold <= high
+            for silly in (5e-324, bundle.threshold * 1000, high * 1.01, low * 0.99):
+                refused = send_control(control, {"command": "set_threshold", "value": silly})
+                assert refused["ok"] is False and "outside the allowed range" in refused["error"], silly
+            raised = send_control(control, "set_threshold " + repr(high))  # the bare words work too
+            assert raised["ok"] and raised["previous"] == bundle.threshold and raised["threshold"] == high
             later = take(3, after=applied_from())
-            assert all(h["verdict"] == "pass" and h["threshold"] == pytest.approx(bundle.threshold * 1000)
-                       for h in later)
+            assert all(h["threshold"] == pytest.approx(high) and h["normalised_score"] == pytest.approx(
+                h["score"] / high, rel=1e-4) for h in later)
+            health = send_control(control, "status")
+            assert health["threshold_source"].startswith("control socket (from 127.0.0.1")
 
             missing = send_control(control, {"command": "reload", "bundle": str(tmp_path / "nope")})
             assert missing["ok"] is False and "not found" in missing["error"]
@@ -279,7 +286,10 @@ def test_bundle_problems_exit_2(bundle, tmp_path):
     assert done.stderr.strip().startswith(f"error: {config}: tiling: grid 2x2 does not match")
     config = write_config(tmp_path, config_data(str(tmp_path / "v.avi"), per_tile))
     done = cli("check-config", str(config))
-    assert done.returncode == 0 and "OK" in done.stdout and bundle.model_id in done.stdout
+    assert done.returncode == 0 and "OK" in done.stdout and Bundle.load(per_tile).model_id in done.stdout
+    assert bundle.model_id not in done.stdout  # the tiling edit is another model on the wire
+    done = cli("check-config", "--config", str(config))  # the form docs/jetson.md uses
+    assert done.returncode == 0 and "OK" in done.stdout
 
 
 def test_check_config_accepts_the_examples_without_their_bundles():

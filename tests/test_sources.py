@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
+import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -112,7 +115,7 @@ def test_stream_lost_mid_way_is_reconnected_and_counted(tmp_path):
     assert [f.index for f in frames] == list(range(26))  # capture numbering runs on across reconnects
 
 
-def test_folder_in_name_order_skipping_unreadable_images(tmp_path):
+def test_folder_in_name_order_unreadable_images_become_error_frames(tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()
     frames = numbered_frames(4)
@@ -123,10 +126,71 @@ def test_folder_in_name_order_skipping_unreadable_images(tmp_path):
     config = camera_config(str(folder) + "/")
     camera = Camera(create_source(config), config)
     got = collect(camera, 100)
-    assert len(got) == 5 and camera.source.unreadable == 1
-    assert np.array_equal(got[0].image, frames[0]) and np.array_equal(got[3].image, frames[3])
-    assert got[4].image.shape == (96, 128, 3)  # the 16-bit gray image arrives as 8-bit BGR
+    assert len(got) == 6 and camera.source.unreadable == 1
+    assert [Path(f.source_file).name for f in got] == ["00.png", "01.png", "02.png", "02b.png", "03.png", "03b.png"]
+    bad = got[3]
+    assert bad.image is None and bad.error == f"{folder / '02b.png'}: cannot decode image (not a PNG, JPEG, BMP or TIFF image)"
+    assert np.array_equal(got[0].image, frames[0]) and np.array_equal(got[4].image, frames[3])
+    assert got[5].image.shape == (96, 128, 3)  # the 16-bit gray image arrives as 8-bit BGR
     assert camera.state == "ended"
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A real, valid 1-bit grayscale PNG of width x height zero pixels: ~1000x smaller than its pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_and_capture_goes_on(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    bomb = bomb_png(20000, 20000)
+    assert len(bomb) < 100_000  # 400 megapixels in well under 100 kB
+    (folder / "00.png").write_bytes(bomb)
+    cv2.imwrite(str(folder / "01.png"), numbered_frames(1)[0])
+    small = bomb_png(64, 48)
+    (folder / "02.png").write_bytes(small)
+    config = camera_config(str(folder) + "/", max_frame_pixels=10_000_000)
+    camera = Camera(create_source(config), config)
+    got = collect(camera, 10)
+    assert len(got) == 3
+    assert got[0].image is None and "20000x20000 = 400000000 pixels exceeds camera.max_frame_pixels" in got[0].error
+    assert got[1].image.shape == (96, 128, 3) and got[2].image.shape == (48, 64, 3)  # the same format decodes
+
+
+def test_a_file_that_vanishes_after_listing_is_an_error_frame(tmp_path):
+    """A drop folder cleaned up by another process between listing and reading: an OSError, not a crash."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(numbered_frames(3)):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), frame)
+    config = camera_config(str(folder) + "/")
+    source = create_source(config)
+    camera = Camera(source, config)
+    stop = threading.Event()
+    got = []
+    for frame in camera.frames(stop, lambda: None):
+        got.append(frame)
+        if len(got) == 1:
+            (folder / "01.png").unlink()
+    assert len(got) == 3 and got[1].image is None and "01.png: cannot read (No such file or directory)" in got[1].error
+    assert got[2].image is not None
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tiff"])
+def test_header_sizes_match_what_opencv_decodes(tmp_path, ext):
+    from edge_inspector.imageheader import image_size
+
+    image = numbered_frames(1, size=(37, 53))[0]
+    path = tmp_path / f"x{ext}"
+    cv2.imwrite(str(path), image)
+    assert image_size(path.read_bytes()) == (53, 37)
 
 
 def test_paced_replay_is_not_faster_than_fps(tmp_path):

@@ -7,16 +7,17 @@ on the CPU, and logs which it took and why, so a slow line can be explained from
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from ..bundle import Bundle
 from ..errors import BackendError
-from .base import Backend, InferenceResult
+from .base import Backend, BackendRuntimeError, InferenceResult
 
 log = logging.getLogger(__name__)
 
 BACKEND_KINDS = ("auto", "onnxruntime", "tensorrt")
 
-__all__ = ["Backend", "InferenceResult", "BACKEND_KINDS", "create_backend"]
+__all__ = ["Backend", "BackendRuntimeError", "InferenceResult", "BACKEND_KINDS", "create_backend"]
 
 
 def _tensorrt_unavailable_reason() -> str | None:
@@ -28,31 +29,57 @@ def _tensorrt_unavailable_reason() -> str | None:
     return trt_backend.unavailable_reason()
 
 
-def create_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None) -> Backend:
-    """Create the backend named by `kind` for `bundle`."""
+def _started(backend: Backend, warm_up: Callable[[Backend], None] | None) -> Backend:
+    """Run the warm-up on a new backend; a failure closes it before the error goes on."""
+    if warm_up is not None:
+        try:
+            warm_up(backend)
+        except BaseException:
+            backend.close()
+            raise
+    return backend
+
+
+def _tensorrt(bundle: Bundle, warm_up: Callable[[Backend], None] | None, tensorrt_factory) -> Backend:
+    if tensorrt_factory is None:
+        from .tensorrt import TensorRTBackend as tensorrt_factory
+    return _started(tensorrt_factory(bundle), warm_up)
+
+
+def create_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None,
+                   warm_up: Callable[[Backend], None] | None = None,
+                   tensorrt_factory: Callable[[Bundle], Backend] | None = None) -> Backend:
+    """Create the backend named by `kind` for `bundle`, started with `warm_up` (e.g. one inference).
+
+    With `auto`, a TensorRT start that fails for any reason (engine build out of GPU memory, an engine
+    TensorRT cannot load, a failed CUDA call in the warm-up) falls back to ONNX Runtime and logs why: a
+    line keeps inspecting, slower, instead of not at all. An explicit `tensorrt` never falls back.
+    `tensorrt_factory` replaces the TensorRT backend class (tests without a GPU).
+    """
     from .onnxruntime import OnnxRuntimeBackend
 
     if kind not in BACKEND_KINDS:
         raise BackendError(f"backend {kind!r} unknown (expected one of {', '.join(BACKEND_KINDS)})")
     if kind == "onnxruntime":
-        backend = OnnxRuntimeBackend(bundle, threads=threads)
+        backend = _started(OnnxRuntimeBackend(bundle, threads=threads), warm_up)
     elif kind == "tensorrt":
-        reason = _tensorrt_unavailable_reason()
+        reason = _tensorrt_unavailable_reason() if tensorrt_factory is None else None
         if reason:
             raise BackendError(f"backend tensorrt requested but {reason}")
-        from .tensorrt import TensorRTBackend
-
-        backend = TensorRTBackend(bundle)
+        backend = _tensorrt(bundle, warm_up, tensorrt_factory)
     else:
-        reason = _tensorrt_unavailable_reason()
+        reason = _tensorrt_unavailable_reason() if tensorrt_factory is None else None
         if reason is None:
-            from .tensorrt import TensorRTBackend
-
-            backend = TensorRTBackend(bundle)
-            log.info("backend auto: chose %s (TensorRT and a GPU are present)", backend.describe())
-            return backend
-        backend = OnnxRuntimeBackend(bundle, threads=threads,
-                                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            try:
+                backend = _tensorrt(bundle, warm_up, tensorrt_factory)
+                log.info("backend auto: chose %s (TensorRT and a GPU are present)", backend.describe())
+                return backend
+            except Exception as err:
+                text = str(err).strip().splitlines()
+                reason = f"TensorRT failed to start ({type(err).__name__}: {text[0] if text else ''})"
+                log.error("backend auto: %s; falling back to ONNX Runtime", reason)
+        backend = _started(OnnxRuntimeBackend(bundle, threads=threads,
+                                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), warm_up)
         log.info("backend auto: chose %s because %s", backend.describe(), reason)
         return backend
     log.info("backend: %s", backend.describe())

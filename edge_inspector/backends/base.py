@@ -13,6 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class BackendRuntimeError(RuntimeError):
+    """A runtime failed for a reason a restart may clear (GPU out of memory, a failed CUDA call or engine
+    build). Deliberately not an InspectorError: the service exits 1 and systemd restarts it, where a
+    BackendError (a bundle or setup the user must fix) exits 2 and is not retried."""
+
+
 @dataclass
 class InferenceResult:
     anomaly_maps: np.ndarray  # float32 (N, H, W)

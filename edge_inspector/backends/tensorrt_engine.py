@@ -26,6 +26,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendError, ConfigError
+from .base import BackendRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def cuda_call(result, what: str):
     if err != cudart.cudaError_t.cudaSuccess:
         _, text = cudart.cudaGetErrorString(err)
         text = text.decode() if isinstance(text, bytes) else str(text)
-        raise BackendError(f"CUDA {what} failed: {getattr(err, 'name', err)} ({text})")
+        raise BackendRuntimeError(f"CUDA {what} failed: {getattr(err, 'name', err)} ({text})")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -474,7 +475,10 @@ def build_serialized(bundle: Bundle, options: BuildOptions) -> bytes:
              bundle.onnx_path, options.opt_batch, options.max_batch, options.workspace_mb)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendError(f"{bundle.onnx_path}: TensorRT engine build failed (see the TensorRT errors above)")
+        # The graph parsed and checked, so this is the builder itself (most often out of GPU memory on a
+        # busy Jetson): worth a restart, unlike a graph TensorRT cannot parse.
+        raise BackendRuntimeError(f"{bundle.onnx_path}: TensorRT engine build failed (see the TensorRT errors "
+                                  "above)")
     with contextlib.suppress(OSError):
         _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
@@ -532,12 +536,63 @@ def _read_verified(bundle: Bundle, rel: str) -> bytes:
     return data
 
 
+def engine_cache_dir(bundle: Bundle, environ: dict[str, str] | None = None) -> Path | None:
+    """Where the service keeps engines it built itself when the bundle folder is read-only.
+
+    Under the unit, `ProtectSystem=strict` makes /opt (and so the bundle) read-only; systemd passes the
+    unit's `StateDirectory=` as $STATE_DIRECTORY (/var/lib/edge-inspector), which stays writable. One
+    sub-folder per model.onnx sha256, so an engine is never used with another graph.
+    """
+    state = (os.environ if environ is None else environ).get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state) / "engines" / bundle.sha256[:16] if state else None
+
+
+def read_cached_engine(folder: Path, device: DeviceInfo, precision: str | None) -> tuple[str, bytes] | None:
+    """(path, bytes) of a cached engine for this device whose sha256 sidecar matches; None otherwise."""
+    try:
+        names = sorted(p.name for p in folder.glob("*.engine"))
+    except OSError:
+        return None
+    chosen = select_engine([f"{ENGINE_DIR}/{name}" for name in names], device, precision)
+    if chosen is None:
+        return None
+    path = folder / chosen.rpartition("/")[2]
+    try:
+        data = path.read_bytes()
+        recorded = Path(str(path) + ".sha256").read_text().strip()
+    except OSError as err:
+        log.warning("ignoring cached engine %s (%s); building a new one", path, err)
+        return None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        log.warning("ignoring cached engine %s: sha256 mismatch (truncated or altered); building a new one", path)
+        return None
+    return str(path), data
+
+
+def save_cached_engine(folder: Path, filename: str, data: bytes) -> Path:
+    """Store an engine and its sha256 sidecar (engine first: a sidecar never vouches for a partial file)."""
+    path = folder / filename
+    _write_atomic(path, data)
+    _write_atomic(Path(str(path) + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    return path
+
+
 def ensure_engine(bundle: Bundle, device: DeviceInfo, precision: str | None,
                   max_batch: int = DEFAULT_MAX_BATCH) -> tuple[str, bytes]:
-    """The matching engine's (path, bytes), building one first when the bundle has none for this device."""
+    """The matching engine's (path, bytes), building one first when the bundle has none for this device.
+
+    Order: an engine recorded in the bundle, one cached in the state directory, else build (minutes: the
+    service keeps systemd's start timeout extended meanwhile) and save it in the bundle when writable,
+    else in the state directory.
+    """
     chosen = select_engine(bundle.meta.files, device, precision)
     if chosen is not None:
         return chosen, _read_verified(bundle, chosen)
+    cache = engine_cache_dir(bundle)
+    cached = read_cached_engine(cache, device, precision) if cache is not None else None
+    if cached is not None:
+        log.info("using TensorRT engine %s built earlier by this service", cached[0])
+        return cached
     with bundle_lock(bundle) as writable:
         # Another service on this device may have built it while we waited for the lock.
         with contextlib.suppress(Exception):
@@ -554,6 +609,14 @@ def ensure_engine(bundle: Bundle, device: DeviceInfo, precision: str | None,
         log.warning("no TensorRT engine in %s for %s (sm%s, TensorRT %s): building a %s engine now, this "
                     "takes minutes", bundle.path, device.gpu_name, device.sm, device.trt_version, precision)
         result = _build_and_save(bundle, options, device, writable)
+    if not result.saved and cache is not None:
+        try:
+            path = save_cached_engine(cache, result.rel_path.rpartition("/")[2], result.engine)
+            log.warning("built %s in %.1f s; the bundle folder is read-only, saved in %s", result.rel_path,
+                        result.seconds, path)
+            return str(path), result.engine
+        except OSError as err:
+            log.warning("could not save the engine in %s (%s)", cache, err)
     log.warning("built %s in %.1f s%s", result.rel_path, result.seconds,
-                "" if result.saved else " (not saved: bundle folder is read-only)")
+                "" if result.saved else " (not saved: bundle folder is read-only and no state directory)")
     return result.rel_path, result.engine
