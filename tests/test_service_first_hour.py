@@ -1,0 +1,256 @@
+"""The first hour on a line: install permissions, honest health from the first message to the last,
+bad files as error results, exit codes, start-timeout extension, TensorRT fallback and engine cache,
+watchdog retry and process pauses. Real processes, real sockets, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from edge_inspector.backends import BackendRuntimeError, create_backend
+from edge_inspector.config import parse_config
+from edge_inspector.errors import BackendError
+from edge_inspector.service import Service
+from edge_inspector.subscriber import Subscriber
+from edge_inspector.systemd import Notifier, extending_start
+
+from service_helpers import (CLI_CODE, LANES, REPO, conveyor_frames, copy_world_readable, endpoint, fitted_bundle,
+                             shared_folder, subprocess_env, unprivileged_run, write_video)
+from test_service import NotifyListener, SilentCamera, config_data, wait_for
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return fitted_bundle(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def installed(bundle):
+    """A world-readable folder like /var/lib/edge-inspector after the documented install (as root)."""
+    folder = shared_folder("first-hour")
+    copy_world_readable(bundle.path, folder / "bundle")
+    frames = folder / "frames"
+    frames.mkdir(mode=0o755)
+    for i, image in enumerate(conveyor_frames(np.random.default_rng(51), 3, [False, True, False])[0]):
+        cv2.imwrite(str(frames / f"{i:02d}.png"), image)
+        (frames / f"{i:02d}.png").chmod(0o644)
+    yield folder
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_config(folder: Path, data: dict) -> Path:
+    path = folder / "line.yaml"
+    path.write_text(yaml.safe_dump(data))
+    path.chmod(0o644)
+    return path
+
+
+def test_an_unreadable_image_is_an_error_result_naming_it_and_the_run_goes_on(installed):
+    """The issue's case: a mode-600 file in the folder as the service user. Before: exit 1, restart, again."""
+    (installed / "frames" / "01.png").chmod(0o600)
+    data = config_data(str(installed / "frames") + "/", installed / "bundle",
+                       publish={"wait_for_subscriber_s": 30.0})
+    config = write_config(installed, data)
+    results, health = [], []
+    with Subscriber(data["publish"]["endpoint"]) as subscriber:
+        stop = threading.Event()
+
+        def receive():
+            while not stop.is_set():
+                message = subscriber.receive(0.2)
+                if message is not None:
+                    (results if message.is_result else health).append(message.header)
+
+        receiver = threading.Thread(target=receive)
+        receiver.start()
+        try:
+            done = unprivileged_run(CLI_CODE, "run", str(config), timeout=120)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            receiver.join(5)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["sequence"] for r in results] == [1, 2, 3]
+    assert [Path(r["source_file"]).name for r in results] == ["00.png", "01.png", "02.png"]
+    bad = results[1]
+    assert bad["verdict"] == "error" and "01.png: cannot read (Permission denied)" in bad["error"]
+    assert set(bad["latency_ms"]) == {"capture", "queue", "tiling", "inference", "decision", "encode", "total"}
+    assert bad["latency_ms"]["inference"] == 0.0
+    assert results[0]["verdict"] == "pass" and results[2]["verdict"] == "pass"
+    final = health[-1]
+    assert final["state"] == "stopped" and final["ok"] and final["errors"] == 1 and final["unreadable_images"] == 1
+
+
+def test_unreadable_config_or_bundle_is_one_line_and_exit_2_for_the_service_user(installed):
+    config = write_config(installed, config_data(str(installed / "frames") + "/", installed / "bundle"))
+    config.chmod(0o600)
+    for command in (["run", str(config)], ["check-config", "--config", str(config)]):
+        done = unprivileged_run(CLI_CODE, *command)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [f"error: {config}: cannot read (Permission denied; the "
+                                                    "service user needs read access to it)"]
+    config.chmod(0o644)
+    (installed / "bundle" / "model.onnx").chmod(0o600)
+    done = unprivileged_run(CLI_CODE, "run", "--config", str(config))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "model.onnx: cannot read (Permission denied" in done.stderr
+
+
+def test_health_is_ok_from_the_first_message_and_stopped_is_the_last(bundle, tmp_path):
+    """Three starts: every health message says ok while stages start, the run's last message is `stopped`."""
+    frames, _ = conveyor_frames(np.random.default_rng(52), 3, 0.0)
+    video = write_video(tmp_path / "line.avi", frames)
+    for attempt in range(3):
+        data = config_data(str(video), bundle.path, publish={"health_interval_s": 0.05})
+        service = Service(parse_config(data))
+        messages = []
+        with Subscriber(data["publish"]["endpoint"]) as subscriber:
+            time.sleep(0.3)  # the SUB is connecting while the service binds and loads
+            runner = threading.Thread(target=service.run, kwargs={"install_signals": False})
+            runner.start()
+            runner.join(60)
+            while (message := subscriber.receive(1.0)) is not None:
+                messages.append(message.header)
+        assert not runner.is_alive()
+        health = [m for m in messages if m["type"] == "health"]
+        assert health and all(h["ok"] for h in health), [h["problems"] for h in health if not h["ok"]]
+        assert messages[-1]["type"] == "health" and messages[-1]["state"] == "stopped"
+        assert sum(m["type"] == "health" and m["state"] == "stopped" for m in messages) == 1
+        assert messages[-1]["processed"] == 3
+
+
+def test_extend_timeout_is_sent_while_a_slow_start_runs():
+    notify = NotifyListener()
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": notify.path})
+        with extending_start(notifier, "building TensorRT engine", step_s=0.3):
+            time.sleep(1.0)  # a slow engine build
+        count = len(notify.seen("EXTEND_TIMEOUT_USEC"))
+        time.sleep(0.4)
+        assert len(notify.seen("EXTEND_TIMEOUT_USEC")) == count  # nothing after the build ended
+        assert count >= 3 and notify.seen("EXTEND_TIMEOUT_USEC")[0]["EXTEND_TIMEOUT_USEC"] == "300000"
+        assert notify.seen("EXTEND_TIMEOUT_USEC")[-1]["STATUS"].startswith("starting: building TensorRT engine (")
+        with extending_start(notifier, "hung", step_s=0.3, limit_s=0.4):
+            time.sleep(0.8)
+            at_limit = len([m for m in notify.messages if "hung" in m.get("STATUS", "")])
+            time.sleep(0.5)
+            later = len([m for m in notify.messages if "hung" in m.get("STATUS", "")])
+        assert at_limit >= 2 and later == at_limit  # bounded: a start that never ends is not kept alive forever
+    finally:
+        notify.close()
+
+
+class FailingTensorRT:
+    """Stands in for the TensorRT backend on machines without a GPU: it fails to start, as on a busy Jetson."""
+
+    def __init__(self, bundle):
+        raise BackendRuntimeError("CUDA cudaMalloc failed: cudaErrorMemoryAllocation (out of memory)")
+
+
+def test_auto_falls_back_to_onnxruntime_when_tensorrt_fails_to_start(bundle, caplog):
+    backend = create_backend(bundle, "auto", threads=1, tensorrt_factory=FailingTensorRT,
+                             warm_up=lambda b: b.infer(np.zeros((1, 128, 128, 3), np.uint8)))
+    try:
+        assert backend.describe().startswith("onnxruntime")
+    finally:
+        backend.close()
+    assert "TensorRT failed to start (BackendRuntimeError: CUDA cudaMalloc failed" in caplog.text
+    with pytest.raises(BackendRuntimeError):  # explicit tensorrt: no fallback, and restartable (not exit 2)
+        create_backend(bundle, "tensorrt", tensorrt_factory=FailingTensorRT)
+    assert not issubclass(BackendRuntimeError, BackendError)
+
+
+def test_engines_built_by_the_service_go_to_the_state_directory(bundle, tmp_path):
+    from edge_inspector.backends.tensorrt_engine import (DeviceInfo, engine_cache_dir, engine_filename,
+                                                         read_cached_engine, save_cached_engine)
+
+    device = DeviceInfo(gpu_name="Orin", compute_capability=(8, 7), trt_version="10.3.0")
+    assert engine_cache_dir(bundle, {}) is None
+    folder = engine_cache_dir(bundle, {"STATE_DIRECTORY": str(tmp_path / "state")})
+    assert folder == tmp_path / "state" / "engines" / bundle.sha256[:16]
+    assert read_cached_engine(folder, device, None) is None
+    path = save_cached_engine(folder, engine_filename(device, "fp16"), b"serialized engine")
+    assert read_cached_engine(folder, device, None) == (str(path), b"serialized engine")
+    other = DeviceInfo(gpu_name="Orin", compute_capability=(8, 7), trt_version="10.4.0")
+    assert read_cached_engine(folder, other, None) is None  # another TensorRT: never used
+    path.write_bytes(b"serialized eng")  # truncated
+    assert read_cached_engine(folder, device, None) is None
+
+
+def test_a_withheld_watchdog_ping_goes_out_as_soon_as_the_stage_recovers(bundle, tmp_path):
+    camera = SilentCamera()  # the open hangs for open_timeout_s, then fails; capture beats again
+    notify = NotifyListener()
+    data = config_data(camera.url, bundle.path, camera={"open_timeout_s": 1.5, "read_timeout_s": 1.5,
+                                                        "reconnect_initial_s": 5.0, "reconnect_max_s": 5.0})
+    config = parse_config(data)
+    config.pipeline.stall_timeout_s = 0.5  # below the open timeout on purpose: the open looks hung
+    service = Service(config, notifier=Notifier({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "8000000"}))
+    runner = threading.Thread(target=service.run, kwargs={"install_signals": False})
+    try:
+        runner.start()
+        wait_for(lambda: any("capture unresponsive" in p for p in service.problems()), 30, "the hang")
+        pings = len(notify.seen("WATCHDOG"))
+        wait_for(lambda: not service.problems(), 10, "capture to beat again")
+        cleared = time.monotonic()
+        wait_for(lambda: len(notify.seen("WATCHDOG")) > pings, 3, "the withheld ping")
+        # The ping interval is 4 s: the ping came on the first supervisor tick after the problem cleared,
+        # not at the next scheduled slot.
+        assert time.monotonic() - cleared < 2.0
+    finally:
+        service.stop()
+        runner.join(20)
+        camera.close()
+        notify.close()
+
+
+@pytest.mark.slow
+def test_a_whole_process_pause_is_not_a_stall(bundle, tmp_path):
+    """SIGSTOP for longer than the stall timeout, then SIGCONT: no watchdog withheld, health stays ok."""
+    frames, _ = conveyor_frames(np.random.default_rng(53), 4, 0.0)
+    video = write_video(tmp_path / "line.avi", frames)
+    data = config_data(str(video), bundle.path, camera={"fps": 5.0, "loop": True, "open_timeout_s": 0.5,
+                                                        "read_timeout_s": 0.5},
+                       pipeline={"stall_timeout_s": 1.0}, publish={"health_interval_s": 0.1})
+    config = tmp_path / "line.yaml"
+    config.write_text(yaml.safe_dump(data))
+    notify = NotifyListener()
+    process = subprocess.Popen([sys.executable, "-m", "edge_inspector.cli", "run", str(config)],
+                               env=subprocess_env(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    health = []
+    try:
+        with Subscriber(data["publish"]["endpoint"], ("health.",)) as subscriber:
+            wait_for(lambda: notify.seen("READY"), 90, "READY")
+            wait_for(lambda: (m := subscriber.receive(0.5)) is not None and m.header["processed"] > 2, 30, "frames")
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(2.5)  # 2.5 x the stall timeout
+            pings = len(notify.seen("WATCHDOG"))
+            process.send_signal(signal.SIGCONT)
+            wait_for(lambda: len(notify.seen("WATCHDOG")) > pings, 3, "a ping right after the pause")
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                if (message := subscriber.receive(0.2)) is not None:
+                    health.append(message.header)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        notify.close()
+    assert process.returncode == 0
+    assert health and all(h["ok"] for h in health), [h["problems"] for h in health]
+    assert "withholding watchdog" not in output and "the process was paused" in output
