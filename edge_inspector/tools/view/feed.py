@@ -39,7 +39,7 @@ class Link:
 
     def status(self, now: float, silent_after_s: float) -> tuple[bool, str]:
         if self.tcp_up is False:
-            return False, f"disconnected from {self.endpoint}"
+            return False, f"lost connection to {self.endpoint} (service stopped or unreachable; retrying)"
         if self.last_message is None:
             return False, f"waiting for the first message from {self.endpoint}"
         silent = now - self.last_message

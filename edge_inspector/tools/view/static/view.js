@@ -110,7 +110,7 @@
 
     wire() {
       $(this.el, ".back-live").addEventListener("click", () => this.endReview());
-      $(this.el, "details").addEventListener("toggle", () => this.drawHistogram());
+      $(this.el, "details").addEventListener("toggle", () => { this.drawHistogram(); this.fetchStatus(); });
       const number = $(this.el, ".candidate"), range = $(this.el, ".candidate-range");
       number.addEventListener("input", () => { this.candidate = parseFloat(number.value); this.syncRange(); this.drawHistogram(); });
       range.addEventListener("input", () => {
@@ -127,6 +127,22 @@
         this.act("reload", bundle ? { bundle } : {},
           (r) => `reloaded ${r.model_id} (was ${r.previous}); threshold ${fmt(r.threshold, 4)}`);
       });
+    }
+
+    async fetchStatus() {  // what the service allows and runs, shown beside the threshold controls
+      if (!control.enabled || !$(this.el, "details").open) return;
+      const headers = {};
+      const key = sessionStorage.getItem("edge-inspector-key");
+      if (control.auth === "token" && key) headers.Authorization = `Bearer ${key}`;
+      try {
+        const reply = await (await fetch(`/api/control/${encodeURIComponent(this.id)}/status`, { headers })).json();
+        if (!reply.ok) return;
+        const bits = [`bundle threshold ${fmt(reply.bundle_threshold, 4)}`];
+        if (reply.threshold_range) bits.push(`allowed ${fmt(reply.threshold_range[0], 4)} – ${fmt(reply.threshold_range[1], 4)}`);
+        if (reply.model) bits.push(`bundle ${reply.model.path}`);
+        $(this.el, ".service-status").textContent = bits.join(" · ");
+        if (reply.model && !$(this.el, ".bundle").value) $(this.el, ".bundle").placeholder = reply.model.path;
+      } catch (err) { /* the service may be restarting; the next opening asks again */ }
     }
 
     async act(action, body, describe) {
