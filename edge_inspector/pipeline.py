@@ -275,7 +275,7 @@ class Stage:
         ended at `resumed_at`: it could not have beaten while everything was stopped."""
         if self.error:
             return f"{self.name} crashed ({self.error})"
-        if self.finished:
+        if self.finished or self.thread.ident is None:  # done, or not started yet (stages start one by one)
             return None
         if not self.thread.is_alive():
             return f"{self.name} is not running"

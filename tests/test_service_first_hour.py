@@ -1,4 +1,4 @@
-"""The first hour on a line: install permissions, honest health from the first message to the last,
+"""The service side of the first hour on a line (issues 8 and 11): install permissions, honest health from the first message to the last,
 bad files as error results, exit codes, start-timeout extension, TensorRT fallback and engine cache,
 watchdog retry and process pauses. Real processes, real sockets, real files."""
 
@@ -193,22 +193,28 @@ def test_engines_built_by_the_service_go_to_the_state_directory(bundle, tmp_path
 def test_a_withheld_watchdog_ping_goes_out_as_soon_as_the_stage_recovers(bundle, tmp_path):
     camera = SilentCamera()  # the open hangs for open_timeout_s, then fails; capture beats again
     notify = NotifyListener()
-    data = config_data(camera.url, bundle.path, camera={"open_timeout_s": 1.5, "read_timeout_s": 1.5,
-                                                        "reconnect_initial_s": 5.0, "reconnect_max_s": 5.0})
+    data = config_data(camera.url, bundle.path, camera={"open_timeout_s": 4.0, "read_timeout_s": 4.0,
+                                                        "reconnect_initial_s": 8.0, "reconnect_max_s": 8.0})
     config = parse_config(data)
-    config.pipeline.stall_timeout_s = 0.5  # below the open timeout on purpose: the open looks hung
-    service = Service(config, notifier=Notifier({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "8000000"}))
+    config.pipeline.stall_timeout_s = 0.5  # below the open timeout on purpose: the open looks hung for 3.5 s
+    service = Service(config, notifier=Notifier({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "6000000"}))
     runner = threading.Thread(target=service.run, kwargs={"install_signals": False})
     try:
         runner.start()
         wait_for(lambda: any("capture unresponsive" in p for p in service.problems()), 30, "the hang")
-        pings = len(notify.seen("WATCHDOG"))
-        wait_for(lambda: not service.problems(), 10, "capture to beat again")
-        cleared = time.monotonic()
-        wait_for(lambda: len(notify.seen("WATCHDOG")) > pings, 3, "the withheld ping")
-        # The ping interval is 4 s: the ping came on the first supervisor tick after the problem cleared,
-        # not at the next scheduled slot.
-        assert time.monotonic() - cleared < 2.0
+        hung, pings = time.monotonic(), len(notify.seen("WATCHDOG"))
+        cleared = pinged = None
+        while time.monotonic() < hung + 10 and (cleared is None or pinged is None):
+            now = time.monotonic()
+            if cleared is None and not service.problems():
+                cleared = now
+            if pinged is None and len(notify.seen("WATCHDOG")) > pings:
+                pinged = now
+            time.sleep(0.01)
+        assert cleared is not None and pinged is not None
+        assert cleared - hung > 3.0  # the hang outlasted the 3 s ping interval: a ping was due and withheld
+        # ... and it went out on the first supervisor tick after the problem cleared, not 3 s later.
+        assert pinged - cleared < 1.0
     finally:
         service.stop()
         runner.join(20)
