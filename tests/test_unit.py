@@ -1,0 +1,45 @@
+"""The systemd unit: hardened to an exposure of 3.0 or below, and consistent with what the service does."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from service_helpers import REPO
+
+UNIT = REPO / "systemd" / "edge-inspector@.service"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_security_scores_3_or_below(tmp_path):
+    unit = tmp_path / "edge-inspector@line1.service"  # an instance name, as systemctl would see it
+    unit.write_text(UNIT.read_text())
+    done = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
+                          text=True, timeout=120)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout + done.stderr)
+    if match is None and "offline" in done.stderr:
+        pytest.skip("this systemd-analyze has no --offline mode")
+    assert match is not None, done.stdout[-2000:] + done.stderr[-2000:]
+    assert float(match.group(1)) <= 3.0
+
+
+def test_every_relaxation_and_limit_the_issue_names_is_there():
+    settings = unit_settings()
+    assert settings["MemoryMax"] and settings["CapabilityBoundingSet"] == [""]
+    assert settings["RestartPreventExitStatus"] == ["2"] and settings["StateDirectory"] == ["edge-inspector"]
+    assert settings["IPAddressDeny"] == ["any"] and "localhost" in settings["IPAddressAllow"][0]
+    text = UNIT.read_text()
+    for relaxed in ("PrivateDevices", "ProcSubset", "PrivateNetwork", "@resources", "IP traffic"):
+        assert f"Relaxation: {relaxed}" in text or f"Relaxation for" in text and relaxed in text, relaxed
