@@ -167,7 +167,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 def format_table(rows: list[Row]) -> str:
     head = ("| category | kind | settings | image AUROC | pixel AUROC | AUPRO | false reject @bundle | "
             "escape @bundle | escape @1% FR | escape @5% FR | fit s | fit peak RSS MB | ms/image b1 |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r.error:
             lines.append(f"| {r.category} | {r.kind} | {r.settings} | error: {r.error} |")
@@ -191,8 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime and torch threads")
     parser.add_argument("--bundles", type=Path, default=None, help="keep bundles here (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="append the rows to this JSON-lines file")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="only print the table of rows saved earlier with --json (last row per cell wins)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.report is not None:
+        saved: dict[tuple[str, str, str], Row] = {}
+        for line in args.report.read_text().splitlines():
+            row = Row(**json.loads(line))
+            saved[(row.category, row.kind, row.settings)] = row
+        print(format_table(sorted(saved.values(), key=lambda r: (r.category, KINDS.index(r.kind), r.settings))))
+        return 0
 
     found = find_categories(args.data)
     if not found:

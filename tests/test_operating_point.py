@@ -85,3 +85,27 @@ def _calibrate_cli(bundle_dir: str, folder: str) -> None:
     from export.validation import calibrate_with_defects
 
     calibrate_with_defects(Bundle.load(bundle_dir), Path(folder))
+
+
+def test_fit_cli_threshold_by_target_escape(synthetic_dataset, tmp_path):
+    from export.cli import main
+
+    out = tmp_path / "escape"
+    args = ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out), "--model", "padim",
+            "--input-size", "64", "--feature-dim", "20", "--folds", "2", "--target-frr", "0.1",
+            "--validation", str(synthetic_dataset)]
+    result = CliRunner().invoke(main, [*args, "--threshold-rule", "escape"])
+    assert result.exit_code == 2 and "--target-escape" in result.output
+    result = CliRunner().invoke(main, [*args, "--threshold-rule", "escape", "--target-escape", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert "false reject" in result.output and "<- bundle threshold" in result.output
+    t = Bundle.load(out).meta.threshold
+    assert t.rule == "escape_rate" and t.validation_escape_rate <= 0.1
+
+
+def test_patchcore_options_are_refused_for_padim(synthetic_dataset, tmp_path):
+    from export.cli import main
+
+    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out",
+                                       str(tmp_path / "x"), "--model", "padim", "--bank-size", "10"])
+    assert result.exit_code == 2 and "--bank-size is a patchcore option" in result.output
