@@ -96,6 +96,56 @@ class FrameSource(ABC):
     def describe(self) -> str: ...
 
 
+class TimedReader:
+    """Runs `capture.read()` on a helper thread so a frozen stream is declared lost after read_timeout_s.
+
+    OpenCV's FFmpeg read timeout is a hint to the demuxer, not a deadline: a frozen RTSP stream was declared
+    lost after 15 s with a 5 s setting (the RTSP demuxer retries internally), and a hung V4L2 driver blocks
+    for its own timeout. A blocking read cannot be interrupted, so on timeout the capture is abandoned to
+    the helper thread, which releases it when the read finally returns; the camera reconnects meanwhile.
+    """
+
+    def __init__(self, capture: cv2.VideoCapture, name: str):
+        self.capture = capture
+        self._request = threading.Event()
+        self._done = threading.Event()
+        self._abandoned = False
+        self._closed = False
+        self._result: tuple[bool, np.ndarray | None] = (False, None)
+        self.thread = threading.Thread(target=self._run, name=f"edge-read-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._request.wait()
+            self._request.clear()
+            if self._closed:
+                break
+            try:
+                self._result = self.capture.read()
+            except cv2.error:
+                self._result = (False, None)
+            self._done.set()
+            if self._abandoned:
+                break
+        self.capture.release()
+
+    def read(self, timeout_s: float) -> tuple[bool, np.ndarray | None] | None:
+        """(ok, image), or None when no frame came within timeout_s (the reader is then abandoned)."""
+        self._done.clear()
+        self._request.set()
+        if not self._done.wait(timeout_s):
+            self._abandoned = True
+            return None
+        return self._result
+
+    def close(self) -> None:
+        """Release the capture: at once when idle, by the helper thread after its read when abandoned."""
+        if not self._abandoned:
+            self._closed = True
+            self._request.set()
+
+
 class VideoCaptureSource(FrameSource):
     """Device, file, URL or GStreamer pipeline through cv2.VideoCapture."""
 
@@ -104,6 +154,7 @@ class VideoCaptureSource(FrameSource):
         self.kind = kind
         self.finite = kind == "file" and not config.loop
         self.capture: cv2.VideoCapture | None = None
+        self.reader: TimedReader | None = None  # live sources: reads with a hard deadline
         if kind == "gstreamer" and not gstreamer_available():
             raise ConfigError("camera.source: a GStreamer pipeline needs OpenCV built with GStreamer "
                               "(this OpenCV is not; see cv2.getBuildInformation())")
@@ -137,11 +188,20 @@ class VideoCaptureSource(FrameSource):
             if self.config.fps:
                 capture.set(cv2.CAP_PROP_FPS, self.config.fps)
         self.capture = capture
+        if self.kind != "file":
+            self.reader = TimedReader(capture, self.kind)
 
     def read(self) -> np.ndarray:
         if self.capture is None:
             raise SourceError(f"{self.describe()} is not open")
-        ok, image = self.capture.read()
+        if self.reader is not None:
+            got = self.reader.read(self.config.read_timeout_s)
+            if got is None:
+                raise SourceError(f"no frame from {self.describe()} within camera.read_timeout_s "
+                                  f"({self.config.read_timeout_s:g} s)")
+            ok, image = got
+        else:
+            ok, image = self.capture.read()
         if ok and image is not None:
             return to_bgr8(image, self.describe())
         if self.kind == "file":
@@ -154,6 +214,10 @@ class VideoCaptureSource(FrameSource):
         raise SourceError(f"read failed on {self.describe()}")
 
     def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()  # the reader thread owns the capture and releases it
+            self.reader = None
+            self.capture = None
         if self.capture is not None:
             self.capture.release()
             self.capture = None

@@ -215,3 +215,69 @@ def test_config_level_source_errors():
     if not gstreamer_available():
         with pytest.raises(ConfigError, match="GStreamer"):
             create_source(camera_config("videotestsrc ! appsink", kind="gstreamer"))
+
+
+class FreezingMjpegCamera:
+    """A real HTTP MJPEG camera (multipart JPEG, like most IP cameras) that freezes after `frames` frames:
+    the connection stays open and nothing more is sent."""
+
+    def __init__(self, frames: int = 6):
+        import http.server
+        import socketserver
+
+        images = [cv2.imencode(".jpg", image)[1].tobytes() for image in numbered_frames(frames)]
+        server = self
+        self.release = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    for data in images:
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(data) + data + b"\r\n")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:
+                    return
+                server.release.wait(30)  # frozen
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/video.mjpg"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_frozen_stream_is_declared_lost_after_read_timeout(tmp_path):
+    camera_server = FreezingMjpegCamera()
+    try:
+        config = camera_config(camera_server.url, kind="url", read_timeout_s=1.0, open_timeout_s=5.0,
+                               reconnect_initial_s=30.0, reconnect_max_s=30.0)
+        camera = Camera(create_source(config), config)
+        stop = threading.Event()
+        times: list[float] = []
+        reader = threading.Thread(target=lambda: [times.append(time.monotonic())
+                                                  for _ in camera.frames(stop, lambda: None)])
+        reader.start()
+        deadline = time.monotonic() + 15
+        while camera.state != "waiting" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        lost = time.monotonic()
+        stop.set()
+        reader.join(10)
+        assert len(times) >= 6 and camera.disconnects == 1  # FFmpeg may repeat the first frame
+        assert "within camera.read_timeout_s (1 s)" in camera.last_error
+        assert 0.9 < lost - times[-1] < 3.0  # declared lost after about read_timeout_s (1 s)
+    finally:
+        camera_server.close()
