@@ -277,7 +277,8 @@ def test_a_frozen_stream_is_declared_lost_after_read_timeout(tmp_path):
         stop.set()
         reader.join(10)
         assert len(times) >= 6 and camera.disconnects == 1  # FFmpeg may repeat the first frame
-        assert "within camera.read_timeout_s (1 s)" in camera.last_error
+        # Whichever gives up first, FFmpeg's own timeout or the reader's deadline, it is about 1 s.
+        assert "within camera.read_timeout_s (1 s)" in camera.last_error or "read failed" in camera.last_error
         assert 0.9 < lost - times[-1] < 3.0  # declared lost after about read_timeout_s (1 s)
     finally:
         camera_server.close()
