@@ -308,6 +308,8 @@ def test_bounded_fan_out_and_resync():
     assert camera["latest"]["header"]["sequence"] == 100
     assert [f["header"]["sequence"] for f in camera["fails"]] == [80, 90, 100]  # last 3 kept, pictures too
     assert hub.image("c", camera["fails"][0]["id"]) is not None
+    hub.add_health({"camera_id": "d", "type": "health", "state": "waiting", "last_sequence": 0})
+    assert [c["camera_id"] for c in hub.snapshot()["cameras"]] == ["c", "d"]  # one tile per camera id
 
 
 def test_counters_follow_health_then_results_and_restarts():
