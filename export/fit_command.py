@@ -41,7 +41,7 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
               help="torchvision-compatible state_dict file for resnet backbones.")
 @click.option("--input-size", default="256", show_default=True, help="Model input, N or HxW (multiples of 16).")
 @click.option("--feature-dim", type=int, default=100, show_default=True,
-              help="Random channel subset size (0 = all channels).")
+              help="PaDiM: random channel subset size (0 = all channels).")
 @click.option("--target-frr", type=float, default=0.005, show_default=True,
               help="Target false-reject rate of good parts that the threshold certifies.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
