@@ -35,7 +35,12 @@ from .archive import Archive
 from .backends import Backend, BackendRuntimeError, create_backend
 from .bundle import Bundle
 from .config import ServiceConfig, config_to_dict, load_config
-from .decision import DecisionParams, check_in_range, threshold_range, validate_threshold
+from .decision import (
+    DecisionParams,
+    check_in_range,
+    threshold_range,
+    validate_threshold,
+)
 from .errors import ConfigError
 from .pipeline import ActiveModel, InferenceEngine, Pipeline, Stats
 from .publish import ControlServer, Publisher
@@ -116,7 +121,7 @@ class Service:
         self.engine: InferenceEngine | None = None
         self.camera: Camera | None = None
         self.archive: Archive | None = None
-        self.curve = None
+        self.curve: Any = None  # keys.CurveServer when security.curve_secret_key is set
         self.ready = threading.Event()
         self.threshold_source = "bundle"
         self.threshold_bounds: tuple[float, float] = (0.0, float("inf"))

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from service_helpers import (
+    copy_world_readable,
+    fitted_bundle,
+    shared_folder,
+    unprivileged_run,
+)
 
 from edge_inspector.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
 from edge_inspector.errors import BundleError
-
-from service_helpers import copy_world_readable, fitted_bundle, shared_folder, unprivileged_run
 
 
 @pytest.fixture(scope="module")

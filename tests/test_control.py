@@ -14,6 +14,15 @@ import time
 import numpy as np
 import pytest
 import zmq
+from service_helpers import (
+    LANES,
+    REPO,
+    conveyor_frames,
+    endpoint,
+    fitted_bundle,
+    subprocess_env,
+    write_video,
+)
 
 from edge_inspector.config import parse_config
 from edge_inspector.control_command import build_request
@@ -21,8 +30,6 @@ from edge_inspector.errors import ConfigError
 from edge_inspector.publish import MAX_CONTROL_MESSAGE, parse_request, send_control
 from edge_inspector.service import Service
 from edge_inspector.subscriber import Subscriber
-
-from service_helpers import LANES, REPO, conveyor_frames, endpoint, fitted_bundle, subprocess_env, write_video
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,15 @@ import time
 import numpy as np
 import pytest
 import zmq
+from service_helpers import (
+    LANES,
+    REPO,
+    conveyor_frames,
+    endpoint,
+    fitted_bundle,
+    subprocess_env,
+    write_video,
+)
 
 from edge_inspector.config import parse_config
 from edge_inspector.errors import ConfigError
@@ -18,8 +27,6 @@ from edge_inspector.keys import ClientKeys, curve_available, generate_keypair
 from edge_inspector.publish import send_control
 from edge_inspector.service import Service
 from edge_inspector.subscriber import Subscriber
-
-from service_helpers import LANES, REPO, conveyor_frames, endpoint, fitted_bundle, subprocess_env, write_video
 
 pytestmark = pytest.mark.skipif(not curve_available(), reason="libzmq without CURVE")
 

@@ -16,15 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from service_helpers import (
+    LANES,
+    PART,
+    REPO,
+    FlakyVideoServer,
+    conveyor_frames,
+    endpoint,
+    fitted_bundle,
+    subprocess_env,
+    write_video,
+)
 
 from edge_inspector.bundle import Bundle, finalize_bundle
 from edge_inspector.config import parse_config
 from edge_inspector.publish import send_control
 from edge_inspector.service import Service
 from edge_inspector.subscriber import Subscriber
-
-from service_helpers import (LANES, PART, REPO, FlakyVideoServer, conveyor_frames, endpoint, fitted_bundle,
-                             subprocess_env, write_video)
 
 
 @pytest.fixture(scope="session")

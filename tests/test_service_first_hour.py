@@ -4,8 +4,6 @@ watchdog retry and process pauses. Real processes, real sockets, real files."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +15,18 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from service_helpers import (
+    CLI_CODE,
+    REPO,
+    conveyor_frames,
+    copy_world_readable,
+    fitted_bundle,
+    shared_folder,
+    subprocess_env,
+    unprivileged_run,
+    write_video,
+)
+from test_service import NotifyListener, SilentCamera, config_data, wait_for
 
 from edge_inspector.backends import BackendRuntimeError, create_backend
 from edge_inspector.config import parse_config
@@ -24,10 +34,6 @@ from edge_inspector.errors import BackendError
 from edge_inspector.service import Service
 from edge_inspector.subscriber import Subscriber
 from edge_inspector.systemd import Notifier, extending_start
-
-from service_helpers import (CLI_CODE, LANES, REPO, conveyor_frames, copy_world_readable, endpoint, fitted_bundle,
-                             shared_folder, subprocess_env, unprivileged_run, write_video)
-from test_service import NotifyListener, SilentCamera, config_data, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +180,13 @@ def test_auto_falls_back_to_onnxruntime_when_tensorrt_fails_to_start(bundle, cap
 
 
 def test_engines_built_by_the_service_go_to_the_state_directory(bundle, tmp_path):
-    from edge_inspector.backends.tensorrt_engine import (DeviceInfo, engine_cache_dir, engine_filename,
-                                                         read_cached_engine, save_cached_engine)
+    from edge_inspector.backends.tensorrt_engine import (
+        DeviceInfo,
+        engine_cache_dir,
+        engine_filename,
+        read_cached_engine,
+        save_cached_engine,
+    )
 
     device = DeviceInfo(gpu_name="Orin", compute_capability=(8, 7), trt_version="10.3.0")
     assert engine_cache_dir(bundle, {}) is None

@@ -12,12 +12,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from service_helpers import FlakyVideoServer, read_video, write_video
 
 from edge_inspector.config import CameraConfig
 from edge_inspector.errors import ConfigError
-from edge_inspector.sources import Camera, create_source, detect_kind, gstreamer_available
-
-from service_helpers import FlakyVideoServer, read_video, write_video
+from edge_inspector.sources import (
+    Camera,
+    create_source,
+    detect_kind,
+    gstreamer_available,
+)
 
 
 def camera_config(source, **kwargs) -> CameraConfig:

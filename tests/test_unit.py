@@ -7,7 +7,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from service_helpers import REPO
 
 UNIT = REPO / "systemd" / "edge-inspector@.service"
@@ -42,4 +41,4 @@ def test_every_relaxation_and_limit_the_issue_names_is_there():
     assert settings["IPAddressDeny"] == ["any"] and "localhost" in settings["IPAddressAllow"][0]
     text = UNIT.read_text()
     for relaxed in ("PrivateDevices", "ProcSubset", "PrivateNetwork", "@resources", "IP traffic"):
-        assert f"Relaxation: {relaxed}" in text or f"Relaxation for" in text and relaxed in text, relaxed
+        assert f"Relaxation: {relaxed}" in text or "Relaxation for" in text and relaxed in text, relaxed

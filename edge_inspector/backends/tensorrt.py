@@ -13,9 +13,21 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BackendError
 from .base import Backend, InferenceResult
-from .tensorrt_engine import (DEFAULT_MAX_BATCH, INPUT_NAME, OUTPUT_NAMES, HostDeviceBuffer, cuda_call,
-                              cuda_device_count, ensure_engine, import_cudart, import_tensorrt,
-                              parse_engine_filename, probe_device, trt_logger, unrecorded_engines)
+from .tensorrt_engine import (
+    DEFAULT_MAX_BATCH,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    HostDeviceBuffer,
+    cuda_call,
+    cuda_device_count,
+    ensure_engine,
+    import_cudart,
+    import_tensorrt,
+    parse_engine_filename,
+    probe_device,
+    trt_logger,
+    unrecorded_engines,
+)
 
 log = logging.getLogger(__name__)
 
