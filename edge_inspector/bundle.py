@@ -42,7 +42,9 @@ import yaml
 from . import __version__
 from .errors import BundleError
 
-FORMAT_VERSION = 1
+# 2: bundle.yaml carries meta_sha256 (a digest of its own metadata). A format-1 runtime meeting a format-2
+# bundle says "newer than this runtime supports" instead of tripping over the unknown key.
+FORMAT_VERSION = 2
 BUNDLE_FILE = "bundle.yaml"
 MODEL_FILE = "model.onnx"
 META_DIGEST_KEY = "meta_sha256"
@@ -387,8 +389,8 @@ def _validate(meta: BundleMeta, where: Path) -> None:
 def _check_digest(data: dict[str, Any], where: Path) -> None:
     recorded = data.get(META_DIGEST_KEY)
     if not recorded:
-        raise BundleError(f"{where}: {META_DIGEST_KEY} missing (bundle written by hand or by an older "
-                          "edge-export; export it again)")
+        raise BundleError(f"{where}: {META_DIGEST_KEY} missing (a format-1 bundle from an older edge-export, or "
+                          "written by hand; its metadata is unprotected: export it again with this version)")
     actual = meta_digest(data)
     if recorded != actual:
         raise BundleError(f"{where}: {META_DIGEST_KEY} mismatch (metadata edited after export; expected "
