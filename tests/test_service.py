@@ -386,25 +386,3 @@ def test_sd_notify_abstract_socket_and_watchdog_pid():
     assert other_pid.ping_interval_s is None  # the watchdog belongs to another process
     outside = Notifier({})
     assert not outside.enabled and outside.ready("x") is False
-
-
-@pytest.mark.slow
-def test_demo_runs_the_whole_loop(tmp_path):
-    from click.testing import CliRunner
-
-    from export.demo import demo_command
-
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(demo_command, ["--out", str(out), "--frames", "12", "--train-frames", "8",
-                                               "--fps", "10"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "[5/5] summary" in result.output and "service exit code 0" in result.output
-    assert "image AUROC" in result.output  # the offline replay step printed its metrics
-    assert "results received  12 " in result.output
-    truth = yaml.safe_load((out / "ground_truth.json").read_text())
-    expected = sum(f["defective"] for f in truth["frames"])
-    assert f"(expected {expected} among those frames" in result.output
-    assert result.output.count("\nFAIL ") + result.output.count("\nPASS ") == 12
-    assert (out / "bundle" / "bundle.yaml").is_file() and (out / "demo.yaml").is_file()
-    agreement = int(result.output.split("agreement")[1].split("/")[0])
-    assert agreement >= 11  # the generated defects are obvious: at most one disagreement in 12 frames
