@@ -149,3 +149,52 @@ def test_curve_config_mistakes_are_one_line_config_errors(tmp_path):
             CurveServer(context, config.security.curve_secret_key, None, None)
     finally:
         context.term()
+
+
+def test_the_live_view_follows_a_curve_service_with_its_own_key(secured):
+    """The view is one more client: it sees results and may change the threshold only with keys the service
+    lists; without them the page stays empty and control answers with an error."""
+    import json
+    import urllib.request
+
+    from edge_inspector.tools.view import ViewServer
+
+    service, data, keys, bundle = secured
+    generate_keypair(keys / "results", "view")
+    view_keys = ClientKeys.from_files(keys / "service.key", keys / "results" / "view.key_secret")
+
+    def state(view: ViewServer) -> dict:
+        with urllib.request.urlopen(view.url + "api/state", timeout=5) as reply:
+            return json.loads(reply.read())
+
+    # The service loaded its client keys at start, so the view's key is not allowed in yet: nothing arrives.
+    plain = ViewServer([data["publish"]["endpoint"]], listen="127.0.0.1:0", keys=view_keys)
+    plain.start()
+    try:
+        time.sleep(2.0)
+        assert all(not c.get("results_seen") for c in state(plain)["cameras"])
+    finally:
+        plain.stop()
+
+    # An authorised key (the engineer's, listed for control, and the HMI's for results) gets both.
+    hmi = client(keys, "results", "hmi")
+    view = ViewServer([data["publish"]["endpoint"]], listen="127.0.0.1:0", keys=hmi)
+    view.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(c.get("results_seen") for c in state(view)["cameras"]):
+            time.sleep(0.2)
+        assert any(c.get("results_seen") for c in state(view)["cameras"])
+    finally:
+        view.stop()
+    engineer = client(keys, "control", "engineer")
+    controller = ViewServer([data["publish"]["endpoint"]], [data["publish"]["control_endpoint"]],
+                            listen="127.0.0.1:0", keys=engineer)
+    assert controller.control.request(controller.control.endpoints[0], {"command": "status"})["ok"]
+    denied = ViewServer([data["publish"]["endpoint"]], [data["publish"]["control_endpoint"]],
+                        listen="127.0.0.1:0", keys=hmi)
+    reply = denied.control.request(denied.control.endpoints[0], {"command": "status"}, timeout_s=1.0)
+    assert reply["ok"] is False
+    for server in (controller, denied):
+        server.http.server_close()
+        server.feed._close()

@@ -40,13 +40,20 @@ __all__ = ["ViewServer", "view_command"]
 @click.option("--client-buffer", type=click.IntRange(2, 10000), default=64, show_default=True,
               help="Events queued per browser; past it the browser gets a fresh snapshot instead.")
 @click.option("--max-browsers", type=click.IntRange(1, 1000), default=16, show_default=True)
+@click.option("--server-key", type=click.Path(dir_okay=False), default=None,
+              help="CURVE: the service's public key file (NAME.key), for results and control.")
+@click.option("--client-key", type=click.Path(dir_okay=False), default=None,
+              help="CURVE: the view's secret key file (NAME.key_secret); the services must list its public key "
+                   "in security.result_clients (and security.control_clients for --control).")
 def view_command(connect: tuple[str, ...], control: tuple[str, ...], listen: str, token_file: str | None,
                  keep_fails: int, keep_scores: int, silent_after: float, client_buffer: int,
-                 max_browsers: int) -> None:
+                 max_browsers: int, server_key: str | None, client_key: str | None) -> None:
     """Serve the operator live view: latest verdicts, defects, failed parts, counters, health."""
+    from ...keys import client_keys_option
+
     server = ViewServer(list(connect), list(control), listen, token=read_token(token_file), keep_fails=keep_fails,
                         keep_scores=keep_scores, client_buffer=client_buffer, max_clients=max_browsers,
-                        silent_after_s=silent_after)
+                        silent_after_s=silent_after, keys=client_keys_option(server_key, client_key))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -1,7 +1,7 @@
 """The view's way to the services' control sockets: every request goes through `ControlLink.request`.
 
-One function on purpose: when the control socket gains CURVE authentication, the keys are added there and
-nowhere else. The view only forwards the documented requests (`status`, `set_threshold`, `reload`; see
+One function on purpose: with CURVE (`--server-key/--client-key`), the keys are applied there and nowhere
+else. The view only forwards the documented requests (`status`, `set_threshold`, `reload`; see
 docs/wire-format.md); the service validates and logs them, and the view logs who asked.
 """
 
@@ -25,8 +25,11 @@ RELOAD_TIMEOUT_S = 120.0  # a reload loads, verifies and warms up a bundle befor
 class ControlLink:
     """Control endpoints, and which camera answers on each (learned from `status`, retried until known)."""
 
-    def __init__(self, endpoints: list[str], timeout_s: float = 5.0, context: zmq.Context | None = None):
+    def __init__(self, endpoints: list[str], timeout_s: float = 5.0, context: zmq.Context | None = None,
+                 keys: Any | None = None):
+        """`keys`: an `edge_inspector.keys.ClientKeys` when the services run with CURVE."""
         self.endpoints = [connectable(e) for e in endpoints]
+        self.keys = keys
         self.timeout_s = timeout_s
         self.context = context or zmq.Context.instance()
         self.cameras: dict[str, str] = {}  # camera_id -> endpoint
@@ -39,7 +42,8 @@ class ControlLink:
     def request(self, endpoint: str, request: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         """The one place a control request is sent; never raises for an absent or silent service."""
         try:
-            return send_control(endpoint, request, timeout_s=timeout_s or self.timeout_s, context=self.context)
+            return send_control(endpoint, request, timeout_s=timeout_s or self.timeout_s, context=self.context,
+                                keys=self.keys)
         except TimeoutError as err:
             return {"ok": False, "error": str(err)}
         except (zmq.ZMQError, ValueError) as err:

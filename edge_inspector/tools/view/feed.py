@@ -62,14 +62,16 @@ class Feed:
     """Receives results and health from every `--connect` endpoint into the hub, on one thread."""
 
     def __init__(self, endpoints: list[str], hub: Hub, silent_after_s: float = 12.0, rcvhwm: int = 100,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, keys: Any | None = None):
+        """`keys`: an `edge_inspector.keys.ClientKeys` when the services run with CURVE."""
         self.hub = hub
         self.silent_after_s = silent_after_s
         self.context = context or feed_context()
         self._own_context = context is None
         # RCVHWM bounds what waits here if this thread falls behind; past it the service's PUB drops for
         # the view only (its per-subscriber send queue), never slowing the line.
-        self.subscribers = [Subscriber(endpoint, ("inspection.", "health."), context=self.context, rcvhwm=rcvhwm)
+        self.subscribers = [Subscriber(endpoint, ("inspection.", "health."), context=self.context, rcvhwm=rcvhwm,
+                                       keys=keys)
                             for endpoint in endpoints]
         self.links = [Link(endpoint) for endpoint in endpoints]
         self.monitors = [s.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)

@@ -254,18 +254,18 @@ class ViewServer:
     def __init__(self, connect: list[str], control: list[str] | None = None, listen: str = "127.0.0.1:8080",
                  token: str | None = None, keep_fails: int = 24, keep_scores: int = 500,
                  client_buffer: int = 64, max_clients: int = 16, client_timeout_s: float = 20.0,
-                 silent_after_s: float = 12.0, sse_sndbuf: int = SSE_SNDBUF):
+                 silent_after_s: float = 12.0, sse_sndbuf: int = SSE_SNDBUF, keys: Any | None = None):
         if not connect:
             raise ConfigError("--connect: at least one result endpoint is needed, e.g. tcp://127.0.0.1:5556")
         host, port = parse_listen(listen)
         if control and token is None and not is_loopback(host):
             raise ConfigError(f"--listen {listen}: a view with --control on a non-loopback address needs "
                               "--token-file (anyone on the network could change the threshold)")
-        self.control = ControlLink(control or [])
+        self.control = ControlLink(control or [], keys=keys)
         self.hub = Hub(keep_fails=keep_fails, keep_scores=keep_scores, client_buffer=client_buffer,
                        max_clients=max_clients,
                        control_info={"enabled": self.control.enabled, "auth": "token" if token else "none"})
-        self.feed = Feed(connect, self.hub, silent_after_s=silent_after_s)
+        self.feed = Feed(connect, self.hub, silent_after_s=silent_after_s, keys=keys)
         try:
             self.http = ViewHTTPServer((host, port), self.hub, self.control, token, client_timeout_s, sse_sndbuf)
         except OSError as err:
