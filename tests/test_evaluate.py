@@ -351,7 +351,6 @@ def test_discover_labels_csv(tmp_path):
 
 @pytest.mark.parametrize("row, message", [
     ("shots/a.png,maybe", "label 'maybe'"),
-    ("shots/missing.png,good", "does not exist"),
     ("shots/a.png", "expected 'path,label"),
     ("shots/a.png,defect,masks/none.png", "mask"),
 ])
@@ -364,6 +363,19 @@ def test_bad_labels_csv_row_names_file_and_line(tmp_path, row, message):
     text = str(err.value)
     assert f"{csv_path}:3" in text and message in text and "\n" not in text
     assert isinstance(err.value, InspectorError)
+
+
+def test_labels_csv_with_missing_images_warns_and_refuses_when_none_exist(tmp_path, caplog):
+    """A listed image that is not there is left out with a warning naming it; if none exist, one clear error."""
+    write_png(tmp_path / "shots" / "a.png")
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("path,label\nshots/a.png,good\nshots/missing.png,good\n")
+    items = discover_labels(tmp_path, labels_csv=csv_path)
+    assert [i.path.name for i in items] == ["a.png"]
+    assert "1 listed images not found" in caplog.text and "missing.png" in caplog.text
+    csv_path.write_text("path,label\nshots/missing.png,good\n")
+    with pytest.raises(DataError, match="none of the 1 listed images exist"):
+        discover_labels(tmp_path, labels_csv=csv_path)
 
 
 def test_discover_labels_returns_none_for_plain_folder(tmp_path):
