@@ -112,11 +112,14 @@ def test_fit_command_fits_patchcore(synthetic_dataset, tmp_path):
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
-                                       "--model", "patchcore", "--input-size", "64", "--bank-size", "50",
+                                       "--model", "patchcore", "--input-size", "64x96", "--bank-size", "50",
                                        "--folds", "2", "--target-frr", "0.1"])
     assert result.exit_code == 0, result.output
     bundle = Bundle.load(out)
     assert bundle.meta.model_kind == "patchcore" and bundle.meta.model_params["bank_size"] == 50
+    assert tuple(bundle.meta.input_size) == (64, 96)  # the camera's aspect ratio can be kept
+    result = create_backend(bundle, "onnxruntime", threads=1).infer(np.zeros((2, 64, 96, 3), np.uint8))
+    assert result.anomaly_maps.shape == (2, 64, 96)
 
 
 @pytest.mark.parametrize("change, message", [
