@@ -138,7 +138,10 @@ def evaluate_bundle(row: Row, category: Path, bundle_dir: Path, threads: int) ->
     bundle = Bundle.load(bundle_dir)
     summary = replay_folder(category, bundle, create_backend(bundle, "onnxruntime", threads=threads))
     report = summary.report
-    labels = {str(item.path): item.label for item in discover_labels(category)}
+    items = discover_labels(category)
+    if report is None or items is None:
+        raise RuntimeError(f"{category}: no labelled test images found")
+    labels = {str(item.path): item.label for item in items}
     scored = [(r.score, labels[r.path]) for r in summary.rows if r.score is not None]
     good = np.array([s for s, y in scored if y == 0])
     bad = np.array([s for s, y in scored if y == 1])
@@ -243,12 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _accepts(kind: str, key: str) -> bool:
     """Does this kind's options object have this field (so one --set can target one kind among several)?"""
-    if kind == "padim":
-        from export.padim import PadimOptions as options
-    elif kind == "patchcore":
-        from export.patchcore import PatchcoreOptions as options
-    else:
-        from export.train_config import TrainConfig as options
+    from export.padim import PadimOptions
+    from export.patchcore import PatchcoreOptions
+    from export.train_config import TrainConfig
+
+    options = {"padim": PadimOptions, "patchcore": PatchcoreOptions}.get(kind, TrainConfig)
     return key in {f.name for f in fields(options)}
 
 

@@ -114,8 +114,8 @@ class PatchPool:
 
     def rows_of(self, frames: np.ndarray) -> torch.Tensor:
         """Row indices of the given frames' patches."""
-        frames = torch.as_tensor(frames, dtype=torch.int64)
-        return (frames[:, None] * self.rows_per_frame + torch.arange(self.rows_per_frame)).reshape(-1)
+        index = torch.as_tensor(frames, dtype=torch.int64)
+        return (index[:, None] * self.rows_per_frame + torch.arange(self.rows_per_frame)).reshape(-1)
 
     @property
     def nbytes(self) -> int:
@@ -224,7 +224,8 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
         log.warning(threshold.note)
     model = PatchcoreModel(features, bank, options.input_size, options.feature_stride, options.blur_sigma).eval()
     meta = BundleMeta(
-        model_kind="patchcore", input_size=tuple(options.input_size), threshold=threshold,
+        model_kind="patchcore", input_size=(int(options.input_size[0]), int(options.input_size[1])),
+        threshold=threshold,
         score_stats=score_stats(oos),
         training=TrainingInfo(folder=str(data.folder.resolve()), image_count=len(data.paths),
                               file_list_sha256=data.file_list_sha256, skipped_files=data.skipped,
@@ -239,7 +240,7 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
                                                                                      * options.grid[1]), 5),
                       "selection_dim": options.selection_dim, "neighbourhood": options.neighbourhood,
                       "blur_sigma": options.blur_sigma, "coreset_seconds": round(coreset_seconds, 2),
-                      "constants_bytes": int(bank.numel() * 4 + features.projection.numel() * 4)})
+                      "constants_bytes": int(bank.numel() * 4 + features.dim * features.features.dim * 4)})
     with staged_bundle_folder(Path(out_dir)) as staging:
         export_onnx(model, staging, options.input_size)
         check = data.tiles_of(data.paths[0])[:1]

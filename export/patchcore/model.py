@@ -37,7 +37,7 @@ class BankDistance(nn.Module):
 
     The nearest entry minimises |b|^2 - 2 x.b (|x|^2 does not depend on b): one (N*P, D) x (D, M) MatMul and
     an argmin over M, the whole cost of the search. A submodule of its own so its ONNX nodes
-    are named `/bank/...` (a TensorRT build can keep them in fp32: the subtraction cancels).
+    are named `/bank/...`: a TensorRT build should keep them in fp32 as it does `/mahalanobis/`.
     """
 
     def __init__(self, bank: torch.Tensor, grid: tuple[int, int]):
