@@ -248,7 +248,11 @@ class FolderSource(FrameSource):
         self.paths = [p for p in list_images(self.folder, recursive=False) if p.suffix.lower() in IMAGE_EXTENSIONS]
         self.position = 0
         if not self.paths:
-            raise SourceError(f"{self.folder}: no images yet")
+            nested = len(list_images(self.folder, recursive=True))
+            # A folder of subfolders (an MVTec-style test set) is a likely mistake: say why nothing is read.
+            hint = (f" ({nested} images in subfolders are not read: a folder source reads only the folder's own "
+                    "files)") if nested else ""
+            raise SourceError(f"{self.folder}: no images yet{hint}")
 
     def read(self) -> np.ndarray:
         if self.position >= len(self.paths):

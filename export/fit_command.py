@@ -40,8 +40,8 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="torchvision-compatible state_dict file for resnet backbones.")
 @click.option("--input-size", default="256", show_default=True, help="Model input, N or HxW (multiples of 16).")
-@click.option("--feature-dim", type=int, default=100, show_default=True,
-              help="PaDiM: random channel subset size (0 = all channels).")
+@click.option("--feature-dim", type=click.IntRange(min=0), default=None,
+              help="PaDiM: random channel subset size (0 = all channels) [default 100].")
 @click.option("--target-frr", type=float, default=0.005, show_default=True,
               help="Target false-reject rate of good parts that the threshold certifies.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
@@ -75,7 +75,7 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
               help="With --validation and --threshold-rule escape: the share of validation defects "
                    "allowed to pass; the threshold is the highest one that keeps to it.")
 def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, input_size: str,
-                feature_dim: int, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
+                feature_dim: int | None, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
                 tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None, validation_labels: Path | None, threshold_rule: str, seed: int,
                 batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
@@ -94,6 +94,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
     patchcore_only = {"bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
                       "feature_stride": None if feature_stride is None else int(feature_stride)}
     if model_kind == "patchcore":
+        if feature_dim is not None:  # silently ignoring it would hide a mistake: say which option patchcore has
+            raise DataError("--feature-dim is a PaDiM option (use --model padim, or --projection-dim for patchcore)")
         from .patchcore import PatchcoreOptions, fit_patchcore
 
         if tile_mode != "shared":
@@ -112,7 +114,7 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
             raise DataError(f"--{given[0].replace('_', '-')} is a patchcore option (use --model patchcore)")
         fitted = None
     options = PadimOptions(backbone=backbone, weights=weights, input_size=_size(input_size),
-                           feature_dim=feature_dim or None, seed=seed, folds=folds,
+                           feature_dim=100 if feature_dim is None else (feature_dim or None), seed=seed, folds=folds,
                            target_false_reject_rate=target_frr, rows=rows, cols=cols, tile_mode=tile_mode,
                            tile_size=_size(tile_size, "--tile-size") if tile_size else None,
                            stride=_size(stride, "--stride") if stride else None,

@@ -108,3 +108,12 @@ def test_patchcore_options_are_refused_for_padim(synthetic_dataset, tmp_path):
     result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out",
                                        str(tmp_path / "x"), "--model", "padim", "--bank-size", "10"])
     assert result.exit_code == 2 and "--bank-size is a patchcore option" in result.output
+
+
+def test_padim_options_are_refused_for_patchcore(synthetic_dataset, tmp_path):
+    """The default kind is patchcore: a PaDiM flag must not be silently ignored."""
+    from export.cli import main
+
+    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out",
+                                       str(tmp_path / "x"), "--feature-dim", "20"])
+    assert result.exit_code == 2 and "--feature-dim is a PaDiM option" in result.output

@@ -249,7 +249,7 @@ def test_cli_fit_then_replay_with_metrics(synthetic_dataset, tmp_path):
     runner = CliRunner()
     out = tmp_path / "bundle"
     result = runner.invoke(exporter, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
-                                      "--input-size", "64", "--feature-dim", "20", "--folds", "2",
+                                      "--model", "padim", "--input-size", "64", "--feature-dim", "20", "--folds", "2",
                                       "--validation", str(synthetic_dataset)])
     assert result.exit_code == 0, result.output
     assert "model constants" in result.output and "F1-optimal" in result.output
@@ -340,8 +340,9 @@ def test_fit_with_roi_records_geometry_and_replay_uses_it(tmp_path):
     runner = CliRunner()
     from export.cli import main as exporter
 
-    result = runner.invoke(exporter, ["fit", str(train), "--out", str(tmp_path / "b"), "--input-size", "64",
-                                      "--feature-dim", "16", "--folds", "2", "--roi", "40,20,128,128"])
+    result = runner.invoke(exporter, ["fit", str(train), "--out", str(tmp_path / "b"), "--model", "padim",
+                                      "--input-size", "64", "--feature-dim", "16", "--folds", "2",
+                                      "--roi", "40,20,128,128"])
     assert result.exit_code == 0, result.output
     bundle = Bundle.load(tmp_path / "b")
     assert bundle.meta.tiling.roi == [40, 20, 128, 128]

@@ -120,7 +120,10 @@ def test_health_is_ok_from_the_first_message_and_stopped_is_the_last(bundle, tmp
     frames, _ = conveyor_frames(np.random.default_rng(52), 3, 0.0)
     video = write_video(tmp_path / "line.avi", frames)
     for attempt in range(3):
-        data = config_data(str(video), bundle.path, publish={"health_interval_s": 0.05})
+        # wait_for_subscriber_s: on a loaded machine the whole 3-frame run can end before the SUB's
+        # subscription reaches the PUB, and then nothing at all is received (seen in a full-suite run).
+        data = config_data(str(video), bundle.path, publish={"health_interval_s": 0.05,
+                                                             "wait_for_subscriber_s": 20.0})
         service = Service(parse_config(data))
         messages = []
         with Subscriber(data["publish"]["endpoint"]) as subscriber:
