@@ -96,7 +96,7 @@ def test_replay_labels_csv_warns_about_missing_and_unlisted_images(small_padim_b
         result = CliRunner().invoke(inspector, ["replay", str(folder), "--bundle", str(small_padim_bundle.path),
                                                 "--labels", str(labels), "--out", str(tmp_path / "r.csv")])
     assert result.exit_code == 0, result.output
-    assert f"2 images: " in result.output and f"{len(names) - 2} images not in --labels" in result.output
+    assert "2 images: " in result.output and f"{len(names) - 2} images not in --labels" in result.output
     text = caplog.text
     assert "1 listed images not found" in text and "gone.png" in text
     assert f"relative paths resolve against the CSV's folder {tmp_path.resolve()}" in text

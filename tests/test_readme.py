@@ -8,7 +8,6 @@ and bundle lines edited (README says to) before the service runs on an image fol
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
