@@ -42,8 +42,9 @@ DEFAULT_MAX_BATCH = 8
 # Layers whose name contains one of these stay in fp32 in fp16/int8 engines. The squared Mahalanobis
 # distance sums ~100 products whose magnitude easily exceeds fp16's 65504 on defective parts, which would
 # saturate the anomaly map exactly where it matters. Matrix multiplies and reductions are kept in fp32
-# whatever their name (see `_keep_fp32`).
-FP32_LAYER_MARKERS = ("mahalanobis",)
+# whatever their name (see `_keep_fp32`). The memory bank's nearest-neighbour search (`/bank/...`) ranks
+# squared distances that differ in their last digits: fp16 would pick the wrong neighbour.
+FP32_LAYER_MARKERS = ("mahalanobis", "/bank/")
 
 _ENGINE_RE = re.compile(
     r"^(?P<gpu>[a-z0-9-]+)_sm(?P<sm>\d+)_trt(?P<trt>[0-9][0-9.]*)_(?P<precision>fp32|fp16|int8)\.engine$")
