@@ -22,6 +22,7 @@ from typing import Any
 
 import cv2
 
+from .atomic import write_atomic
 from .config import ArchiveConfig
 from .pipeline import Result
 from .publish import heatmap_to_u8
@@ -136,11 +137,8 @@ class Archive:
         try:
             for name, data in blobs:
                 path = self.folder / name
-                tmp = path.with_name(path.name + ".tmp")
-                written.append(tmp)
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-                written[-1] = path
+                written.append(path)
+                write_atomic(path, data)
         except OSError:
             for path in written:  # no half entries: a partial write is removed before reporting
                 path.unlink(missing_ok=True)

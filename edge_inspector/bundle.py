@@ -30,7 +30,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .atomic import write_atomic
 from .errors import BundleError
 
 # 2: bundle.yaml carries meta_sha256 (a digest of its own metadata). A format-1 runtime meeting a format-2
@@ -404,9 +404,7 @@ def _os_reason(err: OSError | UnicodeDecodeError) -> str:
 def write_meta(folder: Path, meta: BundleMeta) -> None:
     """Write bundle.yaml atomically (a reader never sees half a file), with its metadata digest."""
     meta.meta_sha256 = meta_digest(meta.to_dict())
-    tmp = folder / (BUNDLE_FILE + ".tmp")
-    tmp.write_text(yaml.safe_dump(meta.to_dict(), sort_keys=False))
-    os.replace(tmp, folder / BUNDLE_FILE)
+    write_atomic(folder / BUNDLE_FILE, yaml.safe_dump(meta.to_dict(), sort_keys=False))
 
 
 def finalize_bundle(folder: str | Path, meta: BundleMeta) -> Bundle:

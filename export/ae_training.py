@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,12 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from edge_inspector.progress import is_interactive, progress
 
+from edge_inspector.atomic import write_atomic_with
 from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.errors import ConfigError, DataError, InspectorError
 from edge_inspector.evaluate import f1_optimal_threshold
 from edge_inspector.images import iter_readable, list_images, read_image, resize_to
+from edge_inspector.progress import is_interactive, progress
 
 from .autoencoder import (AE_MEAN, AE_STD, Architecture, ConvAutoencoder, ReconstructionError,
                           ReconstructionGraph, count_parameters, fit_normaliser, kl_divergence)
@@ -194,9 +194,7 @@ def save_checkpoint(path: Path, state: TrainState, net: ConvAutoencoder, optimiz
     payload = {"version": CHECKPOINT_VERSION, "fingerprint": mark, "state": dataclasses.asdict(state),
                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path, net: ConvAutoencoder, optimizer: torch.optim.Optimizer,

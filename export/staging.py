@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from edge_inspector.atomic import fsync_dir, fsync_tree
 from edge_inspector.bundle import BUNDLE_FILE
 from edge_inspector.errors import DataError
-
 
 BUNDLE_FOLDER_MODE = 0o755
 BUNDLE_FILE_MODE = 0o644
@@ -65,6 +65,7 @@ def staged_bundle_folder(out_dir: Path) -> Iterator[Path]:
         if not (staging / BUNDLE_FILE).is_file():
             raise RuntimeError("bundle staging finished without bundle.yaml")
         make_world_readable(staging)
+        fsync_tree(staging)  # the files are on disk before the rename makes them the bundle
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -72,6 +73,8 @@ def staged_bundle_folder(out_dir: Path) -> Iterator[Path]:
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old / "bundle")
         os.replace(staging, out_dir)
+        fsync_dir(out_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
+        fsync_dir(out_dir.parent)

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..bundle import Bundle
 from ..errors import BackendError, ConfigError
 from .base import BackendRuntimeError
@@ -486,10 +487,7 @@ def build_serialized(bundle: Bundle, options: BuildOptions) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def _record(bundle: Bundle, rel: str) -> None:
