@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, list_images
+from .operating_point import LOUD_ESCAPE_RATE, OperatingPoint, format_tradeoff, tradeoff_table
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,9 @@ class EvaluationReport:
     per_defect_recall: dict[str, float] = field(default_factory=dict)  # defect types only
     mean_score: dict[str, float] = field(default_factory=dict)
     pixel_images: int = 0  # images that entered the pixel metrics
+    # False-reject vs escape rate at the thresholds that reach 0, 0.5, 1, 2, 5, 10, 20% false rejects on
+    # these good images: what another threshold would cost (empty without both good and defective images).
+    tradeoff: list[OperatingPoint] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (python floats/ints, nested dicts)."""
@@ -466,6 +470,12 @@ class EvaluationReport:
             lines.append(f"{name:<18}{threshold:>12.6g}{c.precision:>11.3f}{c.recall:>9.3f}{c.f1:>8.3f}"
                          f"{_pct(c.false_reject_rate):>14}{_pct(c.escape_rate):>9}"
                          f"{f'{c.fp}/{c.fp + c.tn}':>15}{f'{c.fn}/{c.fn + c.tp}':>16}")
+        if self.tradeoff:
+            lines += ["", "trade-off on these images (a part fails when its score is over the threshold):",
+                      format_tradeoff(self.tradeoff, operating_point_of(self.confusion, self.threshold))]
+        if self.num_defective and self.confusion.escape_rate > LOUD_ESCAPE_RATE:
+            lines += ["", f"WARNING: the bundle threshold lets {_pct(self.confusion.escape_rate)} of these "
+                          "defective parts pass; choose a threshold from the trade-off above"]
         lines += ["", f"{'defect type':<18}{'images':>8}{'flagged':>9}{'recall':>9}{'mean score':>12}"]
         for name, count in self.counts.items():
             recall = "-" if name == GOOD else _pct(self.per_defect_recall.get(name, 0.0))
@@ -529,7 +539,13 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float, maps: Map
         confusion=confusion_at(scores, labels, threshold), f1_optimal_threshold=best_threshold, f1_optimal=best,
         pixel_images=0 if pixel_masks is None else int(pixel_masks.shape[0]))
     _fill_per_type(report, scores, labels, np.asarray(types, dtype=object), threshold)
+    if both:
+        report.tradeoff = tradeoff_table(scores[~labels], scores[labels])
     return report
+
+
+def operating_point_of(confusion: Confusion, threshold: float) -> OperatingPoint:
+    return OperatingPoint(float(threshold), confusion.false_reject_rate, confusion.escape_rate)
 
 
 def _pixel_inputs(maps: MapsLike | None, masks: MasksLike | None,

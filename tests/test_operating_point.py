@@ -117,3 +117,23 @@ def test_padim_options_are_refused_for_patchcore(synthetic_dataset, tmp_path):
     result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out",
                                        str(tmp_path / "x"), "--feature-dim", "20"])
     assert result.exit_code == 2 and "--feature-dim is a PaDiM option" in result.output
+
+
+def test_replay_report_prints_the_tradeoff_and_calls_out_a_threshold_that_lets_most_defects_pass():
+    """The device's replay shows the same trade-off as `fit --validation`, from the one shared definition."""
+    from edge_inspector.evaluate import evaluate
+
+    good = np.linspace(1.0, 2.0, 100)
+    defects = np.linspace(1.5, 3.0, 40)
+    scores = np.concatenate([good, defects])
+    labels = np.concatenate([np.zeros(100, bool), np.ones(40, bool)])
+    report = evaluate(scores, labels, threshold=2.5)
+    assert [round(p.false_reject_rate, 3) for p in report.tradeoff] == [0.0, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2]
+    assert report.tradeoff[0].escape_rate == pytest.approx(np.mean(defects <= 2.0))
+    text = report.format_table()
+    assert "trade-off on these images" in text and "<- bundle threshold" in text
+    escaped = 100 * np.mean(defects <= 2.5)
+    assert f"WARNING: the bundle threshold lets {escaped:.1f}% of these defective parts pass" in text
+    assert report.to_dict()["tradeoff"][2]["false_reject_rate"] == pytest.approx(0.01)
+    calm = evaluate(scores, labels, threshold=1.9).format_table()
+    assert "WARNING" not in calm
