@@ -353,9 +353,21 @@ class Pipeline:
         silent = 0.0 if self.last_tick is None else now - self.last_tick
         resumed_at = now if silent > PAUSE_GAP_S else self.resumed_at
         problems = [p for p in (stage.problem(self.stall_timeout_s, resumed_at) for stage in self.stages) if p]
-        if silent > self.stall_timeout_s:
+        if silent > self.stall_timeout_s and self._supervisor_stays_silent():
             problems.append(f"supervisor unresponsive for {silent:.1f} s")
         return problems
+
+    def _supervisor_stays_silent(self, grace_s: float = 0.5) -> bool:
+        """After a whole-process pause (SIGSTOP) the thread asking may run before the supervisor's next
+        0.1 s tick: the silence is the pause, not a hang. Give the supervisor a few ticks to show it is alive
+        (seen in CI: one health message right after SIGCONT said "supervisor unresponsive for 2.5 s")."""
+        last = self.last_tick
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if self.last_tick != last:
+                return False
+            time.sleep(0.02)
+        return self.last_tick == last
 
     # -- stages ---------------------------------------------------------------------------------------------
 

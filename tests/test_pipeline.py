@@ -157,6 +157,20 @@ def test_a_stuck_stage_is_reported_then_recovers(bundle, tmp_path):
     assert pipeline.problems() == [] and len(sink.results) == 4
 
 
+def test_a_silent_supervisor_is_reported_but_a_whole_process_pause_is_not(bundle, tmp_path):
+    """A supervisor that stops ticking while the rest runs is a hang; one that ticks again within a few
+    ticks of being asked was only paused with the whole process."""
+    frames, _ = conveyor_frames(np.random.default_rng(8), 2, 0.0)
+    pipeline = build(bundle, str(write_video(tmp_path / "line.avi", frames)), CollectingSink(), stall=0.3)
+    pipeline.tick()
+    time.sleep(0.5)  # no ticks for longer than the stall timeout
+    assert any(p.startswith("supervisor unresponsive") for p in pipeline.problems())
+    ticker = threading.Timer(0.1, pipeline.tick)  # the supervisor resumes right after the question
+    ticker.start()
+    assert not any(p.startswith("supervisor unresponsive") for p in pipeline.problems())
+    ticker.join()
+
+
 def test_a_crashed_stage_is_reported(bundle, tmp_path):
     frames, _ = conveyor_frames(np.random.default_rng(6), 3, 0.0)
     video = write_video(tmp_path / "line.avi", frames)
