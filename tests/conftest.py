@@ -26,3 +26,11 @@ def small_padim_bundle(synthetic_dataset, tmp_path_factory):
 
     options = PadimOptions(input_size=(128, 128), feature_dim=40, folds=3, target_false_reject_rate=0.05, seed=1)
     return fit_padim(synthetic_dataset / "train" / "good", tmp_path_factory.mktemp("bundles") / "washer", options)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    """The service tests' real PaDiM bundle (1x2 tiles of generated conveyor frames), fitted once a session."""
+    from service_helpers import fitted_bundle
+
+    return fitted_bundle(tmp_path_factory.getbasetemp())

@@ -9,9 +9,12 @@ enough to fit in seconds on two cores, big enough that every defect kind clearly
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -201,3 +204,82 @@ def copy_world_readable(source: Path, target: Path) -> Path:
     for path in [target, *target.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return target
+
+
+def config_data(source: str, bundle_path: Path, **sections) -> dict:
+    data = {
+        "camera": {"id": "line9", "source": source, "reconnect_initial_s": 0.1, "reconnect_max_s": 0.5},
+        "tiling": {"rows": 1, "cols": LANES},
+        "model": {"bundle": str(bundle_path), "backend": "onnxruntime", "threads": 2},
+        "publish": {"endpoint": endpoint(), "control_endpoint": endpoint(), "health_interval_s": 0.3},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return data
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class NotifyListener:
+    """The systemd side of sd_notify: a unix datagram socket that records every notification."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="sdn", dir="/tmp")  # unix socket paths must stay short
+        self.path = os.path.join(self.folder, "notify")
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.path)
+        self.socket.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                data = self.socket.recv(4096)
+            except socket.timeout:
+                continue
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    def seen(self, key: str) -> list[dict[str, str]]:
+        return [m for m in self.messages if key in m]
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(2)
+        self.socket.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SilentCamera:
+    """A network camera that accepts the connection and then never answers: a hung driver, in effect."""
+
+    def __init__(self):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(4)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/stream.avi"
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+
+    def close(self):
+        self.server.close()
+        for connection in self.held:
+            connection.close()

@@ -10,18 +10,12 @@ import pytest
 import yaml
 from service_helpers import (
     copy_world_readable,
-    fitted_bundle,
     shared_folder,
     unprivileged_run,
 )
 
 from edge_inspector.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
 from edge_inspector.errors import BundleError
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return fitted_bundle(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

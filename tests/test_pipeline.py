@@ -8,19 +8,19 @@ import time
 import cv2
 import numpy as np
 import pytest
+from service_helpers import LANES, PART, conveyor_frames, write_video
 
 from edge_inspector.config import parse_config
 from edge_inspector.decision import DecisionParams
-from edge_inspector.pipeline import FrameQueue, InferenceEngine, Pipeline, QueueClosed, Result
+from edge_inspector.pipeline import (
+    FrameQueue,
+    InferenceEngine,
+    Pipeline,
+    QueueClosed,
+    Result,
+)
 from edge_inspector.service import load_model
 from edge_inspector.sources import Camera, create_source
-
-from service_helpers import LANES, PART, conveyor_frames, fitted_bundle, write_video
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return fitted_bundle(tmp_path_factory.getbasetemp())
 
 
 class CollectingSink:

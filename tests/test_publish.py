@@ -9,22 +9,22 @@ import time
 import numpy as np
 import pytest
 import zmq
+from service_helpers import LANES, PART, conveyor_frames, endpoint
 
 from edge_inspector.config import PublishConfig, parse_config
 from edge_inspector.decision import DecisionParams, validate_threshold
 from edge_inspector.errors import ConfigError
 from edge_inspector.pipeline import InferenceEngine
-from edge_inspector.publish import (SCHEMA_VERSION, ControlServer, Publisher, heatmap_to_u8, send_control)
+from edge_inspector.publish import (
+    SCHEMA_VERSION,
+    ControlServer,
+    Publisher,
+    heatmap_to_u8,
+    send_control,
+)
 from edge_inspector.service import load_model
 from edge_inspector.sources import Frame
 from edge_inspector.subscriber import Subscriber, format_health, format_result
-
-from service_helpers import LANES, PART, conveyor_frames, endpoint, fitted_bundle
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return fitted_bundle(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

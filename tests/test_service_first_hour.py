@@ -18,15 +18,17 @@ import yaml
 from service_helpers import (
     CLI_CODE,
     REPO,
+    NotifyListener,
+    SilentCamera,
+    config_data,
     conveyor_frames,
     copy_world_readable,
-    fitted_bundle,
     shared_folder,
     subprocess_env,
     unprivileged_run,
+    wait_for,
     write_video,
 )
-from test_service import NotifyListener, SilentCamera, config_data, wait_for
 
 from edge_inspector.backends import BackendRuntimeError, create_backend
 from edge_inspector.config import parse_config
@@ -34,11 +36,6 @@ from edge_inspector.errors import BackendError
 from edge_inspector.service import Service
 from edge_inspector.subscriber import Subscriber
 from edge_inspector.systemd import Notifier, extending_start
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return fitted_bundle(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

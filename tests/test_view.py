@@ -24,23 +24,18 @@ from service_helpers import (
     LANES,
     PART,
     REPO,
+    config_data,
     conveyor_frames,
-    fitted_bundle,
     subprocess_env,
+    wait_for,
     write_video,
 )
-from test_service import config_data, wait_for
 
 from edge_inspector.config import parse_config
 from edge_inspector.publish import send_control
 from edge_inspector.service import Service
 from edge_inspector.tools.view.hub import CameraState, Hub, Item
 from edge_inspector.tools.view.server import ViewServer
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return fitted_bundle(tmp_path_factory.getbasetemp())
 
 
 class LiveService:
