@@ -81,8 +81,6 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
                 target_escape: float | None) -> None:
     """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
-    from .padim import PadimOptions, fit_padim
-
     check_output_folder(out_dir, force)
     if threshold_rule in ("f1", "escape") and validation is None:
         raise DataError(f"--threshold-rule {threshold_rule} needs --validation FOLDER with labelled good and "
@@ -93,33 +91,29 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
     patchcore_only = {"bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
                       "feature_stride": None if feature_stride is None else int(feature_stride)}
+    # What both kinds share: the backbone, the input, the tiling the service will cut, the threshold rule.
+    common = dict(backbone=backbone, weights=weights, input_size=_size(input_size), seed=seed, folds=folds,
+                  target_false_reject_rate=target_frr, rows=rows, cols=cols,
+                  tile_size=_size(tile_size, "--tile-size") if tile_size else None,
+                  stride=_size(stride, "--stride") if stride else None,
+                  roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size)
     if model_kind == "patchcore":
         if feature_dim is not None:  # silently ignoring it would hide a mistake: say which option patchcore has
             raise DataError("--feature-dim is a PaDiM option (use --model padim, or --projection-dim for patchcore)")
-        from .patchcore import PatchcoreOptions, fit_patchcore
-
         if tile_mode != "shared":
             raise DataError("--tile-mode per_tile is a PaDiM option; patchcore keeps one bank for all tiles")
-        pc_options = PatchcoreOptions(
-            backbone=backbone, weights=weights, input_size=_size(input_size), seed=seed, folds=folds,
-            target_false_reject_rate=target_frr, rows=rows, cols=cols,
-            tile_size=_size(tile_size, "--tile-size") if tile_size else None,
-            stride=_size(stride, "--stride") if stride else None,
-            roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size,
-            **{k: v for k, v in patchcore_only.items() if v is not None})
-        fitted = fit_patchcore(train_folder, out_dir, pc_options)
+        from .patchcore import PatchcoreOptions, fit_patchcore
+
+        bundle = fit_patchcore(train_folder, out_dir, PatchcoreOptions(
+            **common, **{k: v for k, v in patchcore_only.items() if v is not None}))
     else:
         given = [k for k, v in patchcore_only.items() if v is not None]
         if given:
             raise DataError(f"--{given[0].replace('_', '-')} is a patchcore option (use --model patchcore)")
-        fitted = None
-    options = PadimOptions(backbone=backbone, weights=weights, input_size=_size(input_size),
-                           feature_dim=100 if feature_dim is None else (feature_dim or None), seed=seed, folds=folds,
-                           target_false_reject_rate=target_frr, rows=rows, cols=cols, tile_mode=tile_mode,
-                           tile_size=_size(tile_size, "--tile-size") if tile_size else None,
-                           stride=_size(stride, "--stride") if stride else None,
-                           roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size)
-    bundle = fitted or fit_padim(train_folder, out_dir, options)
+        from .padim import PadimOptions, fit_padim
+
+        bundle = fit_padim(train_folder, out_dir, PadimOptions(
+            **common, tile_mode=tile_mode, feature_dim=100 if feature_dim is None else (feature_dim or None)))
     if validation is not None:
         from .validation import calibrate_with_defects
 

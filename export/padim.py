@@ -293,6 +293,12 @@ def fold_count(n: int, requested: int) -> int:
     return min(n, max(requested, -(-n // MAX_FOLD_FRAMES)))
 
 
+def statistics_shape(options: PadimOptions) -> tuple[int, int]:
+    """(statistics sets K, positions P): one set per tile slot for per-tile statistics, on the stride-4 grid."""
+    k = options.rows * options.cols if options.tile_mode == "per_tile" else 1
+    return k, (options.input_size[0] // 4) * (options.input_size[1] // 4)
+
+
 @torch.no_grad()
 def fit_statistics(data: TrainingImages, features: PadimFeatures, options: PadimOptions
                    ) -> tuple[GaussianSums, np.ndarray]:
@@ -301,8 +307,7 @@ def fit_statistics(data: TrainingImages, features: PadimFeatures, options: Padim
     Two feature passes: one for the totals, one fold at a time whose embeddings are kept just long enough
     to score them against "totals minus this fold".
     """
-    k = options.rows * options.cols if options.tile_mode == "per_tile" else 1
-    p = (options.input_size[0] // 4) * (options.input_size[1] // 4)
+    k, p = statistics_shape(options)
     n = len(data.paths)
     totals = GaussianSums(k, p, features.dim)
     for _, batch in data.batches(list(range(n)), "fit: features"):
@@ -343,8 +348,7 @@ FIT_BASE_BYTES = 500_000_000
 
 def fit_memory_bytes(options: PadimOptions, dim: int, images: int) -> int:
     """Estimated peak memory of a PaDiM fit: it grows with the grid and d squared, not with the images."""
-    k = options.rows * options.cols if options.tile_mode == "per_tile" else 1
-    p = (options.input_size[0] // 4) * (options.input_size[1] // 4)
+    k, p = statistics_shape(options)
     tiles = options.rows * options.cols
     cached = min(images, MAX_FOLD_FRAMES) * tiles * p * dim * 4  # one fold's embeddings, float32
     return FIT_PEAK_SETS * k * p * dim * dim * 8 + cached + FIT_BASE_BYTES
