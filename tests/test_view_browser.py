@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from service_helpers import REPO
-from test_view import LiveService, bundle, running  # noqa: F401 (bundle: the session fixture)
+from test_view import LiveService, running
 
 from edge_inspector.publish import send_control
 from edge_inspector.tools.view.server import ViewServer
