@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py --categories fryum --kinds patchcore --set bank_fraction=0.02
 
 For each (category, kind): the fit runs in a fresh process (so its peak RSS is its own), the bundle is
-replayed over the category's test set with the product's own code (`edge_inspector.replay.replay_folder`,
+replayed over the category's test set with the product's own code (`edge_inspector.tools.replay.replay_folder`,
 ONNX Runtime, 2 threads), and one table row is printed: image AUROC, pixel AUROC, AUPRO@0.3, false-reject
 and escape rates at the bundle's own threshold, the escape rate at the thresholds that give 1% and 5% false
 rejects on the test's good images, fit time, peak RSS of the fit, and ms per image at batch 1 (bare ONNX
@@ -82,7 +82,7 @@ def _fit_job(kind: str, train: str, out: str, settings: dict[str, Any], threads:
     logging.basicConfig(level=logging.INFO, format="  %(name)s: %(message)s")
     started = time.perf_counter()
     if kind == "padim":
-        from export.padim import PadimOptions, fit_padim
+        from export.padim.fit import PadimOptions, fit_padim
 
         fit_padim(train, out, PadimOptions(**settings))
     elif kind == "patchcore":
@@ -90,8 +90,8 @@ def _fit_job(kind: str, train: str, out: str, settings: dict[str, Any], threads:
 
         fit_patchcore(train, out, PatchcoreOptions(**settings))
     elif kind == "ae":
-        from export.ae_training import train_autoencoder
-        from export.train_config import TrainConfig
+        from export.autoencoder.training import train_autoencoder
+        from export.autoencoder.config import TrainConfig
 
         train_autoencoder(TrainConfig(train_folder=Path(train), **settings), "ae", out)
     else:
@@ -110,7 +110,7 @@ def latency_ms(bundle, image: np.ndarray, threads: int, repeat: int = 30) -> flo
     """Median ms of one batch-1 inference of the bundle's graph (ONNX Runtime, `threads` intra-op threads)."""
     import onnxruntime as ort
 
-    from edge_inspector.images import resize_to
+    from edge_inspector.core.images import resize_to
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -129,10 +129,10 @@ def latency_ms(bundle, image: np.ndarray, threads: int, repeat: int = 30) -> flo
 def evaluate_bundle(row: Row, category: Path, bundle_dir: Path, threads: int) -> None:
     """Replay the test set with the product's replay code and fill the accuracy columns."""
     from edge_inspector.backends import create_backend
-    from edge_inspector.bundle import Bundle
-    from edge_inspector.evaluate import discover_labels
-    from edge_inspector.images import read_image
-    from edge_inspector.replay import replay_folder
+    from edge_inspector.core.bundle import Bundle
+    from edge_inspector.tools.metrics import discover_labels
+    from edge_inspector.core.images import read_image
+    from edge_inspector.tools.replay import replay_folder
     from export.threshold import operating_point, threshold_for_false_reject
 
     bundle = Bundle.load(bundle_dir)
@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _accepts(kind: str, key: str) -> bool:
     """Does this kind's options object have this field (so one --set can target one kind among several)?"""
-    from export.padim import PadimOptions
+    from export.padim.fit import PadimOptions
     from export.patchcore import PatchcoreOptions
-    from export.train_config import TrainConfig
+    from export.autoencoder.config import TrainConfig
 
     options = {"padim": PadimOptions, "patchcore": PatchcoreOptions}.get(kind, TrainConfig)
     return key in {f.name for f in fields(options)}

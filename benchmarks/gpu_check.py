@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_inspector.backends import create_backend  # noqa: E402
 from edge_inspector.backends.base import Backend, InferenceResult  # noqa: E402
-from edge_inspector.backends.tensorrt_engine import max_relative_difference  # noqa: E402
-from edge_inspector.bundle import Bundle  # noqa: E402
-from edge_inspector.images import list_images, read_image, resize_to  # noqa: E402
+from edge_inspector.backends.tensorrt.engines import max_relative_difference  # noqa: E402
+from edge_inspector.core.bundle import Bundle  # noqa: E402
+from edge_inspector.core.images import list_images, read_image, resize_to  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 LIMITS = {"fp32": 1e-3, "fp16": 2e-2, "int8": None}
@@ -60,7 +60,7 @@ def load_test_set(data: Path | None, size: tuple[int, int], workdir: Path) -> tu
         images = np.stack([resize_to(read_image(p), size) for p in paths])
         labels = np.array([p.parent.name != "good" for p in paths])
         return images, labels, f"{data / 'test'} ({len(paths)} images)"
-    from edge_inspector.synthetic import make_part
+    from export.synthetic import make_part
 
     rng = np.random.default_rng(0)
     kinds = [None, "scratch", None, "spot", None, "missing"] * 6
@@ -75,11 +75,11 @@ def prepare_bundle(args, workdir: Path) -> Bundle:
         copy = workdir / "bundle"
         shutil.copytree(args.bundle, copy, ignore=shutil.ignore_patterns("*.engine", "timing.cache", "*.lock"))
         return Bundle.load(copy)
-    from export.padim import PadimOptions, fit_padim
+    from export.padim.fit import PadimOptions, fit_padim
 
     train = args.data / "train" / "good" if args.data is not None else None
     if train is None or not train.is_dir():
-        from edge_inspector.synthetic import write_dataset
+        from export.synthetic import write_dataset
 
         train = write_dataset(workdir / "data", train=30, test_good=1, test_per_defect=1) / "train" / "good"
     log.info("fitting PaDiM on %s", train)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if not args.skip_tensorrt:
-        from edge_inspector.backends.tensorrt import unavailable_reason
+        from edge_inspector.backends.tensorrt.runtime import unavailable_reason
 
         reason = unavailable_reason()
         if reason:
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if cuda.name == "onnxruntime-cuda":
             candidates.append(("onnxruntime-cuda", "fp32", cuda))
         if not args.skip_tensorrt:
-            from edge_inspector.backends.tensorrt import TensorRTBackend
-            from edge_inspector.backends.tensorrt_engine import BuildOptions, build_engine, probe_device
+            from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
+            from edge_inspector.backends.tensorrt.engines import BuildOptions, build_engine, probe_device
 
             device = probe_device()
             for precision in args.precisions.split(","):

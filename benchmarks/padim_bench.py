@@ -46,7 +46,7 @@ def _backbone_only(bundle, folder: Path) -> Path:
     """Export the bundle's feature extractor alone (same preprocessing, backbone, upsampling, channel subset)."""
     import torch
 
-    from export.padim import PadimFeatures, PadimOptions
+    from export.padim.fit import PadimFeatures, PadimOptions
 
     meta = bundle.meta
     options = PadimOptions(backbone=meta.backbone, input_size=tuple(meta.input_size), feature_dim=meta.feature_dim,
@@ -61,7 +61,7 @@ def _backbone_only(bundle, folder: Path) -> Path:
 
 
 def bench_bundle(bundle_dir: Path, threads: int, repeat: int) -> None:
-    from edge_inspector.bundle import Bundle
+    from edge_inspector.core.bundle import Bundle
 
     bundle = Bundle.load(bundle_dir)
     h, w = bundle.input_size
@@ -86,7 +86,7 @@ def bench_bundle(bundle_dir: Path, threads: int, repeat: int) -> None:
 def bench_fit(folder: Path, feature_dim: int) -> None:
     import torch
 
-    from export.padim import PadimOptions, fit_padim
+    from export.padim.fit import PadimOptions, fit_padim
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

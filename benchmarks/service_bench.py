@@ -36,12 +36,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edge_inspector.backends import create_backend  # noqa: E402
-from edge_inspector.bundle import Bundle  # noqa: E402
-from edge_inspector.config import parse_config  # noqa: E402
-from edge_inspector.service import Service  # noqa: E402
-from edge_inspector.subscriber import Subscriber  # noqa: E402
-from edge_inspector.synthetic import make_part  # noqa: E402
-from edge_inspector.tiling import Tiler  # noqa: E402
+from edge_inspector.core.bundle import Bundle  # noqa: E402
+from edge_inspector.service.config import parse_config  # noqa: E402
+from edge_inspector.service.app import Service  # noqa: E402
+from edge_inspector.tools.subscriber import Subscriber  # noqa: E402
+from export.synthetic import make_part  # noqa: E402
+from edge_inspector.core.tiling import Tiler  # noqa: E402
 
 FRAME = (1024, 1280)  # height, width
 INPUT = (256, 256)
@@ -49,8 +49,8 @@ INPUT = (256, 256)
 FIT_SCRIPT = """
 import sys, cv2, numpy as np
 from pathlib import Path
-from edge_inspector.synthetic import make_part
-from export.padim import PadimOptions, fit_padim
+from export.synthetic import make_part
+from export.padim.fit import PadimOptions, fit_padim
 train, out = Path(sys.argv[1]), Path(sys.argv[2])
 train.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
@@ -118,12 +118,12 @@ def bare_inference(bundle: Bundle, grid: int, frame: np.ndarray, threads: int, s
 def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, heatmap_scale: float = 1.0,
                       frames: int = 12) -> dict[str, float]:
     """Each pipeline step timed one after the other on one thread (no stage competing with inference)."""
-    from edge_inspector.config import PublishConfig
-    from edge_inspector.decision import DecisionParams
-    from edge_inspector.pipeline import InferenceEngine
-    from edge_inspector.publish import Publisher
-    from edge_inspector.service import load_model
-    from edge_inspector.sources import Frame
+    from edge_inspector.service.config import PublishConfig
+    from edge_inspector.core.decision import DecisionParams
+    from edge_inspector.service.pipeline import InferenceEngine
+    from edge_inspector.service.publisher import Publisher
+    from edge_inspector.service.app import load_model
+    from edge_inspector.service.sources import Frame
 
     config = parse_config({"tiling": {"rows": grid, "cols": grid},
                            "model": {"bundle": str(bundle_path), "backend": "onnxruntime", "threads": threads}})

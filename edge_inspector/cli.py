@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import InspectorError
+from edge_inspector import __version__
+from edge_inspector.core.errors import InspectorError
 
 
 class OneLineErrorGroup(click.Group):
@@ -41,11 +41,11 @@ def configure_logging(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from .info import info_command
-    from .replay import replay_command
-    from .service import check_config_command, run_command
-    from .subscriber import subscribe_command
-    from .tools.view import view_command
+    from edge_inspector.tools.info import info_command
+    from edge_inspector.tools.replay import replay_command
+    from edge_inspector.service.app import check_config_command, run_command
+    from edge_inspector.tools.subscriber import subscribe_command
+    from edge_inspector.tools.view import view_command
 
     for command in (run_command, check_config_command, replay_command, info_command, subscribe_command,
                     view_command):
@@ -54,8 +54,8 @@ def _register() -> None:
 
 
 def _register_service_tools() -> None:
-    from .control_command import control_command
-    from .keys import keys_command
+    from edge_inspector.tools.control import control_command
+    from edge_inspector.core.keys import keys_command
 
     for command in (control_command, keys_command):
         main.add_command(command)

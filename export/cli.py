@@ -20,10 +20,10 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from .demo import demo_command
-    from .fit_command import fit_command
-    from .tensorrt_build import tensorrt_command
-    from .train_command import train_command
+    from export.commands.demo import demo_command
+    from export.commands.fit import fit_command
+    from export.commands.tensorrt import tensorrt_command
+    from export.commands.train import train_command
 
     for command in (fit_command, train_command, tensorrt_command, demo_command):
         main.add_command(command)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_inspector.bundle import MODEL_FILE
+from edge_inspector.core.bundle import MODEL_FILE
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from edge_inspector.atomic import fsync_dir, fsync_tree
-from edge_inspector.bundle import BUNDLE_FILE
-from edge_inspector.errors import DataError
+from edge_inspector.core.atomic import fsync_dir, fsync_tree
+from edge_inspector.core.bundle import BUNDLE_FILE
+from edge_inspector.core.errors import DataError
 
 BUNDLE_FOLDER_MODE = 0o755
 BUNDLE_FILE_MODE = 0o644

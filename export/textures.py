@@ -1,7 +1,7 @@
 """Generated surface textures with injected defects, for testing reconstruction models without a download.
 
 Reconstruction models are meant for surfaces (fabric, brushed metal, grained leather) rather than placed
-parts, so the synthetic washer of `edge_inspector.synthetic` is not their test case. Every image here is a
+parts, so the synthetic washer of `export.synthetic` is not their test case. Every image here is a
 fresh random instance of one texture family (random phase, orientation jitter, grain and brightness), so a
 model cannot memorise pixels; it has to learn the texture. Defects are the three kinds a line sees on
 surfaces: a scratch, a spot of contamination and a missing area (a hole showing the dark backing), each with
@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_inspector.synthetic import write_mvtec_layout
+from export.synthetic import write_mvtec_layout
 
 TEXTURES = ("fabric", "brushed", "grain")
 DEFECTS = ("scratch", "spot", "missing")

@@ -18,10 +18,10 @@ import math
 
 import numpy as np
 
-from edge_inspector.bundle import ScoreStats, ThresholdInfo
+from edge_inspector.core.bundle import ScoreStats, ThresholdInfo
 
 # The operating point lives with the contract (the device's replay prints it too); re-exported for callers here.
-from edge_inspector.operating_point import (  # noqa: F401
+from edge_inspector.core.operating_point import (  # noqa: F401
     LOUD_ESCAPE_RATE,
     TRADEOFF_FALSE_REJECT_RATES,
     OperatingPoint,

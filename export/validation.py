@@ -20,12 +20,12 @@ import click
 import numpy as np
 
 from edge_inspector.backends import create_backend
-from edge_inspector.bundle import Bundle, write_meta
-from edge_inspector.errors import DataError
-from edge_inspector.evaluate import discover_labels
-from edge_inspector.replay import replay_folder
+from edge_inspector.core.bundle import Bundle, write_meta
+from edge_inspector.core.errors import DataError
+from edge_inspector.tools.metrics import discover_labels
+from edge_inspector.tools.replay import replay_folder
 
-from .threshold import (LOUD_ESCAPE_RATE, apply_f1_rule, format_tradeoff, operating_point, threshold_for_escape,
+from export.threshold import (LOUD_ESCAPE_RATE, apply_f1_rule, format_tradeoff, operating_point, threshold_for_escape,
                         tradeoff_table)
 
 log = logging.getLogger(__name__)

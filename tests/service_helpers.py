@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_inspector.bundle import Bundle
-from edge_inspector.synthetic import make_part
+from edge_inspector.core.bundle import Bundle
+from export.synthetic import make_part
 
 REPO = Path(__file__).resolve().parent.parent
 PART = 128
@@ -84,7 +84,7 @@ def fitted_bundle(base: Path) -> Bundle:
     with _fit_lock:
         if (folder / "bundle.yaml").is_file():
             return Bundle.load(folder)
-        from export.padim import PadimOptions, fit_padim
+        from export.padim.fit import PadimOptions, fit_padim
 
         rng = np.random.default_rng(1234)
         frames, _ = conveyor_frames(rng, 10, [False] * 10)
@@ -171,7 +171,7 @@ def shared_folder(prefix: str) -> Path:
 _DROP_PRIVILEGES = """
 import os, sys
 import cv2, numpy, onnxruntime, yaml, zmq, click  # imported while the interpreter's folders are readable
-import edge_inspector.cli, edge_inspector.service, edge_inspector.backends.onnxruntime
+import edge_inspector.cli, edge_inspector.service.app, edge_inspector.backends.onnxruntime
 if os.geteuid() == 0:
     os.setgroups([])
     os.setresgid({uid}, {uid}, {uid})

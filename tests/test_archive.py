@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspector.archive import Archive
-from edge_inspector.config import ArchiveConfig
-from edge_inspector.decision import DecisionParams, decide
-from edge_inspector.pipeline import Result
-from edge_inspector.sources import Frame
+from edge_inspector.service.archive import Archive
+from edge_inspector.service.config import ArchiveConfig
+from edge_inspector.core.decision import DecisionParams, decide
+from edge_inspector.service.pipeline import Result
+from edge_inspector.service.sources import Frame
 
 
 def result_of(sequence: int, verdict: str = "fail", size=(60, 80), noise: bool = False) -> tuple[Result, dict]:
@@ -93,7 +93,7 @@ def test_caps_hold_across_restarts(tmp_path):
 def test_an_unwritable_archive_is_logged_once_and_the_service_goes_on(tmp_path, caplog):
     blocked = tmp_path / "arch"
     blocked.write_text("a file where the archive folder should be")
-    caplog.set_level(logging.ERROR, logger="edge_inspector.archive")
+    caplog.set_level(logging.ERROR, logger="edge_inspector.service.archive")
     archive = archive_in(blocked)
     for sequence in range(1, 4):
         assert archive.submit(*result_of(sequence))  # never raises into the pipeline

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from edge_inspector.atomic import fsync_tree, write_atomic, write_atomic_with
+from edge_inspector.core.atomic import fsync_tree, write_atomic, write_atomic_with
 
 
 def test_write_atomic_replaces_the_whole_file_with_mode_0644(tmp_path):
@@ -41,7 +41,7 @@ def test_fsync_tree_walks_files_and_folders(tmp_path):
 
 
 def test_bundles_and_archive_use_the_one_helper():
-    """Every durable write of the device and the exporter goes through edge_inspector.atomic."""
+    """Every durable write of the device and the exporter goes through edge_inspector.core.atomic."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]

@@ -15,18 +15,18 @@ import torch
 import yaml
 
 from edge_inspector.backends import create_backend
-from edge_inspector.bundle import BUNDLE_FILE, Bundle
-from edge_inspector.errors import ConfigError, DataError
-from edge_inspector.evaluate import discover_labels, image_auroc, pixel_auroc
-from edge_inspector.images import read_image, read_mask, resize_to
-from edge_inspector.replay import replay_folder
-from edge_inspector.tiling import Tiler
+from edge_inspector.core.bundle import BUNDLE_FILE, Bundle
+from edge_inspector.core.errors import ConfigError, DataError
+from edge_inspector.tools.metrics import discover_labels, image_auroc, pixel_auroc
+from edge_inspector.core.images import read_image, read_mask, resize_to
+from edge_inspector.tools.replay import replay_folder
+from edge_inspector.core.tiling import Tiler
 from export import ae_training
-from export.ae_training import TrainingError, checkpoint_folder, train_autoencoder
-from export.autoencoder import Architecture, ConvAutoencoder, ReconstructionGraph
+from export.autoencoder.training import TrainingError, checkpoint_folder, train_autoencoder
+from export.autoencoder.model import Architecture, ConvAutoencoder, ReconstructionGraph
 from export.onnx_export import export_onnx, onnx_reference_check
 from export.textures import DEFECTS, make_texture, write_texture_dataset
-from export.train_config import TrainConfig, config_from_dict, load_train_config
+from export.autoencoder.config import TrainConfig, config_from_dict, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -14,8 +14,8 @@ from service_helpers import (
     unprivileged_run,
 )
 
-from edge_inspector.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
-from edge_inspector.errors import BundleError
+from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
+from edge_inspector.core.errors import BundleError
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_an_unreadable_bundle_is_a_one_line_error_for_the_service_user(bundle):
     folder = shared_folder("unreadable-bundle")
     try:
         installed = copy_world_readable(bundle.path, folder / "bundle")
-        script = "from edge_inspector.bundle import Bundle; Bundle.load(sys.argv[1])"
+        script = "from edge_inspector.core.bundle import Bundle; Bundle.load(sys.argv[1])"
         assert unprivileged_run(script, str(installed)).returncode == 0
         (installed / "model.onnx").chmod(0o600)  # what `cp -r` of a private export gives
         done = unprivileged_run(script, str(installed))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_inspector.config import ServiceConfig, config_to_dict, load_config, parse_config
-from edge_inspector.errors import ConfigError
+from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config, parse_config
+from edge_inspector.core.errors import ConfigError
 
 from service_helpers import REPO
 

@@ -24,12 +24,12 @@ from service_helpers import (
     write_video,
 )
 
-from edge_inspector.config import parse_config
-from edge_inspector.control_command import build_request
-from edge_inspector.errors import ConfigError
-from edge_inspector.publish import MAX_CONTROL_MESSAGE, parse_request, send_control
-from edge_inspector.service import Service
-from edge_inspector.subscriber import Subscriber
+from edge_inspector.service.config import parse_config
+from edge_inspector.tools.control import build_request
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.service.publisher import MAX_CONTROL_MESSAGE, parse_request, send_control
+from edge_inspector.service.app import Service
+from edge_inspector.tools.subscriber import Subscriber
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from edge_inspector.decision import DecisionParams, decide, defect_regions, validate_threshold
-from edge_inspector.errors import ConfigError
+from edge_inspector.core.decision import DecisionParams, decide, defect_regions, validate_threshold
+from edge_inspector.core.errors import ConfigError
 
 
 def heatmap_with(*rects, size=(100, 120), value=5.0) -> np.ndarray:

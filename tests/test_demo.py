@@ -16,7 +16,7 @@ def test_demo_runs_the_whole_loop_with_the_default_relative_out(tmp_path, monkey
     config's relative paths and the live part must receive every frame."""
     from click.testing import CliRunner
 
-    from export.demo import demo_command
+    from export.commands.demo import demo_command
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(demo_command, ["--frames", "12", "--train-frames", "8", "--fps", "10"],
@@ -41,7 +41,7 @@ def test_demo_runs_the_whole_loop_with_the_default_relative_out(tmp_path, monkey
 
 def test_service_error_line_is_the_services_own_words(tmp_path):
     """A failed service is reported by its own error line: run the real CLI on a config whose bundle is missing."""
-    from export.demo import service_error_line
+    from export.commands.demo import service_error_line
 
     config = tmp_path / "line.yaml"
     config.write_text(yaml.safe_dump({"camera": {"id": "x", "source": "missing.avi", "kind": "file"},

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspector.errors import DataError, InspectorError
-from edge_inspector.evaluate import (Confusion, EvaluationReport, LabeledImage, aupro, confusion_at,
+from edge_inspector.core.errors import DataError, InspectorError
+from edge_inspector.tools.metrics import (Confusion, EvaluationReport, LabeledImage, aupro, confusion_at,
                                      discover_labels, evaluate, f1_optimal_threshold, image_auroc,
                                      pixel_auroc)
-from edge_inspector.images import read_mask
+from edge_inspector.core.images import read_mask
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -27,7 +27,7 @@ def _modes(folder):
 
 def test_bundles_are_world_readable_whatever_the_umask(synthetic_dataset, tmp_path):
     """`sudo cp -r` of a bundle must give the unprivileged service user a readable copy (docs/service.md)."""
-    from export.padim import PadimOptions, fit_padim
+    from export.padim.fit import PadimOptions, fit_padim
 
     old = os.umask(0o077)
     try:
@@ -60,7 +60,7 @@ def test_fit_refuses_to_replace_a_bundle_without_force(small_padim_bundle, synth
 
 def test_fit_refuses_a_fit_that_cannot_fit_in_memory(synthetic_dataset, tmp_path):
     """--feature-dim 0 keeps all 1056 channels: about 36.5 GB per statistics set at 256 px."""
-    from export.padim import PadimOptions, fit_memory_bytes
+    from export.padim.fit import PadimOptions, fit_memory_bytes
 
     assert fit_memory_bytes(PadimOptions(), 1056, 209) > 6 * 36e9
     result = CliRunner().invoke(exporter, ["fit", str(synthetic_dataset / "train" / "good"), "--out",
@@ -115,8 +115,8 @@ def _write_png(path, image):
 
 def test_visa_label_index_masks_and_test_split(synthetic_dataset, tmp_path):
     """VisA masks hold class indices 1..7 (not 255) and Images/Normal holds the training images too."""
-    from edge_inspector.evaluate import discover_labels
-    from edge_inspector.images import read_mask
+    from edge_inspector.tools.metrics import discover_labels
+    from edge_inspector.core.images import read_mask
 
     part = cv2.imread(str(next((synthetic_dataset / "test" / "good").iterdir())))
     root = tmp_path / "VisA"
@@ -145,7 +145,7 @@ def test_visa_label_index_masks_and_test_split(synthetic_dataset, tmp_path):
 
 
 def test_mvtec_style_masks_keep_the_midpoint_cutoff(tmp_path):
-    from edge_inspector.images import read_mask
+    from edge_inspector.core.images import read_mask
 
     mask = np.zeros((20, 20), np.uint8)
     mask[:5] = 255
@@ -155,7 +155,7 @@ def test_mvtec_style_masks_keep_the_midpoint_cutoff(tmp_path):
 
 
 def test_overlay_carries_the_verdict_banner(tmp_path):
-    from edge_inspector.replay import VERDICT_COLOURS, overlay_image
+    from edge_inspector.tools.replay import VERDICT_COLOURS, overlay_image
 
     image = np.full((200, 200, 3), 128, np.uint8)
     heatmap = np.zeros((200, 200), np.float32)

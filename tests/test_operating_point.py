@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_inspector.bundle import Bundle
+from edge_inspector.core.bundle import Bundle
 from export.threshold import (
     operating_point,
     threshold_for_escape,
@@ -56,7 +56,7 @@ def test_fit_validation_records_escape_rate_and_curve_and_target_escape_rule(sma
     shutil.copytree(small_padim_bundle.path, bundle_dir)
     bundle = Bundle.load(bundle_dir)
     bundle.meta.threshold.value = 1e9  # a threshold nothing reaches: every defect passes
-    from edge_inspector.bundle import write_meta
+    from edge_inspector.core.bundle import write_meta
 
     write_meta(bundle_dir, bundle.meta)
     result = CliRunner().invoke(_calibrate_cli, [str(bundle_dir), str(synthetic_dataset)])
@@ -121,7 +121,7 @@ def test_padim_options_are_refused_for_patchcore(synthetic_dataset, tmp_path):
 
 def test_replay_report_prints_the_tradeoff_and_calls_out_a_threshold_that_lets_most_defects_pass():
     """The device's replay shows the same trade-off as `fit --validation`, from the one shared definition."""
-    from edge_inspector.evaluate import evaluate
+    from edge_inspector.tools.metrics import evaluate
 
     good = np.linspace(1.0, 2.0, 100)
     defects = np.linspace(1.5, 3.0, 40)

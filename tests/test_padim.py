@@ -14,11 +14,11 @@ import yaml
 from click.testing import CliRunner
 
 from edge_inspector.backends import create_backend
-from edge_inspector.bundle import Bundle
-from edge_inspector.errors import BundleError, DataError
-from edge_inspector.evaluate import image_auroc
-from edge_inspector.images import list_images, read_image
-from export.padim import GaussianSums, PadimFeatures, PadimModel, PadimOptions, fit_padim
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import BundleError, DataError
+from edge_inspector.tools.metrics import image_auroc
+from edge_inspector.core.images import list_images, read_image
+from export.padim.fit import GaussianSums, PadimFeatures, PadimModel, PadimOptions, fit_padim
 
 MVTEC_BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec" / "bottle"
 
@@ -38,7 +38,7 @@ def test_streaming_sums_match_direct_covariance():
 
 
 def test_channels_last_upsampling_matches_bilinear_interpolate():
-    from export.padim import upsample_nhwc
+    from export.padim.fit import upsample_nhwc
 
     x = torch.randn(2, 5, 16, 16)
     expected = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
@@ -165,7 +165,7 @@ def test_bundle_yaml_unknown_key_and_bad_yaml(small_padim_bundle, tmp_path):
 
 
 def _write_images(folder: Path, count: int, size: int = 128, seed: int = 0) -> None:
-    from edge_inspector.synthetic import make_part
+    from export.synthetic import make_part
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ def test_cli_errors_are_one_line(tmp_path):
 @pytest.mark.skipif(not MVTEC_BOTTLE.is_dir(), reason="../shared/data/mvtec/bottle not present")
 def test_mvtec_bottle_accuracy(tmp_path):
     """Default backbone at 256x256: image AUROC >= 0.995 and pixel AUROC >= 0.980 (issue target)."""
-    from edge_inspector.replay import replay_folder
+    from edge_inspector.tools.replay import replay_folder
 
     bundle = fit_padim(MVTEC_BOTTLE / "train" / "good", tmp_path / "bottle", PadimOptions())
     summary = replay_folder(MVTEC_BOTTLE, bundle, create_backend(bundle, "onnxruntime", threads=2))
@@ -303,8 +303,8 @@ def test_mvtec_bottle_accuracy(tmp_path):
 
 def test_per_tile_fit_on_two_lane_frames(tmp_path):
     """Fixtured parts: one statistics set per tile position; the model memory doubles and verdicts work."""
-    from edge_inspector.synthetic import make_part
-    from edge_inspector.tiling import Tiler
+    from export.synthetic import make_part
+    from edge_inspector.core.tiling import Tiler
 
     rng = np.random.default_rng(7)
     train = tmp_path / "frames"
@@ -325,8 +325,8 @@ def test_per_tile_fit_on_two_lane_frames(tmp_path):
 
 def test_fit_with_roi_records_geometry_and_replay_uses_it(tmp_path):
     """A part in one corner of a bigger frame: fit on the ROI; replay crops the same ROI."""
-    from edge_inspector.replay import FrameScorer
-    from edge_inspector.synthetic import make_part
+    from edge_inspector.tools.replay import FrameScorer
+    from export.synthetic import make_part
 
     rng = np.random.default_rng(11)
     train = tmp_path / "frames"

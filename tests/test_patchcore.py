@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from edge_inspector.backends import create_backend
-from edge_inspector.bundle import Bundle
-from edge_inspector.errors import DataError
-from edge_inspector.replay import replay_folder
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import DataError
+from edge_inspector.tools.replay import replay_folder
 from export.onnx_export import onnx_reference_check
 from export.patchcore import PatchcoreOptions, fit_patchcore
 from export.patchcore.coreset import greedy_coreset
@@ -84,7 +84,7 @@ def test_bundle_keeps_the_contract(patchcore_bundle):
 
 
 def test_onnx_runtime_matches_torch(patchcore_bundle, synthetic_dataset):
-    from edge_inspector.images import list_images, read_image, resize_to
+    from edge_inspector.core.images import list_images, read_image, resize_to
     from export.patchcore.fit import create_features
     from export.patchcore.model import PatchcoreModel
 
@@ -154,7 +154,7 @@ def test_mvtec_bottle_accuracy(tmp_path):
 @pytest.mark.parametrize("rows, cols", [(2, 2), (2, 3)])
 def test_per_tile_padim_statistics_export_for_any_grid(synthetic_dataset, tmp_path, rows, cols):
     """PaDiM per-tile statistics (issue 10, item 5): grids of 3+ tiles used to crash at export."""
-    from export.padim import PadimOptions, fit_padim
+    from export.padim.fit import PadimOptions, fit_padim
 
     bundle = fit_padim(synthetic_dataset / "train" / "good", tmp_path / "b",
                        PadimOptions(input_size=(64, 64), feature_dim=20, folds=2, rows=rows, cols=cols,

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from service_helpers import LANES, PART, conveyor_frames, write_video
 
-from edge_inspector.config import parse_config
-from edge_inspector.decision import DecisionParams
-from edge_inspector.pipeline import (
+from edge_inspector.service.config import parse_config
+from edge_inspector.core.decision import DecisionParams
+from edge_inspector.service.pipeline import (
     FrameQueue,
     InferenceEngine,
     Pipeline,
     QueueClosed,
     Result,
 )
-from edge_inspector.service import load_model
-from edge_inspector.sources import Camera, create_source
+from edge_inspector.service.app import load_model
+from edge_inspector.service.sources import Camera, create_source
 
 
 class CollectingSink:

@@ -11,20 +11,20 @@ import pytest
 import zmq
 from service_helpers import LANES, PART, conveyor_frames, endpoint
 
-from edge_inspector.config import PublishConfig, parse_config
-from edge_inspector.decision import DecisionParams, validate_threshold
-from edge_inspector.errors import ConfigError
-from edge_inspector.pipeline import InferenceEngine
-from edge_inspector.publish import (
+from edge_inspector.service.config import PublishConfig, parse_config
+from edge_inspector.core.decision import DecisionParams, validate_threshold
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.service.pipeline import InferenceEngine
+from edge_inspector.service.publisher import (
     SCHEMA_VERSION,
     ControlServer,
     Publisher,
     heatmap_to_u8,
     send_control,
 )
-from edge_inspector.service import load_model
-from edge_inspector.sources import Frame
-from edge_inspector.subscriber import Subscriber, format_health, format_result
+from edge_inspector.service.app import load_model
+from edge_inspector.service.sources import Frame
+from edge_inspector.tools.subscriber import Subscriber, format_health, format_result
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from service_helpers import (
     write_video,
 )
 
-from edge_inspector.config import parse_config
-from edge_inspector.errors import ConfigError
-from edge_inspector.keys import ClientKeys, curve_available, generate_keypair
-from edge_inspector.publish import send_control
-from edge_inspector.service import Service
-from edge_inspector.subscriber import Subscriber
+from edge_inspector.service.config import parse_config
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.keys import ClientKeys, curve_available, generate_keypair
+from edge_inspector.service.publisher import send_control
+from edge_inspector.service.app import Service
+from edge_inspector.tools.subscriber import Subscriber
 
 pytestmark = pytest.mark.skipif(not curve_available(), reason="libzmq without CURVE")
 
@@ -141,7 +141,7 @@ def test_curve_config_mistakes_are_one_line_config_errors(tmp_path):
     generate_keypair(tmp_path, "svc")
     config = parse_config({**base, "publish": {"endpoint": endpoint(), "control_endpoint": None},
                            "security": {"curve_secret_key": str(tmp_path / "svc.key")}})
-    from edge_inspector.keys import CurveServer
+    from edge_inspector.core.keys import CurveServer
 
     context = zmq.Context()
     try:

@@ -29,11 +29,11 @@ from service_helpers import (
     write_video,
 )
 
-from edge_inspector.bundle import Bundle, finalize_bundle
-from edge_inspector.config import parse_config
-from edge_inspector.publish import send_control
-from edge_inspector.service import Service
-from edge_inspector.subscriber import Subscriber
+from edge_inspector.core.bundle import Bundle, finalize_bundle
+from edge_inspector.service.config import parse_config
+from edge_inspector.service.publisher import send_control
+from edge_inspector.service.app import Service
+from edge_inspector.tools.subscriber import Subscriber
 
 
 def write_config(folder: Path, data: dict) -> Path:
@@ -253,7 +253,7 @@ def test_check_config_accepts_the_examples_without_their_bundles():
 
 
 def test_watchdog_is_withheld_while_a_stage_hangs_and_stop_still_works(bundle, tmp_path):
-    from edge_inspector.systemd import Notifier
+    from edge_inspector.core.systemd import Notifier
 
     camera = SilentCamera()
     notify = NotifyListener()
@@ -284,7 +284,7 @@ def test_watchdog_is_withheld_while_a_stage_hangs_and_stop_still_works(bundle, t
 
 
 def test_sd_notify_abstract_socket_and_watchdog_pid():
-    from edge_inspector.systemd import Notifier
+    from edge_inspector.core.systemd import Notifier
 
     name = f"edge-inspector-test-{os.getpid()}-{time.monotonic_ns()}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -31,11 +31,11 @@ from service_helpers import (
 )
 
 from edge_inspector.backends import BackendRuntimeError, create_backend
-from edge_inspector.config import parse_config
-from edge_inspector.errors import BackendError
-from edge_inspector.service import Service
-from edge_inspector.subscriber import Subscriber
-from edge_inspector.systemd import Notifier, extending_start
+from edge_inspector.service.config import parse_config
+from edge_inspector.core.errors import BackendError
+from edge_inspector.service.app import Service
+from edge_inspector.tools.subscriber import Subscriber
+from edge_inspector.core.systemd import Notifier, extending_start
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_auto_falls_back_to_onnxruntime_when_tensorrt_fails_to_start(bundle, cap
 
 
 def test_engines_built_by_the_service_go_to_the_state_directory(bundle, tmp_path):
-    from edge_inspector.backends.tensorrt_engine import (
+    from edge_inspector.backends.tensorrt.engines import (
         DeviceInfo,
         engine_cache_dir,
         engine_filename,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from service_helpers import FlakyVideoServer, read_video, write_video
 
-from edge_inspector.config import CameraConfig
-from edge_inspector.errors import ConfigError
-from edge_inspector.sources import (
+from edge_inspector.service.config import CameraConfig
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.service.sources import (
     Camera,
     create_source,
     detect_kind,
@@ -189,7 +189,7 @@ def test_a_file_that_vanishes_after_listing_is_an_error_frame(tmp_path):
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tiff"])
 def test_header_sizes_match_what_opencv_decodes(tmp_path, ext):
-    from edge_inspector.imageheader import image_size
+    from edge_inspector.core.imageheader import image_size
 
     image = numbered_frames(1, size=(37, 53))[0]
     path = tmp_path / f"x{ext}"

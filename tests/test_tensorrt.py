@@ -22,14 +22,14 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_inspector.backends import create_backend
-from edge_inspector.backends.tensorrt import unavailable_reason
-from edge_inspector.backends.tensorrt_engine import (BuildOptions, DeviceInfo, EngineSpec, default_precision,
+from edge_inspector.backends.tensorrt.runtime import unavailable_reason
+from edge_inspector.backends.tensorrt.engines import (BuildOptions, DeviceInfo, EngineSpec, default_precision,
                                                      engine_filename, gpu_slug, max_relative_difference,
                                                      parse_engine_filename, select_engine, unrecorded_engines)
-from edge_inspector.bundle import Bundle, BundleMeta, ThresholdInfo, TilingInfo, TrainingInfo, finalize_bundle
-from edge_inspector.errors import BackendError, ConfigError
-from edge_inspector.synthetic import make_part
-from export.tensorrt_build import calibration_source, check_graph, options_from_cli
+from edge_inspector.core.bundle import Bundle, BundleMeta, ThresholdInfo, TilingInfo, TrainingInfo, finalize_bundle
+from edge_inspector.core.errors import BackendError, ConfigError
+from export.synthetic import make_part
+from export.commands.tensorrt import calibration_source, check_graph, options_from_cli
 
 SIZE = 32
 FP32_TOLERANCE = 1e-3
@@ -301,8 +301,8 @@ def test_check_catches_unsupported_resize_and_dynamic_clip(tmp_path):
 @pytest.mark.slow
 def test_real_padim_export_is_tensorrt_compatible(tmp_path):
     """The lead's real export (tiny synthetic fit) must pass the TensorRT graph check."""
-    padim = pytest.importorskip("export.padim")
-    from edge_inspector.synthetic import write_dataset
+    padim = pytest.importorskip("export.padim.fit")
+    from export.synthetic import write_dataset
 
     root = write_dataset(tmp_path / "data", train=8, test_good=1, test_per_defect=1, size=64)
     fitted = padim.fit_padim(root / "train" / "good", tmp_path / "bundle",
@@ -371,7 +371,7 @@ def test_cli_check_only_reports_graph_problems(tmp_path):
 
 
 def test_backend_modules_import_without_tensorrt_or_torch():
-    code = ("import sys; import edge_inspector.backends.tensorrt, export.tensorrt_build; "
+    code = ("import sys; import edge_inspector.backends.tensorrt.runtime, export.commands.tensorrt; "
             "bad = [m for m in ('torch', 'tensorrt', 'cuda') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -385,7 +385,7 @@ def gpu():
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from edge_inspector.backends.tensorrt_engine import probe_device
+    from edge_inspector.backends.tensorrt.engines import probe_device
 
     return probe_device()
 
@@ -395,8 +395,8 @@ def _reference(bundle: Bundle, images: np.ndarray):
 
 
 def test_fp32_engine_build_and_parity(bundle, gpu):
-    from edge_inspector.backends.tensorrt import TensorRTBackend
-    from edge_inspector.backends.tensorrt_engine import build_engine
+    from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
+    from edge_inspector.backends.tensorrt.engines import build_engine
 
     result = build_engine(bundle, BuildOptions(precision="fp32", max_batch=4, opt_batch=2), gpu)
     assert result.saved and result.rel_path == f"engines/{engine_filename(gpu, 'fp32')}"
@@ -417,8 +417,8 @@ def test_fp32_engine_build_and_parity(bundle, gpu):
 
 
 def test_fp16_engine_parity_within_documented_tolerance(bundle, gpu):
-    from edge_inspector.backends.tensorrt import TensorRTBackend
-    from edge_inspector.backends.tensorrt_engine import build_engine
+    from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
+    from edge_inspector.backends.tensorrt.engines import build_engine
 
     build_engine(bundle, BuildOptions(precision="fp16", max_batch=4, opt_batch=1), gpu)
     backend = TensorRTBackend(Bundle.load(bundle.path), precision="fp16")
@@ -432,7 +432,7 @@ def test_fp16_engine_parity_within_documented_tolerance(bundle, gpu):
 
 
 def test_first_start_builds_then_reuses_engine(bundle, gpu, caplog):
-    from edge_inspector.backends.tensorrt import TensorRTBackend
+    from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
 
     caplog.set_level(logging.WARNING)
     first = TensorRTBackend(bundle)

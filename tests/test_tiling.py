@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspector.errors import ConfigError
-from edge_inspector.tiling import Tiler
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.tiling import Tiler
 
 
 def covered(boxes, shape) -> np.ndarray:

@@ -31,9 +31,9 @@ from service_helpers import (
     write_video,
 )
 
-from edge_inspector.config import parse_config
-from edge_inspector.publish import send_control
-from edge_inspector.service import Service
+from edge_inspector.service.config import parse_config
+from edge_inspector.service.publisher import send_control
+from edge_inspector.service.app import Service
 from edge_inspector.tools.view.hub import CameraState, Hub, Item
 from edge_inspector.tools.view.server import ViewServer
 

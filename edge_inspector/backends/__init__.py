@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from ..bundle import Bundle
-from ..errors import BackendError
-from .base import Backend, BackendRuntimeError, InferenceResult
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import BackendError
+from edge_inspector.backends.base import Backend, BackendRuntimeError, InferenceResult
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ __all__ = ["Backend", "BackendRuntimeError", "InferenceResult", "BACKEND_KINDS",
 def _tensorrt_unavailable_reason() -> str | None:
     """None when TensorRT can be used here, else why not (imports stay inside the TensorRT backend)."""
     try:
-        from . import tensorrt as trt_backend
+        from edge_inspector.backends.tensorrt import runtime as trt_backend
     except ImportError as err:
         return f"TensorRT backend unavailable ({err})"
     return trt_backend.unavailable_reason()
@@ -42,7 +42,7 @@ def _started(backend: Backend, warm_up: Callable[[Backend], None] | None) -> Bac
 
 def _tensorrt(bundle: Bundle, warm_up: Callable[[Backend], None] | None, tensorrt_factory) -> Backend:
     if tensorrt_factory is None:
-        from .tensorrt import TensorRTBackend as tensorrt_factory
+        from edge_inspector.backends.tensorrt.runtime import TensorRTBackend as tensorrt_factory
     return _started(tensorrt_factory(bundle), warm_up)
 
 
@@ -56,7 +56,7 @@ def create_backend(bundle: Bundle, kind: str = "auto", threads: int | None = Non
     line keeps inspecting, slower, instead of not at all. An explicit `tensorrt` never falls back.
     `tensorrt_factory` replaces the TensorRT backend class (tests without a GPU).
     """
-    from .onnxruntime import OnnxRuntimeBackend
+    from edge_inspector.backends.onnxruntime import OnnxRuntimeBackend
 
     if kind not in BACKEND_KINDS:
         raise BackendError(f"backend {kind!r} unknown (expected one of {', '.join(BACKEND_KINDS)})")

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge_inspector.errors import DataError
+from edge_inspector.core.errors import DataError
 
-from ..graph import IMAGENET_MEAN, IMAGENET_STD
-from .efficientnet_lite import EfficientNetLite0, default_lite0_weights
-from .resnet import resnet18_features, wide_resnet50_2_features
+from export.graph import IMAGENET_MEAN, IMAGENET_STD
+from export.backbones.efficientnet_lite import EfficientNetLite0, default_lite0_weights
+from export.backbones.resnet import resnet18_features, wide_resnet50_2_features
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 # Expanded activations at strides 4, 8, 16 (144 + 240 + 672 channels). Measured on MVTec bottle, d=100:

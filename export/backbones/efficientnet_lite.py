@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge_inspector.errors import DataError
+from edge_inspector.core.errors import DataError
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) per stage, EfficientNet-Lite0.
 LITE0_STAGES = (

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from edge_inspector.progress import progress
+from edge_inspector.core.progress import progress
 
 log = logging.getLogger(__name__)
 

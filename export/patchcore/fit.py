@@ -20,23 +20,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_inspector.bundle import Bundle, BundleMeta, TrainingInfo, finalize_bundle
-from edge_inspector.errors import DataError
+from edge_inspector.core.bundle import Bundle, BundleMeta, TrainingInfo, finalize_bundle
+from edge_inspector.core.errors import DataError
 
-from ..backbones import DEFAULT_BACKBONE, backbone_names
-from ..graph import MapToAnswer
-from ..onnx_export import export_onnx, onnx_reference_check
-from ..padim import (
+from export.backbones import DEFAULT_BACKBONE, backbone_names
+from export.graph import MapToAnswer
+from export.onnx_export import export_onnx, onnx_reference_check
+from export.padim.fit import (
     PadimFeatures,
     TrainingImages,
     _fold_ids,
     _report_outliers,
     tiling_info,
 )
-from ..staging import staged_bundle_folder
-from ..threshold import conformal_threshold, score_stats
-from .coreset import greedy_coreset, random_projection, selection_device
-from .model import BankDistance, PatchcoreModel, ProjectedFeatures
+from export.staging import staged_bundle_folder
+from export.threshold import conformal_threshold, score_stats
+from export.patchcore.coreset import greedy_coreset, random_projection, selection_device
+from export.patchcore.model import BankDistance, PatchcoreModel, ProjectedFeatures
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph import MapToAnswer
-from ..padim import PadimFeatures
+from export.graph import MapToAnswer
+from export.padim.fit import PadimFeatures
 
 
 class ProjectedFeatures(nn.Module):

@@ -12,8 +12,8 @@ import threading
 
 import click
 
-from ...systemd import Notifier
-from .server import ViewServer, read_token
+from edge_inspector.core.systemd import Notifier
+from edge_inspector.tools.view.server import ViewServer, read_token
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def view_command(connect: tuple[str, ...], control: tuple[str, ...], listen: str
                  keep_fails: int, keep_scores: int, silent_after: float, client_buffer: int,
                  max_browsers: int, server_key: str | None, client_key: str | None) -> None:
     """Serve the operator live view: latest verdicts, defects, failed parts, counters, health."""
-    from ...keys import client_keys_option
+    from edge_inspector.core.keys import client_keys_option
 
     server = ViewServer(list(connect), list(control), listen, token=read_token(token_file), keep_fails=keep_fails,
                         keep_scores=keep_scores, client_buffer=client_buffer, max_clients=max_browsers,

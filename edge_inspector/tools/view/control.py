@@ -14,8 +14,8 @@ from typing import Any
 
 import zmq
 
-from ...publish import send_control
-from ...subscriber import connectable
+from edge_inspector.service.publisher import send_control
+from edge_inspector.tools.subscriber import connectable
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class ControlLink:
 
     def __init__(self, endpoints: list[str], timeout_s: float = 5.0, context: zmq.Context | None = None,
                  keys: Any | None = None):
-        """`keys`: an `edge_inspector.keys.ClientKeys` when the services run with CURVE."""
+        """`keys`: an `edge_inspector.core.keys.ClientKeys` when the services run with CURVE."""
         self.endpoints = [connectable(e) for e in endpoints]
         self.keys = keys
         self.timeout_s = timeout_s

@@ -20,8 +20,8 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ...subscriber import Subscriber
-from .hub import Hub
+from edge_inspector.tools.subscriber import Subscriber
+from edge_inspector.tools.view.hub import Hub
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Feed:
 
     def __init__(self, endpoints: list[str], hub: Hub, silent_after_s: float = 12.0, rcvhwm: int = 100,
                  context: zmq.Context | None = None, keys: Any | None = None):
-        """`keys`: an `edge_inspector.keys.ClientKeys` when the services run with CURVE."""
+        """`keys`: an `edge_inspector.core.keys.ClientKeys` when the services run with CURVE."""
         self.hub = hub
         self.silent_after_s = silent_after_s
         self.context = context or feed_context()

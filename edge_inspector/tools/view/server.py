@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ...errors import ConfigError
-from .control import ControlLink
-from .feed import Feed
-from .hub import Hub, encode_event
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.tools.view.control import ControlLink
+from edge_inspector.tools.view.feed import Feed
+from edge_inspector.tools.view.hub import Hub, encode_event
 
 log = logging.getLogger(__name__)
 

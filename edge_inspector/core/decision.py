@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .errors import ConfigError
+from edge_inspector.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

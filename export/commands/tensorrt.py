@@ -1,6 +1,6 @@
 """`edge-export tensorrt BUNDLE`: build a TensorRT engine for this GPU into the bundle.
 
-The builder itself lives in `edge_inspector.backends.tensorrt_engine` (the device needs it for first-start
+The builder itself lives in `edge_inspector.backends.tensorrt.engines` (the device needs it for first-start
 builds); this module adds what only a person at a terminal needs: INT8 calibration images, a check of the
 graph against TensorRT's documented ONNX restrictions, and the command line. It imports neither torch nor
 TensorRT at module level, so `edge-export tensorrt` also runs on a Jetson without the training stack.
@@ -17,11 +17,11 @@ from typing import Iterator
 import click
 import numpy as np
 
-from edge_inspector.backends.tensorrt_engine import (ENGINE_DIR, BuildOptions, CalibrationSource, build_engine,
+from edge_inspector.backends.tensorrt.engines import (ENGINE_DIR, BuildOptions, CalibrationSource, build_engine,
                                                      probe_device)
-from edge_inspector.bundle import Bundle
-from edge_inspector.errors import BackendError, ConfigError, DataError
-from edge_inspector.images import iter_readable, list_images, resize_to
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import BackendError, ConfigError, DataError
+from edge_inspector.core.images import iter_readable, list_images, resize_to
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def calibration_source(folder: Path, bundle: Bundle, batch_size: int, limit: int
     tiling = bundle.meta.tiling
     tiler = None
     if tiling.tiles > 1:
-        from edge_inspector.tiling import Tiler
+        from edge_inspector.core.tiling import Tiler
 
         tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size)
 
@@ -208,7 +208,7 @@ def tensorrt_command(bundle_path: Path, fp16: bool, int8: bool, calib: Path | No
             raise ConfigError("--check-only needs the onnx package (pip install onnx)")
         click.echo(f"{bundle.onnx_path}: no TensorRT incompatibilities found")
         return
-    from edge_inspector.backends.tensorrt import unavailable_reason
+    from edge_inspector.backends.tensorrt.runtime import unavailable_reason
 
     reason = unavailable_reason()
     if reason:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import BgrToInput, GaussianBlur, MapToAnswer, max_blur_radius
-from .train_config import MODEL_KINDS  # defined torch-free, so `edge-export` starts without torch
+from export.graph import BgrToInput, GaussianBlur, MapToAnswer, max_blur_radius
+from export.autoencoder.config import MODEL_KINDS  # defined torch-free, so `edge-export` starts without torch
 
 # The network sees RGB scaled to [-1, 1]; its tanh output lives on the same scale.
 AE_MEAN = (0.5, 0.5, 0.5)

@@ -10,10 +10,10 @@ import logging
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..errors import BackendError
-from .base import Backend, InferenceResult
-from .tensorrt_engine import (
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import BackendError
+from edge_inspector.backends.base import Backend, InferenceResult
+from edge_inspector.backends.tensorrt.engines import (
     DEFAULT_MAX_BATCH,
     INPUT_NAME,
     OUTPUT_NAMES,

@@ -13,10 +13,10 @@ import sys
 
 import click
 
-from .errors import ConfigError
-from .keys import client_keys_option
-from .publish import send_control
-from .subscriber import connectable
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.keys import client_keys_option
+from edge_inspector.service.publisher import send_control
+from edge_inspector.tools.subscriber import connectable
 
 COMMANDS = ("status", "stats", "set-threshold", "reload")
 

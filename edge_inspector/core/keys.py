@@ -29,7 +29,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .errors import ConfigError
+from edge_inspector.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from typing import Any
 
 import yaml
 
-from . import __version__
-from .atomic import write_atomic
-from .errors import BundleError
+from edge_inspector import __version__
+from edge_inspector.core.atomic import write_atomic
+from edge_inspector.core.errors import BundleError
 
 # 2: bundle.yaml carries meta_sha256 (a digest of its own metadata). A format-1 runtime meeting a format-2
 # bundle says "newer than this runtime supports" instead of tripping over the unknown key.
@@ -115,7 +115,7 @@ class TilingInfo:
 
     def tiler(self, input_size: tuple[int, int]):
         """The Tiler that cuts frames exactly as they were cut for training (None for whole-frame bundles)."""
-        from .tiling import Tiler
+        from edge_inspector.core.tiling import Tiler
 
         if self.tiles == 1 and self.roi is None and self.tile_size is None:
             return None

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from edge_inspector.errors import DataError
+from edge_inspector.core.errors import DataError
 
-from .staging import check_output_folder
+from export.staging import check_output_folder
 
 
 def _ints(text: str, count: int, option: str) -> tuple[int, ...]:
@@ -102,7 +102,7 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
             raise DataError("--feature-dim is a PaDiM option (use --model padim, or --projection-dim for patchcore)")
         if tile_mode != "shared":
             raise DataError("--tile-mode per_tile is a PaDiM option; patchcore keeps one bank for all tiles")
-        from .patchcore import PatchcoreOptions, fit_patchcore
+        from export.patchcore import PatchcoreOptions, fit_patchcore
 
         bundle = fit_patchcore(train_folder, out_dir, PatchcoreOptions(
             **common, **{k: v for k, v in patchcore_only.items() if v is not None}))
@@ -110,12 +110,12 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         given = [k for k, v in patchcore_only.items() if v is not None]
         if given:
             raise DataError(f"--{given[0].replace('_', '-')} is a patchcore option (use --model patchcore)")
-        from .padim import PadimOptions, fit_padim
+        from export.padim.fit import PadimOptions, fit_padim
 
         bundle = fit_padim(train_folder, out_dir, PadimOptions(
             **common, tile_mode=tile_mode, feature_dim=100 if feature_dim is None else (feature_dim or None)))
     if validation is not None:
-        from .validation import calibrate_with_defects
+        from export.validation import calibrate_with_defects
 
         bundle = calibrate_with_defects(bundle, validation, validation_labels, use_f1=threshold_rule == "f1",
                                         target_escape=target_escape)

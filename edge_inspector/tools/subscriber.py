@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import zmq
 
-from .errors import ConfigError
+from edge_inspector.core.errors import ConfigError
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Subscriber:
 
     def __init__(self, endpoint: str, topics: tuple[str, ...] = ("inspection.", "health."),
                  context: zmq.Context | None = None, rcvhwm: int = 1000, keys: Any | None = None):
-        """`keys`: an `edge_inspector.keys.ClientKeys` when the service runs with CURVE."""
+        """`keys`: an `edge_inspector.core.keys.ClientKeys` when the service runs with CURVE."""
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -130,7 +130,7 @@ def format_health(header: dict[str, Any]) -> str:
 def subscribe_command(endpoint: str, camera: str, health: bool, as_json: bool, count: int,
                       save_heatmaps: str | None, server_key: str | None, client_key: str | None) -> None:
     """Print inspection results (and health) from a running service, e.g. tcp://127.0.0.1:5556."""
-    from .keys import client_keys_option
+    from edge_inspector.core.keys import client_keys_option
 
     keys = client_keys_option(server_key, client_key)
     suffix = f".{camera}" if camera else "."

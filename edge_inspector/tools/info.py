@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .bundle import Bundle
+from edge_inspector.core.bundle import Bundle
 
 
 def _size(path: Path) -> int:

@@ -24,10 +24,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..atomic import write_atomic
-from ..bundle import Bundle
-from ..errors import BackendError, ConfigError
-from .base import BackendRuntimeError
+from edge_inspector.core.atomic import write_atomic
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import BackendError, ConfigError
+from edge_inspector.backends.base import BackendRuntimeError
 
 log = logging.getLogger(__name__)
 

@@ -31,22 +31,22 @@ import click
 import numpy as np
 import zmq
 
-from .archive import Archive
-from .backends import Backend, BackendRuntimeError, create_backend
-from .bundle import Bundle
-from .config import ServiceConfig, config_to_dict, load_config
-from .decision import (
+from edge_inspector.service.archive import Archive
+from edge_inspector.backends import Backend, BackendRuntimeError, create_backend
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config
+from edge_inspector.core.decision import (
     DecisionParams,
     check_in_range,
     threshold_range,
     validate_threshold,
 )
-from .errors import ConfigError
-from .pipeline import ActiveModel, InferenceEngine, Pipeline, Stats
-from .publish import ControlServer, Publisher
-from .sources import Camera, create_source
-from .systemd import Notifier, extending_start
-from .tiling import Tiler
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.service.pipeline import ActiveModel, InferenceEngine, Pipeline, Stats
+from edge_inspector.service.publisher import ControlServer, Publisher
+from edge_inspector.service.sources import Camera, create_source
+from edge_inspector.core.systemd import Notifier, extending_start
+from edge_inspector.core.tiling import Tiler
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Service:
         security = config.security
         if not security.curve_secret_key:
             return
-        from .keys import CurveServer
+        from edge_inspector.core.keys import CurveServer
 
         self.curve = CurveServer(self.context, config.resolve(security.curve_secret_key),
                                  config.resolve(security.result_clients) if security.result_clients else None,
@@ -443,7 +443,7 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
         line += (f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g} "
                  f"(allowed {low:.6g}..{high:.6g})")
     if config.security.curve_secret_key:
-        from .keys import load_client_keys, load_secret_key
+        from edge_inspector.core.keys import load_client_keys, load_secret_key
 
         load_secret_key(config.resolve(config.security.curve_secret_key), "security.curve_secret_key")
         for key in ("result_clients", "control_clients"):

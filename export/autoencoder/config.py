@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-from edge_inspector.config import read_yaml_file
-from edge_inspector.errors import ConfigError
+from edge_inspector.service.config import read_yaml_file
+from edge_inspector.core.errors import ConfigError
 
 MODEL_KINDS = ("ae", "vae")
 
@@ -29,7 +29,7 @@ class TrainConfig:
     """What to train on, how the frames are cut into patches, the network, the optimiser and the threshold."""
 
     train_folder: Path  # good images (searched recursively)
-    # -- patches: the same frame tiling the edge service uses (edge_inspector.tiling) --
+    # -- patches: the same frame tiling the edge service uses (edge_inspector.core.tiling) --
     input_size: tuple[int, int] | None = None  # (height, width) each patch is resized to; default patch_size or 256
     rows: int | None = None  # frame grid; give rows/cols OR patch_size (default 1 x 1)
     cols: int | None = None

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from .errors import DataError, ImageError
+from edge_inspector.core.errors import DataError, ImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

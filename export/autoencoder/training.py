@@ -1,6 +1,6 @@
 """Train an AE/VAE on patches of good frames and export it as a model bundle.
 
-Patches are cut by `edge_inspector.tiling.Tiler`, the same code the edge service runs on live frames, so the
+Patches are cut by `edge_inspector.core.tiling.Tiler`, the same code the edge service runs on live frames, so the
 model is trained on exactly what it will see. Good frames (not patches) are split into training and
 validation sets: the validation frames steer early stopping and, never having been trained on, give the
 out-of-sample scores the threshold is chosen from (same conformal rule as PaDiM; a frame's score is the
@@ -28,20 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_inspector.atomic import write_atomic_with
-from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
-from edge_inspector.errors import ConfigError, DataError, InspectorError
-from edge_inspector.evaluate import f1_optimal_threshold
-from edge_inspector.images import iter_readable, list_images, read_image, resize_to
-from edge_inspector.progress import is_interactive, progress
+from edge_inspector.core.atomic import write_atomic_with
+from edge_inspector.core.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
+from edge_inspector.core.errors import ConfigError, DataError, InspectorError
+from edge_inspector.tools.metrics import f1_optimal_threshold
+from edge_inspector.core.images import iter_readable, list_images, read_image, resize_to
+from edge_inspector.core.progress import is_interactive, progress
 
-from .autoencoder import (AE_MEAN, AE_STD, Architecture, ConvAutoencoder, ReconstructionError,
+from export.autoencoder.model import (AE_MEAN, AE_STD, Architecture, ConvAutoencoder, ReconstructionError,
                           ReconstructionGraph, count_parameters, fit_normaliser, kl_divergence)
-from .graph import BgrToInput
-from .onnx_export import export_onnx, onnx_reference_check
-from .staging import staged_bundle_folder
-from .threshold import apply_f1_rule, conformal_threshold, score_stats
-from .train_config import TrainConfig, effective_input_size
+from export.graph import BgrToInput
+from export.onnx_export import export_onnx, onnx_reference_check
+from export.staging import staged_bundle_folder
+from export.threshold import apply_f1_rule, conformal_threshold, score_stats
+from export.autoencoder.config import TrainConfig, effective_input_size
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import numpy as np
 import yaml
 
 import edge_inspector
-from edge_inspector.subscriber import Subscriber, format_health, format_result
-from edge_inspector.synthetic import DEFECT_KINDS, make_part
+from edge_inspector.tools.subscriber import Subscriber, format_health, format_result
+from export.synthetic import DEFECT_KINDS, make_part
 
 PART_SIZE = 160  # pixels per lane; also the model input size, so tiles are not rescaled
 LANES = 2
@@ -152,7 +152,7 @@ def serve_and_watch(config: Path, endpoint: str, out: Path, timeout_s: float) ->
 def replay_check(line: Recording, out: Path, bundle) -> None:
     """Score the decoded conveyor frames offline against the generator's labels and print the metrics."""
     from edge_inspector.backends import create_backend
-    from edge_inspector.replay import replay_folder, write_results
+    from edge_inspector.tools.replay import replay_folder, write_results
 
     frames = out / "replay" / "frames"
     count = extract_frames(line.path, frames)
@@ -177,7 +177,7 @@ def replay_check(line: Recording, out: Path, bundle) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo_command(out_dir: str, frames: int, train_frames: int, fps: float, defect_rate: float, seed: int) -> None:
     """Generate a conveyor video, fit a model on good frames, run the service on it and watch the results."""
-    from .padim import PadimOptions, fit_padim
+    from export.padim.fit import PadimOptions, fit_padim
 
     started = time.monotonic()
     out = Path(out_dir)

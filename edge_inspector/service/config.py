@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import ConfigError
+from edge_inspector.core.errors import ConfigError
 
 Check = Callable[[Any, str], Any]
 
@@ -241,7 +241,7 @@ class ArchiveConfig:
 
 @dataclass
 class SecurityConfig:
-    """Optional ZeroMQ CURVE (edge_inspector/keys.py). Key files come from `edge-inspector keys`."""
+    """Optional ZeroMQ CURVE (edge_inspector/core/keys.py). Key files come from `edge-inspector keys`."""
 
     curve_secret_key: str | None = opt(None, optional(text()),
                                        "the service's NAME.key_secret; null: no CURVE (plain TCP, no authentication)")

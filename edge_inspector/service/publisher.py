@@ -32,9 +32,9 @@ import cv2
 import numpy as np
 import zmq
 
-from .config import PublishConfig
-from .errors import ConfigError, InspectorError
-from .pipeline import LATENCY_KEYS, Result
+from edge_inspector.service.config import PublishConfig
+from edge_inspector.core.errors import ConfigError, InspectorError
+from edge_inspector.service.pipeline import LATENCY_KEYS, Result
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Publisher:
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_MESSAGE)
         if curve is not None:
-            from .keys import RESULTS_DOMAIN
+            from edge_inspector.core.keys import RESULTS_DOMAIN
 
             curve.apply(self.socket, RESULTS_DOMAIN)
         try:
@@ -281,7 +281,7 @@ class ControlServer:
         self.socket.setsockopt(zmq.RCVHWM, 100)
         self.socket.setsockopt(zmq.SNDHWM, 100)
         if curve is not None:
-            from .keys import CONTROL_DOMAIN
+            from edge_inspector.core.keys import CONTROL_DOMAIN
 
             curve.apply(self.socket, CONTROL_DOMAIN)
         try:
@@ -421,7 +421,7 @@ def send_control(endpoint: str, request: dict[str, Any] | str, timeout_s: float 
                  context: zmq.Context | None = None, keys: Any | None = None) -> dict[str, Any]:
     """Client side of the control socket: a dict is sent as JSON, a string as the bare words.
 
-    `keys`: an `edge_inspector.keys.ClientKeys` when the service runs with CURVE.
+    `keys`: an `edge_inspector.core.keys.ClientKeys` when the service runs with CURVE.
     """
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.REQ)

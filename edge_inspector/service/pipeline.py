@@ -23,11 +23,11 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from .backends import Backend
-from .bundle import Bundle
-from .decision import Decision, DecisionParams, decide
-from .sources import Camera, Frame
-from .tiling import Tiler
+from edge_inspector.backends import Backend
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.decision import Decision, DecisionParams, decide
+from edge_inspector.service.sources import Camera, Frame
+from edge_inspector.core.tiling import Tiler
 
 log = logging.getLogger(__name__)
 

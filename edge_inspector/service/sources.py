@@ -22,10 +22,10 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-from .config import CameraConfig
-from .errors import ConfigError, ImageError, InspectorError
-from .imageheader import HeaderError, image_size
-from .images import IMAGE_EXTENSIONS, list_images, to_bgr8
+from edge_inspector.service.config import CameraConfig
+from edge_inspector.core.errors import ConfigError, ImageError, InspectorError
+from edge_inspector.core.imageheader import HeaderError, image_size
+from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images, to_bgr8
 
 log = logging.getLogger(__name__)
 

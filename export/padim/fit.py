@@ -24,17 +24,17 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
-from edge_inspector.progress import progress
+from edge_inspector.core.progress import progress
 
-from edge_inspector.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
-from edge_inspector.errors import DataError
-from edge_inspector.images import iter_readable, list_images, read_image, resize_to
+from edge_inspector.core.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
+from edge_inspector.core.errors import DataError
+from edge_inspector.core.images import iter_readable, list_images, read_image, resize_to
 
-from .backbones import DEFAULT_BACKBONE, backbone_names, create_backbone
-from .graph import BgrToInput, MapToAnswer
-from .onnx_export import export_onnx, onnx_reference_check
-from .staging import staged_bundle_folder
-from .threshold import conformal_threshold, score_stats
+from export.backbones import DEFAULT_BACKBONE, backbone_names, create_backbone
+from export.graph import BgrToInput, MapToAnswer
+from export.onnx_export import export_onnx, onnx_reference_check
+from export.staging import staged_bundle_folder
+from export.threshold import conformal_threshold, score_stats
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .errors import DataError
-from .images import IMAGE_EXTENSIONS, list_images
-from .operating_point import LOUD_ESCAPE_RATE, OperatingPoint, format_tradeoff, tradeoff_table
+from edge_inspector.core.errors import DataError
+from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images
+from edge_inspector.core.operating_point import LOUD_ESCAPE_RATE, OperatingPoint, format_tradeoff, tradeoff_table
 
 log = logging.getLogger(__name__)
 

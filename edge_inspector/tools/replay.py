@@ -19,12 +19,12 @@ import click
 import cv2
 import numpy as np
 
-from .backends import BACKEND_KINDS, Backend, create_backend
-from .bundle import Bundle
-from .errors import DataError, ImageError
-from .evaluate import EvaluationReport, LabeledImage, discover_labels, evaluate
-from .images import list_images, list_non_images, read_image, read_mask, resize_to
-from .progress import progress
+from edge_inspector.backends import BACKEND_KINDS, Backend, create_backend
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import DataError, ImageError
+from edge_inspector.tools.metrics import EvaluationReport, LabeledImage, discover_labels, evaluate
+from edge_inspector.core.images import list_images, list_non_images, read_image, read_mask, resize_to
+from edge_inspector.core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def overlay_image(image: np.ndarray, heatmap: np.ndarray, threshold: float, scor
     the threshold. White outline: every region whose score is over the threshold. Banner: PASS/FAIL and
     the score as a multiple of the threshold (1.00x is the threshold).
     """
-    from .publish import heatmap_to_u8
+    from edge_inspector.service.publisher import heatmap_to_u8
 
     colour = cv2.applyColorMap(heatmap_to_u8(heatmap, threshold, 2.0), cv2.COLORMAP_JET)
     out = cv2.addWeighted(image, 0.6, colour, 0.4, 0)

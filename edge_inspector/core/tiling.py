@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .errors import ConfigError
+from edge_inspector.core.errors import ConfigError
 
 Box = tuple[int, int, int, int]  # x, y, width, height
 
