@@ -120,6 +120,7 @@ def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, h
     """Each pipeline step timed one after the other on one thread (no stage competing with inference)."""
     from edge_inspector.service.config import PublishConfig
     from edge_inspector.core.decision import DecisionParams
+    from edge_inspector.core.inspect import Inspector
     from edge_inspector.service.pipeline import InferenceEngine
     from edge_inspector.service.publisher import Publisher
     from edge_inspector.service.app import load_model
@@ -128,7 +129,7 @@ def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, h
     config = parse_config({"tiling": {"rows": grid, "cols": grid},
                            "model": {"bundle": str(bundle_path), "backend": "onnxruntime", "threads": threads}})
     model = load_model(config)
-    engine = InferenceEngine(model, DecisionParams(threshold=model.bundle.threshold))
+    engine = InferenceEngine(Inspector(model, DecisionParams(threshold=model.bundle.threshold)))
     publisher = Publisher(PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", control_endpoint=None,
                                         heatmap_scale=heatmap_scale), "bench", health=dict)
     times: dict[str, list[float]] = {k: [] for k in ("decode", "tiling", "inference", "decision", "publish")}

@@ -27,7 +27,8 @@ from service_helpers import (
 from edge_inspector.service.config import parse_config
 from edge_inspector.tools.control import build_request
 from edge_inspector.core.errors import ConfigError
-from edge_inspector.service.publisher import MAX_CONTROL_MESSAGE, parse_request, send_control
+from edge_inspector.core.wire import MAX_CONTROL_MESSAGE, send_control
+from edge_inspector.service.control import parse_request
 from edge_inspector.service.app import Service
 from edge_inspector.tools.subscriber import Subscriber
 
@@ -115,7 +116,7 @@ def test_malformed_requests_get_one_line_errors(running, payload, expected):
     else:
         assert reply["ok"] is False and expected in reply["error"] and "\n" not in reply["error"]
         assert len(reply["error"]) < 400  # a 60 kB command name is not echoed back whole
-    assert service.engine.params.threshold == bundle.threshold  # nothing above moved the threshold
+    assert service.inspector.params.threshold == bundle.threshold  # nothing above moved the threshold
     still_answers(service, address)
 
 
@@ -148,7 +149,7 @@ def test_random_fuzz_then_status_still_answers(running):
             assert set(reply) >= {"ok"} and (reply["ok"] or reply["error"])
             answered += 1
     assert answered == 150
-    assert service.engine.params.threshold == bundle.threshold
+    assert service.inspector.params.threshold == bundle.threshold
     still_answers(service, address)
 
 

@@ -155,7 +155,7 @@ def test_mvtec_style_masks_keep_the_midpoint_cutoff(tmp_path):
 
 
 def test_overlay_carries_the_verdict_banner(tmp_path):
-    from edge_inspector.tools.replay import VERDICT_COLOURS, overlay_image
+    from edge_inspector.core.render import VERDICT_COLOURS, overlay_image
 
     image = np.full((200, 200, 3), 128, np.uint8)
     heatmap = np.zeros((200, 200), np.float32)

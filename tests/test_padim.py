@@ -325,7 +325,8 @@ def test_per_tile_fit_on_two_lane_frames(tmp_path):
 
 def test_fit_with_roi_records_geometry_and_replay_uses_it(tmp_path):
     """A part in one corner of a bigger frame: fit on the ROI; replay crops the same ROI."""
-    from edge_inspector.tools.replay import FrameScorer
+    from edge_inspector.core.decision import DecisionParams
+    from edge_inspector.core.inspect import Inspector, Model, bundle_tiler
     from export.synthetic import make_part
 
     rng = np.random.default_rng(11)
@@ -346,9 +347,10 @@ def test_fit_with_roi_records_geometry_and_replay_uses_it(tmp_path):
     assert result.exit_code == 0, result.output
     bundle = Bundle.load(tmp_path / "b")
     assert bundle.meta.tiling.roi == [40, 20, 128, 128]
-    scorer = FrameScorer(bundle, create_backend(bundle, "onnxruntime"))
-    good_score, heatmap = scorer.score(frame())
-    assert heatmap.shape == (200, 300) and heatmap[:, 200:].max() == 0  # outside the ROI: not inspected
-    assert scorer.score(frame("spot"))[0] > good_score
+    inspector = Inspector(Model(bundle, create_backend(bundle, "onnxruntime"), bundle_tiler(bundle)),
+                          DecisionParams(threshold=bundle.threshold))
+    good = inspector.inspect(frame())
+    assert good.heatmap.shape == (200, 300) and good.heatmap[:, 200:].max() == 0  # outside the ROI: not inspected
+    assert inspector.inspect(frame("spot")).score > good.score
     bad = runner.invoke(exporter, ["fit", str(train), "--out", str(tmp_path / "c"), "--roi", "1,2,3"])
     assert bad.exit_code == 2 and "--roi: expected 4 non-negative integers" in bad.output

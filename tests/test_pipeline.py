@@ -12,13 +12,9 @@ from service_helpers import LANES, PART, conveyor_frames, write_video
 
 from edge_inspector.service.config import parse_config
 from edge_inspector.core.decision import DecisionParams
-from edge_inspector.service.pipeline import (
-    FrameQueue,
-    InferenceEngine,
-    Pipeline,
-    QueueClosed,
-    Result,
-)
+from edge_inspector.core.inspect import Inspector
+from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Result
+from edge_inspector.service.queues import FrameQueue, QueueClosed
 from edge_inspector.service.app import load_model
 from edge_inspector.service.sources import Camera, create_source
 
@@ -48,7 +44,7 @@ def build(bundle, source: str, sink, when_behind="wait", queue_size=2, stall=10.
                            "model": {"bundle": str(bundle.path), "backend": "onnxruntime", "threads": 2},
                            "pipeline": {"queue_size": queue_size, "when_behind": when_behind}})
     model = load_model(config)
-    engine = InferenceEngine(model, DecisionParams(threshold=bundle.threshold))
+    engine = InferenceEngine(Inspector(model, DecisionParams(threshold=bundle.threshold)))
     camera_obj = Camera(create_source(config.camera), config.camera)
     return Pipeline(camera_obj, engine, sink, queue_size=queue_size, drop_when_behind=when_behind == "drop",
                     stall_timeout_s=stall)

@@ -14,14 +14,12 @@ from service_helpers import LANES, PART, conveyor_frames, endpoint
 from edge_inspector.service.config import PublishConfig, parse_config
 from edge_inspector.core.decision import DecisionParams, validate_threshold
 from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.inspect import Inspector
+from edge_inspector.core.render import heatmap_to_u8
+from edge_inspector.core.wire import SCHEMA_VERSION, send_control
+from edge_inspector.service.control import ControlServer
 from edge_inspector.service.pipeline import InferenceEngine
-from edge_inspector.service.publisher import (
-    SCHEMA_VERSION,
-    ControlServer,
-    Publisher,
-    heatmap_to_u8,
-    send_control,
-)
+from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.app import load_model
 from edge_inspector.service.sources import Frame
 from edge_inspector.tools.subscriber import Subscriber, format_health, format_result
@@ -31,7 +29,7 @@ from edge_inspector.tools.subscriber import Subscriber, format_health, format_re
 def engine(bundle):
     config = parse_config({"tiling": {"rows": 1, "cols": LANES},
                            "model": {"bundle": str(bundle.path), "backend": "onnxruntime", "threads": 2}})
-    return InferenceEngine(load_model(config), DecisionParams(threshold=bundle.threshold, min_defect_area=5))
+    return InferenceEngine(Inspector(load_model(config), DecisionParams(threshold=bundle.threshold, min_defect_area=5)))
 
 
 def frame_of(image: np.ndarray, index: int = 0) -> Frame:
@@ -41,8 +39,7 @@ def frame_of(image: np.ndarray, index: int = 0) -> Frame:
 def connected_pair(heatmap: str = "png", **kwargs):
     """A publisher and a subscriber whose subscription has reached the publisher (no lost first message)."""
     config = PublishConfig(endpoint=endpoint(), control_endpoint=None, heatmap=heatmap, **kwargs)
-    publisher = Publisher(config, "cam7", health=lambda: {"state": "connected", "fps": 1.5},
-                          min_defect_area=lambda: 5)
+    publisher = Publisher(config, "cam7", health=lambda: {"state": "connected", "fps": 1.5})
     subscriber = Subscriber(publisher.endpoint, ("inspection.", "health."))
     deadline = time.monotonic() + 5
     while not publisher.subscribed.is_set() and time.monotonic() < deadline:
@@ -75,7 +72,7 @@ def test_result_message_header_and_png_heatmap(engine):
     assert header["sequence"] == results[1].sequence and header["frame_index"] == 1
     assert header["camera_id"] == "cam7" and header["verdict"] == "fail"
     assert good.header["verdict"] == "pass" and good.header["defects"] == []
-    assert header["threshold"] == pytest.approx(engine.params.threshold)
+    assert header["threshold"] == pytest.approx(engine.inspector.params.threshold)
     assert header["normalised_score"] == pytest.approx(header["score"] / header["threshold"], rel=1e-4)
     assert len(header["tile_scores"]) == LANES and header["tile_boxes"] == [[0, 0, PART, PART], [PART, 0, PART, PART]]
     assert header["defects"] and {"x", "y", "width", "height", "area", "peak"} <= set(header["defects"][0])

@@ -32,7 +32,7 @@ from service_helpers import (
 )
 
 from edge_inspector.service.config import parse_config
-from edge_inspector.service.publisher import send_control
+from edge_inspector.core.wire import send_control
 from edge_inspector.service.app import Service
 from edge_inspector.tools.view.hub import CameraState, Hub, Item
 from edge_inspector.tools.view.server import ViewServer

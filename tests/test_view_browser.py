@@ -14,7 +14,7 @@ import pytest
 from service_helpers import REPO
 from test_view import LiveService, running
 
-from edge_inspector.service.publisher import send_control
+from edge_inspector.core.wire import send_control
 from edge_inspector.tools.view.server import ViewServer
 
 CHROMIUM = os.environ.get("EDGE_INSPECTOR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

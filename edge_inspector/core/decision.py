@@ -92,6 +92,7 @@ class Decision:
     tile_scores: list[float]
     boxes: list[DefectBox] = field(default_factory=list)
     largest_area: int = 0
+    min_defect_area: int = 0  # the parameter this verdict was decided with (the header reports it)
 
 
 def defect_regions(heatmap: np.ndarray, threshold: float, max_boxes: int) -> tuple[list[DefectBox], int]:
@@ -131,4 +132,4 @@ def decide(tile_scores: np.ndarray, heatmap: np.ndarray, params: DecisionParams)
     fail = over and (params.min_defect_area == 0 or largest > params.min_defect_area)
     return Decision(verdict="fail" if fail else "pass", score=score, normalised_score=score / params.threshold,
                     threshold=params.threshold, tile_scores=[float(s) for s in scores], boxes=boxes,
-                    largest_area=largest)
+                    largest_area=largest, min_defect_area=params.min_defect_area)

@@ -18,7 +18,6 @@ of memory, a failed engine build). Worst case from a real stage hang to a restar
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -42,8 +41,10 @@ from edge_inspector.core.decision import (
     validate_threshold,
 )
 from edge_inspector.core.errors import ConfigError
-from edge_inspector.service.pipeline import ActiveModel, InferenceEngine, Pipeline, Stats
-from edge_inspector.service.publisher import ControlServer, Publisher
+from edge_inspector.core.inspect import Inspector, Model
+from edge_inspector.service.control import ControlServer
+from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
+from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
 from edge_inspector.core.systemd import Notifier, extending_start
 from edge_inspector.core.tiling import Tiler
@@ -75,7 +76,7 @@ def checked_tiler(config: ServiceConfig, bundle: Bundle) -> Tiler:
                  roi=tiling.roi)
 
 
-def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> ActiveModel:
+def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
     """Load, verify, check and warm up a bundle; the first real frame then runs at full speed."""
     bundle = Bundle.load(bundle_path or config.bundle_path)
     tiler = checked_tiler(config, bundle)
@@ -89,7 +90,7 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Active
     log.info("model %s loaded (%s, threshold %.4g), start and warm-up inference of %d tile(s) took %.0f ms",
              bundle.model_id, backend.describe(), bundle.threshold, tiler.tiles,
              (time.monotonic() - started) * 1000)
-    return ActiveModel(bundle=bundle, backend=backend, tiler=tiler)
+    return Model(bundle=bundle, backend=backend, tiler=tiler)
 
 
 def bundle_range(config: ServiceConfig, bundle: Bundle) -> tuple[float, float]:
@@ -118,7 +119,7 @@ class Service:
         self.publisher: Publisher | None = None
         self.control: ControlServer | None = None
         self.pipeline: Pipeline | None = None
-        self.engine: InferenceEngine | None = None
+        self.inspector: Inspector | None = None
         self.camera: Camera | None = None
         self.archive: Archive | None = None
         self.curve: Any = None  # keys.CurveServer when security.curve_secret_key is set
@@ -155,9 +156,8 @@ class Service:
         self.archive = (Archive(config.archive_path, config.archive, config.publish.heatmap_full_scale)
                         if config.archive.enabled else None)
         self._start_curve(config)
-        self.publisher = Publisher(config.publish, config.camera.id, self.health,
-                                   min_defect_area=lambda: self.engine.params.min_defect_area if self.engine else 0,
-                                   archive=self.archive, context=self.context, curve=self.curve)
+        self.publisher = Publisher(config.publish, config.camera.id, self.health, archive=self.archive,
+                                   context=self.context, curve=self.curve)
         if config.publish.control_endpoint:
             self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context,
                                          curve=self.curve)
@@ -165,13 +165,13 @@ class Service:
             model = load_model(config)
         self.threshold_bounds = bundle_range(config, model.bundle)
         self.threshold_source = "config" if config.decision.threshold is not None else "bundle"
-        self.engine = InferenceEngine(model, self._decision_params(model.bundle))
+        self.inspector = Inspector(model, self._decision_params(model.bundle))
         self.camera = Camera(source, config.camera, on_event=self._on_camera_event)
         when_behind = config.pipeline.when_behind
         if when_behind == "auto":
             unpaced_media = source.kind in ("file", "folder") and not config.camera.fps
             when_behind = "wait" if unpaced_media else "drop"
-        self.pipeline = Pipeline(self.camera, self.engine, self.publisher, queue_size=config.pipeline.queue_size,
+        self.pipeline = Pipeline(self.camera, InferenceEngine(self.inspector), self.publisher, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats)
         if config.publish.wait_for_subscriber_s > 0:
@@ -259,8 +259,8 @@ class Service:
         if self.archive:
             self.archive.close()
         self._close_sockets()
-        if self.engine:
-            self.engine.model.backend.close()
+        if self.inspector:
+            self.inspector.close()
         self.notifier.close()
 
     def _close_sockets(self) -> None:
@@ -304,7 +304,7 @@ class Service:
         stats = self.stats.snapshot()
         camera = self.camera.snapshot() if self.camera else {}
         problems = self.problems()
-        model = self.engine.model if self.engine else None
+        model = self.inspector.model if self.inspector else None
         return {
             "state": camera.get("state", "starting"),
             "ok": not problems,
@@ -324,7 +324,7 @@ class Service:
             "uptime_s": stats["uptime_s"],
             "model": {"id": model.model_id, "sha256": model.sha256, "meta_sha256": model.bundle.meta_sha256}
             if model else None,
-            "threshold": self.engine.params.threshold if self.engine else None,
+            "threshold": self.inspector.params.threshold if self.inspector else None,
             "threshold_source": self.threshold_source,
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
@@ -337,14 +337,14 @@ class Service:
                 "reload": self._cmd_reload}
 
     def _cmd_status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        model = self.engine.model
+        model, params = self.inspector.settings()
         return {"camera_id": self.config.camera.id, "status": self.status_line(), "problems": self.problems(),
                 "camera": self.camera.snapshot(), "model": {"id": model.model_id, "sha256": model.sha256,
                                                             "path": str(model.bundle.path),
                                                             "backend": model.backend.describe()},
-                "threshold": self.engine.params.threshold, "bundle_threshold": model.bundle.threshold,
+                "threshold": params.threshold, "bundle_threshold": model.bundle.threshold,
                 "threshold_range": list(self.threshold_bounds), "threshold_source": self.threshold_source,
-                "min_defect_area": self.engine.params.min_defect_area, "tiling": model.tiler.describe(),
+                "min_defect_area": params.min_defect_area, "tiling": model.tiler.describe(),
                 "config": {"path": self.config.path, **config_to_dict(self.config)}}
 
     def _cmd_stats(self, _request: dict[str, Any]) -> dict[str, Any]:
@@ -363,12 +363,12 @@ class Service:
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise ConfigError(f"threshold: expected a finite number > 0, got {shown}")
         value = check_in_range(validate_threshold(value), self.threshold_bounds)
-        previous = self.engine.params.threshold
-        self.engine.params = dataclasses.replace(self.engine.params, threshold=value)
+        previous = self.inspector.params.threshold
+        self.inspector.set_threshold(value)
         self.threshold_source = f"control socket ({request.get('_peer') or 'unknown peer'})"
         # WARNING, not INFO: a moved threshold changes verdicts, so it must stand out in the journal.
         log.warning("threshold changed: %.6g -> %.6g by the %s (bundle %s, allowed %.6g..%.6g)", previous, value,
-                    self.threshold_source, self.engine.model.model_id, *self.threshold_bounds)
+                    self.threshold_source, self.inspector.model.model_id, *self.threshold_bounds)
         if self.publisher:
             self.publisher.request_health()  # subscribers see the new threshold at once, not 5 s later
         return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds)}
@@ -379,11 +379,11 @@ class Service:
         if path is not None and not isinstance(path, str):
             raise ConfigError(f"reload: bundle must be a folder path string, got {type(path).__name__}")
         model = load_model(self.config, Path(path) if path else None)
-        previous = self.engine.model.model_id
+        previous = self.inspector.model.model_id
         params = self._decision_params(model.bundle)
         self.threshold_bounds = bundle_range(self.config, model.bundle)
         self.threshold_source = "config" if self.config.decision.threshold is not None else "bundle"
-        self.engine.swap(model, params)
+        self.inspector.swap(model, params)
         log.warning("reload by the control socket (%s): %s -> %s (threshold %.6g)", request.get("_peer") or "unknown",
                     previous, model.model_id, params.threshold)
         if self.publisher:

@@ -23,11 +23,10 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from edge_inspector.backends import Backend
-from edge_inspector.core.bundle import Bundle
-from edge_inspector.core.decision import Decision, DecisionParams, decide
+from edge_inspector.core.decision import Decision
+from edge_inspector.core.inspect import Inspector
+from edge_inspector.service.queues import FrameQueue, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
-from edge_inspector.core.tiling import Tiler
 
 log = logging.getLogger(__name__)
 
@@ -36,79 +35,6 @@ LATENCY_KEYS = ("capture", "queue", "tiling", "inference", "decision", "encode",
 # The supervisor ticks every 0.1 s; a gap this long means the whole process was paused (SIGSTOP, swapped
 # out, a stalled disk under the logger), not that one stage hung.
 PAUSE_GAP_S = 2.0
-
-
-class QueueClosed(Exception):
-    """The producer has finished and everything queued has been taken."""
-
-
-class FrameQueue:
-    """Bounded FIFO that either drops its oldest item (live) or makes the producer wait (lossless)."""
-
-    def __init__(self, maxsize: int, drop_oldest: bool):
-        self.items: collections.deque = collections.deque()
-        self.maxsize = maxsize
-        self.drop_oldest = drop_oldest
-        self.closed = False
-        self.cond = threading.Condition()
-
-    def put(self, item: Any, stop: threading.Event | None = None, beat: Callable[[], None] | None = None) -> int:
-        """Queue item; return how many items were dropped to make room (0 or 1)."""
-        with self.cond:
-            if self.closed:
-                return 1  # the consumer was cut loose at shutdown; counted like any other drop
-            dropped = 0
-            while len(self.items) >= self.maxsize:
-                if self.drop_oldest:
-                    self.items.popleft()
-                    dropped += 1
-                    continue
-                if stop is not None and stop.is_set():
-                    break  # stopping: let this last frame in over the bound rather than lose it
-                self.cond.wait(0.2)
-                if beat:
-                    beat()
-            self.items.append(item)
-            self.cond.notify_all()
-            return dropped
-
-    def get(self, timeout: float) -> Any | None:
-        """Next item, None on timeout; QueueClosed once closed and empty."""
-        with self.cond:
-            if not self.items and not self.closed:
-                self.cond.wait(timeout)
-            if self.items:
-                item = self.items.popleft()
-                self.cond.notify_all()
-                return item
-            if self.closed:
-                raise QueueClosed
-            return None
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-@dataclass
-class ActiveModel:
-    """Everything inference needs, swapped as one object on `reload` (never half old, half new)."""
-
-    bundle: Bundle
-    backend: Backend
-    tiler: Tiler
-
-    @property
-    def model_id(self) -> str:
-        return self.bundle.model_id
-
-    @property
-    def sha256(self) -> str:
-        return self.bundle.sha256
 
 
 @dataclass
@@ -123,6 +49,7 @@ class Result:
     tile_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+    min_defect_area: int = 0  # as decided (the decision's own); for an error result, the setting at the time
 
     @property
     def threshold(self) -> float | None:
@@ -181,61 +108,40 @@ class Stats:
 
 
 class InferenceEngine:
-    """Turns a frame into a Result with the current model and decision parameters."""
+    """The inference stage's work: number each frame and judge it through the Inspector (core/inspect.py).
 
-    def __init__(self, model: ActiveModel, params: DecisionParams):
-        self.model = model
-        self.params = params  # replaced whole by set_threshold (an atomic attribute swap)
-        self._pending: tuple[ActiveModel, DecisionParams] | None = None
-        self._lock = threading.Lock()
+    Exactly one Result per frame: a frame the source could not deliver, or one whose judging raised,
+    becomes verdict 'error' carrying the reason, never a silent gap.
+    """
+
+    def __init__(self, inspector: Inspector):
+        self.inspector = inspector
         self.sequence = 0
 
-    def swap(self, model: ActiveModel, params: DecisionParams) -> None:
-        """Install a new model (with its threshold) before the next frame, never in the middle of one."""
-        with self._lock:
-            self._pending = (model, params)
-
-    def _take_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            old = self.model
-            self.model, self.params = pending
-            if old.backend is not self.model.backend:
-                old.backend.close()  # here, on the inference thread: no frame is using it any more
-            log.info("model swapped: %s -> %s", old.model_id, self.model.model_id)
-
     def process(self, frame: Frame) -> Result:
-        """Exactly one Result per call; failures become verdict 'error' carrying the reason."""
-        self._take_pending()
         self.sequence += 1
-        model, params = self.model, self.params
+        model, params = self.inspector.settings()
         result = Result(sequence=self.sequence, frame=frame, verdict="error", model_id=model.model_id,
-                        model_sha256=model.sha256)
+                        model_sha256=model.sha256, min_defect_area=params.min_defect_area)
         timings = result.timings
         timings.update(dict.fromkeys(LATENCY_KEYS, 0.0))
         timings["capture"] = frame.capture_ms
-        t0 = time.monotonic()
-        timings["queue"] = (t0 - frame.capture_mono) * 1000.0
+        timings["queue"] = (time.monotonic() - frame.capture_mono) * 1000.0
         if frame.error is not None or frame.image is None:  # the source could not deliver this one
             result.error = frame.error or "no image"
             return result
         try:
-            tiles = model.tiler.split(frame.image)
-            t1 = time.monotonic()
-            output = model.backend.infer(tiles)
-            t2 = time.monotonic()
-            heatmap = model.tiler.stitch(output.anomaly_maps, frame.image.shape)
-            decision = decide(output.scores, heatmap, params)
-            t3 = time.monotonic()
+            inspection = self.inspector.inspect(frame.image)
         except Exception as err:  # any failure must still produce a result, never a silent gap
             result.error = f"{type(err).__name__}: {err}".splitlines()[0]
             return result
-        timings.update(tiling=(t1 - t0) * 1000.0, inference=(t2 - t1) * 1000.0, decision=(t3 - t2) * 1000.0)
-        result.verdict = decision.verdict
-        result.decision = decision
-        result.heatmap = heatmap
-        result.tile_boxes = model.tiler.boxes(frame.image.shape)
+        timings.update(inspection.timings)
+        result.verdict = inspection.verdict
+        result.decision = inspection.decision
+        result.heatmap = inspection.heatmap
+        result.tile_boxes = inspection.tile_boxes
+        result.model_id, result.model_sha256 = inspection.model_id, inspection.model_sha256
+        result.min_defect_area = inspection.decision.min_defect_area
         return result
 
 

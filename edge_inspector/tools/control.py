@@ -15,7 +15,7 @@ import click
 
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.keys import client_keys_option
-from edge_inspector.service.publisher import send_control
+from edge_inspector.core.wire import send_control
 from edge_inspector.tools.subscriber import connectable
 
 COMMANDS = ("status", "stats", "set-threshold", "reload")

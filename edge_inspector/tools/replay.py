@@ -21,10 +21,13 @@ import numpy as np
 
 from edge_inspector.backends import BACKEND_KINDS, Backend, create_backend
 from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.decision import DecisionParams
 from edge_inspector.core.errors import DataError, ImageError
-from edge_inspector.tools.metrics import EvaluationReport, LabeledImage, discover_labels, evaluate
-from edge_inspector.core.images import list_images, list_non_images, read_image, read_mask, resize_to
+from edge_inspector.core.images import list_images, list_non_images, read_image, read_mask
+from edge_inspector.core.inspect import Inspector, Model, bundle_tiler
 from edge_inspector.core.progress import progress
+from edge_inspector.core.render import overlay_image
+from edge_inspector.tools.metrics import EvaluationReport, LabeledImage, discover_labels, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -56,61 +59,6 @@ class ReplaySummary:
         return out
 
 
-class FrameScorer:
-    """Scores one image the way the service would: resize (single-tile bundle) or tile, infer, stitch."""
-
-    def __init__(self, bundle: Bundle, backend: Backend):
-        self.bundle, self.backend = bundle, backend
-        self.tiler = bundle.meta.tiling.tiler(bundle.input_size)
-
-    def score(self, image: np.ndarray) -> tuple[float, np.ndarray]:
-        """(frame score, anomaly map at the image's resolution)."""
-        if self.tiler is None:
-            result = self.backend.infer(resize_to(image, self.bundle.input_size)[None])
-            heatmap = result.anomaly_maps[0]
-            if heatmap.shape != image.shape[:2]:
-                heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-            return float(result.scores[0]), heatmap
-        result = self.backend.infer(self.tiler.split(image))
-        return float(result.scores.max()), self.tiler.stitch(result.anomaly_maps, image.shape)
-
-
-VERDICT_COLOURS = {"pass": (60, 180, 60), "fail": (40, 40, 230)}  # BGR: green, red
-
-
-def overlay_image(image: np.ndarray, heatmap: np.ndarray, threshold: float, score: float | None = None
-                  ) -> np.ndarray:
-    """What an engineer looks at first: the heatmap blended on the image, the defect outlined, the verdict.
-
-    Colours (JET): blue = far below the threshold, green/yellow = approaching it, red = at or over twice
-    the threshold. White outline: every region whose score is over the threshold. Banner: PASS/FAIL and
-    the score as a multiple of the threshold (1.00x is the threshold).
-    """
-    from edge_inspector.service.publisher import heatmap_to_u8
-
-    colour = cv2.applyColorMap(heatmap_to_u8(heatmap, threshold, 2.0), cv2.COLORMAP_JET)
-    out = cv2.addWeighted(image, 0.6, colour, 0.4, 0)
-    contours, _ = cv2.findContours((heatmap > threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
-    if score is not None:
-        _draw_verdict(out, score, threshold)
-    return out
-
-
-def _draw_verdict(image: np.ndarray, score: float, threshold: float) -> None:
-    """A filled banner in the top-left corner, sized to the image so it reads on 256 px and 5 MP alike."""
-    verdict = "fail" if score > threshold else "pass"
-    text = f"{verdict.upper()} {score / threshold:.2f}x"
-    scale = max(0.4, min(image.shape[:2]) / 400.0)
-    thickness = max(1, round(scale * 2))
-    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    pad = max(2, round(4 * scale))
-    cv2.rectangle(image, (0, 0), (width + 2 * pad, height + baseline + 2 * pad), VERDICT_COLOURS[verdict], -1)
-    cv2.putText(image, text, (pad, height + pad), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
-                cv2.LINE_AA)
-
-
 def _eval_size(shape: tuple[int, ...]) -> tuple[int, int]:
     h, w = shape[:2]
     scale = min(1.0, EVAL_MAP_MAX_SIDE / max(h, w))
@@ -118,14 +66,19 @@ def _eval_size(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path | None = None,
-                  labels_csv: Path | None = None) -> ReplaySummary:
-    """Score every image under folder; evaluate when labels are found. Errors become rows, not exceptions."""
+                  labels_csv: Path | None = None, params: DecisionParams | None = None) -> ReplaySummary:
+    """Score every image under folder; evaluate when labels are found. Errors become rows, not exceptions.
+
+    Each image is judged by the same Inspector the service uses (core/inspect.py), on the grid the bundle
+    was fit on, with `params` (default: the bundle's threshold, no minimum defect area).
+    """
     labelled = discover_labels(folder, labels_csv)
     items: list[LabeledImage] | None = labelled
     paths = [item.path for item in labelled] if labelled is not None else list_images(folder)
     if not paths:
         raise DataError(f"{folder}: no images (png, jpg, bmp, tiff) found")
-    scorer = FrameScorer(bundle, backend)
+    params = params or DecisionParams(threshold=bundle.threshold)
+    inspector = Inspector(Model(bundle, backend, bundle_tiler(bundle)), params)
     summary = ReplaySummary(skipped_files=len(list_non_images(folder)))
     if summary.skipped_files:
         log.warning("%s: %d files are not images (png, jpg, jpeg, bmp, tif, tiff) and are skipped", folder,
@@ -137,23 +90,25 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
         started = time.perf_counter()
         try:
             image = read_image(path)
-            score, heatmap = scorer.score(image)
+            inspection = inspector.inspect(image)
         except ImageError as err:
             log.warning("error row: %s", err)
             summary.rows.append(ReplayRow(str(path), None, None, "error", None, str(err)))
             continue
         latency = (time.perf_counter() - started) * 1000.0
-        verdict = "fail" if score > bundle.threshold else "pass"
-        summary.rows.append(ReplayRow(str(path), score, bundle.normalise(score), verdict, latency))
+        decision, heatmap = inspection.decision, inspection.heatmap
+        summary.rows.append(ReplayRow(str(path), decision.score, decision.normalised_score, decision.verdict,
+                                      latency))
         if overlays is not None:
-            _write_overlay(overlays, folder, path, overlay_image(image, heatmap, bundle.threshold, score))
+            _write_overlay(overlays, folder, path, overlay_image(image, heatmap, decision.threshold, decision.score,
+                                                                decision.verdict))
         if items is not None:
             size = _eval_size(heatmap.shape)
             kept_maps.append(cv2.resize(heatmap, (size[1], size[0]), interpolation=cv2.INTER_AREA))
             kept_items.append(items[index])
-            kept_scores.append(score)
+            kept_scores.append(decision.score)
     if kept_items:
-        summary.report = _evaluate(kept_items, kept_scores, kept_maps, bundle.threshold)
+        summary.report = _evaluate(kept_items, kept_scores, kept_maps, params.threshold)
     return summary
 
 
@@ -203,6 +158,10 @@ def write_results(path: Path, rows: list[ReplayRow]) -> None:
                              r.error])
 
 
+def _area(params: DecisionParams) -> str:
+    return f", min defect area {params.min_defect_area} px" if params.min_defect_area else ""
+
+
 def _num(value: float | None, digits: int = 6) -> str:
     return "" if value is None else f"{value:.{digits}g}" if digits > 2 else f"{value:.{digits}f}"
 
@@ -221,21 +180,29 @@ def _num(value: float | None, digits: int = 6) -> str:
               help="Also write the metrics as JSON.")
 @click.option("--backend", type=click.Choice(BACKEND_KINDS), default="onnxruntime", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (CPU).")
+@click.option("--threshold", type=float, default=None,
+              help="Decide with this threshold instead of the bundle's (as the line's decision.threshold).")
+@click.option("--min-defect-area", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fail only when an over-threshold region exceeds this many pixels (the line's "
+                   "decision.min_defect_area): replay then gives the verdicts that line would.")
 def replay_command(folder: Path, bundle_dir: Path, results: Path | None, overlays: Path | None,
-                   labels_csv: Path | None, metrics_file: Path | None, backend: str, threads: int | None) -> None:
+                   labels_csv: Path | None, metrics_file: Path | None, backend: str, threads: int | None,
+                   threshold: float | None, min_defect_area: int) -> None:
     """Score every image under FOLDER with a bundle; evaluate it when labels exist."""
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     bundle = Bundle.load(bundle_dir)
+    params = DecisionParams(threshold=threshold if threshold is not None else bundle.threshold,
+                            min_defect_area=min_defect_area)
     runtime = create_backend(bundle, backend, threads=threads)
-    summary = replay_folder(folder, bundle, runtime, overlays, labels_csv)
+    summary = replay_folder(folder, bundle, runtime, overlays, labels_csv, params=params)
     results = results or Path(f"{folder.resolve().name}-results.csv")
     write_results(results, summary.rows)
     counts = summary.counts
     skipped = f", {summary.skipped_files} non-image files skipped" if summary.skipped_files else ""
     unlisted = f", {summary.unlisted_images} images not in --labels" if summary.unlisted_images else ""
     click.echo(f"{len(summary.rows)} images: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error"
-               f"{skipped}{unlisted}  (threshold {bundle.threshold:.6g}, model {bundle.model_id}) -> {results}")
+               f"{skipped}{unlisted}  (threshold {params.threshold:.6g}{_area(params)}, model {bundle.model_id}) -> {results}")
     if overlays is not None:
         click.echo(f"overlays in {overlays}/ (banner: verdict and score / threshold; white outline: over threshold)")
     if counts["pass"] + counts["fail"] == 0:

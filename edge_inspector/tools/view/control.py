@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from edge_inspector.service.publisher import send_control
+from edge_inspector.core.wire import send_control
 from edge_inspector.tools.subscriber import connectable
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,140 @@
+"""One path from a frame to a verdict: tile, infer, stitch, decide.
+
+The service's inference thread, `edge-inspector replay` and `edge-export fit --validation` all judge
+images through `Inspector.inspect`, so one image gets one verdict everywhere (replay once ignored
+`min_defect_area` and disagreed with the line on exactly the images an engineer asks about). An
+`Inspection` carries every parameter it was decided with (model, threshold, min_defect_area), so a result
+header never mixes the parameters of two moments.
+
+Settings change under a lock and only between two frames: `set_threshold` and `swap` (reload) both
+replace the current settings, so a threshold set right after a reload applies to the new model instead of
+being overwritten when the reload takes effect. A frame in progress keeps the settings it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.decision import Decision, DecisionParams, decide
+from edge_inspector.core.tiling import Box, Tiler
+
+if TYPE_CHECKING:  # backends build on core; core only needs the interface's name for its type hints
+    from edge_inspector.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded bundle with its backend and the tiler that cuts frames for it; swapped as one object."""
+
+    bundle: Bundle
+    backend: Backend
+    tiler: Tiler
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+    @property
+    def sha256(self) -> str:
+        return self.bundle.sha256
+
+
+def bundle_tiler(bundle: Bundle) -> Tiler:
+    """The grid the bundle was fit on (one whole-frame tile for untiled bundles), for offline judging."""
+    return bundle.meta.tiling.tiler(bundle.input_size) or Tiler(1, 1, bundle.input_size)
+
+
+@dataclass
+class Inspection:
+    """One frame judged: the decision (with its parameters), the stitched map and where the tiles were."""
+
+    decision: Decision
+    heatmap: np.ndarray  # float32 HxW at the frame's resolution, raw score scale
+    tile_boxes: list[Box]
+    model_id: str
+    model_sha256: str
+    timings: dict[str, float] = field(default_factory=dict)  # tiling, inference, decision (ms)
+
+    @property
+    def verdict(self) -> str:
+        return self.decision.verdict
+
+    @property
+    def score(self) -> float:
+        return self.decision.score
+
+
+class Inspector:
+    """Judges frames with the current model and decision parameters; settings change between frames only."""
+
+    def __init__(self, model: Model, params: DecisionParams):
+        self._model = model
+        self._params = params
+        self._lock = threading.Lock()
+        self._retired: list[Backend] = []  # replaced backends, closed by the judging thread once idle
+
+    @property
+    def model(self) -> Model:
+        return self._model
+
+    @property
+    def params(self) -> DecisionParams:
+        return self._params
+
+    def settings(self) -> tuple[Model, DecisionParams]:
+        """The model and parameters the next frame will be judged with (one consistent pair)."""
+        with self._lock:
+            return self._model, self._params
+
+    def set_threshold(self, threshold: float) -> DecisionParams:
+        """Move the threshold of the current settings (a pending reload's included); returns the new ones."""
+        with self._lock:
+            self._params = dataclasses.replace(self._params, threshold=threshold)
+            return self._params
+
+    def swap(self, model: Model, params: DecisionParams) -> None:
+        """Install a new model with its parameters; the frame being judged finishes with the old one."""
+        with self._lock:
+            old = self._model
+            self._model, self._params = model, params
+            if old.backend is not model.backend:
+                self._retired.append(old.backend)
+        log.info("model swapped: %s -> %s", old.model_id, model.model_id)
+
+    def inspect(self, image: np.ndarray) -> Inspection:
+        """Tile, infer, stitch and decide one uint8 BGR frame. Errors propagate to the caller."""
+        self._close_retired()
+        model, params = self.settings()
+        t0 = time.monotonic()
+        tiles = model.tiler.split(image)
+        t1 = time.monotonic()
+        output = model.backend.infer(tiles)
+        t2 = time.monotonic()
+        heatmap = model.tiler.stitch(output.anomaly_maps, image.shape)
+        decision = decide(output.scores, heatmap, params)
+        t3 = time.monotonic()
+        return Inspection(decision=decision, heatmap=heatmap, tile_boxes=model.tiler.boxes(image.shape),
+                          model_id=model.model_id, model_sha256=model.sha256,
+                          timings={"tiling": (t1 - t0) * 1000.0, "inference": (t2 - t1) * 1000.0,
+                                   "decision": (t3 - t2) * 1000.0})
+
+    def _close_retired(self) -> None:
+        """Close replaced backends here, on the judging thread: no frame is using them any more."""
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for backend in retired:
+            backend.close()
+
+    def close(self) -> None:
+        self._close_retired()
+        self._model.backend.close()
