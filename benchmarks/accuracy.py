@@ -130,7 +130,7 @@ def evaluate_bundle(row: Row, category: Path, bundle_dir: Path, threads: int) ->
     """Replay the test set with the product's replay code and fill the accuracy columns."""
     from edge_inspector.backends import create_backend
     from edge_inspector.core.bundle import Bundle
-    from edge_inspector.tools.metrics import discover_labels
+    from edge_inspector.tools.labels import discover_labels
     from edge_inspector.core.images import read_image
     from edge_inspector.tools.replay import replay_folder
     from export.threshold import operating_point, threshold_for_false_reject

@@ -21,6 +21,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class BgrToInput(nn.Module):
     """uint8 (N, H, W, 3) BGR -> float32 (N, 3, H, W) RGB, normalised as the network was trained."""
 
+    scale: torch.Tensor
+    bias: torch.Tensor
+    rgb_order: torch.Tensor
+
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         # Fold /255, -mean and /std into one multiply-add; reverse channels (BGR -> RGB) in the constants' order.
@@ -64,6 +68,9 @@ class GaussianBlur(nn.Module):
     1x33 convolutions: same result, and 3-4x faster in ONNX Runtime, whose convolution kernels are not
     made for one channel and long kernels.
     """
+
+    cols: torch.Tensor
+    rows: torch.Tensor
 
     def __init__(self, sigma: float, size: tuple[int, int]):
         super().__init__()

@@ -18,8 +18,8 @@ DEFECT_KINDS = ("scratch", "spot", "missing")
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    base = rng.normal(70, 6, (height, width)).astype(np.float32)
-    base = cv2.GaussianBlur(base, (0, 0), 1.2)
+    noise = rng.normal(70, 6, (height, width)).astype(np.float32)
+    base = np.asarray(cv2.GaussianBlur(noise, (0, 0), 1.2), np.float32)
     stripes = 4 * np.sin(np.arange(width, dtype=np.float32) / 3.0)[None, :]
     return base + stripes
 

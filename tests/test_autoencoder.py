@@ -17,7 +17,8 @@ import yaml
 from edge_inspector.backends import create_backend
 from edge_inspector.core.bundle import BUNDLE_FILE, Bundle
 from edge_inspector.core.errors import ConfigError, DataError
-from edge_inspector.tools.metrics import discover_labels, image_auroc, pixel_auroc
+from edge_inspector.tools.labels import discover_labels
+from edge_inspector.tools.metrics import image_auroc, pixel_auroc
 from edge_inspector.core.images import read_image, read_mask, resize_to
 from edge_inspector.tools.replay import replay_folder
 from edge_inspector.core.tiling import Tiler

@@ -25,7 +25,7 @@ from edge_inspector.core.inspect import Inspector, Model
 from edge_inspector.core.tiling import Tiler
 from edge_inspector.core.wire import send_control
 from edge_inspector.service.app import Service, load_model
-from edge_inspector.service.config import PublishConfig, parse_config
+from edge_inspector.service.config import parse_config
 from edge_inspector.service.pipeline import InferenceEngine
 from edge_inspector.service.publisher import result_header
 from edge_inspector.service.sources import Frame

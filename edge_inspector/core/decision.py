@@ -63,8 +63,7 @@ def check_in_range(value: float, bounds: tuple[float, float], what: str = "thres
 
 def validate_threshold(value: object) -> float:
     """A threshold must be a finite number > 0 (a zero or NaN threshold would fail or pass everything)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
         raise ConfigError(f"threshold: expected a finite number > 0, got {value!r}")
     return float(value)
 
@@ -112,7 +111,7 @@ def defect_regions(heatmap: np.ndarray, threshold: float, max_boxes: int) -> tup
     order = np.argsort(-areas)
     peaks = np.zeros(count, np.float32)
     inside = crop > 0
-    np.maximum.at(peaks, labels[inside], heat[inside])  # highest value per region, one vectorised pass
+    np.maximum.at(peaks, labels[inside].astype(np.intp), heat[inside])  # highest value per region, one vectorised pass
     boxes = []
     for i in order[:max_boxes]:
         x, y, w, h, area = (int(v) for v in stats[i + 1, :5])

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_inspector.core.errors import DataError
+
 TRADEOFF_FALSE_REJECT_RATES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 LOUD_ESCAPE_RATE = 0.5  # a threshold that lets more than this share of known defects pass is called out
 
@@ -67,3 +69,80 @@ def format_tradeoff(points: list[OperatingPoint], chosen: OperatingPoint | None 
         lines.append(f"{point.threshold:>12.6g}{100 * point.false_reject_rate:>13.1f}%"
                      f"{100 * point.escape_rate:>8.1f}%{mark}")
     return "\n".join(lines)
+
+
+@dataclass
+class Confusion:
+    """Counts and rates at one threshold, in the terms a line uses: false rejects and escapes.
+
+    Rates whose denominator is empty (e.g. recall with no defective images) are reported as 0.0 so the
+    report stays JSON-ready; the counts show when that happened.
+    """
+
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+    accuracy: float
+    false_reject_rate: float  # good parts judged defective
+    escape_rate: float  # defective parts judged good
+
+    @classmethod
+    def from_counts(cls, tp: int, fp: int, tn: int, fn: int) -> "Confusion":
+        precision = _ratio(tp, tp + fp)
+        recall = _ratio(tp, tp + fn)
+        f1 = _ratio(2 * precision * recall, precision + recall)
+        return cls(int(tp), int(fp), int(tn), int(fn), precision, recall, f1,
+                   _ratio(tp + tn, tp + fp + tn + fn), _ratio(fp, fp + tn), _ratio(fn, fn + tp))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else 0.0
+
+
+def confusion_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Confusion:
+    """Confusion when an image is judged defective for score > threshold (the runtime's rule)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = as_labels(labels, scores.size)
+    flagged = scores > threshold
+    tp = int(np.count_nonzero(flagged & labels))
+    fp = int(np.count_nonzero(flagged & ~labels))
+    fn = int(np.count_nonzero(~flagged & labels))
+    tn = int(np.count_nonzero(~flagged & ~labels))
+    return Confusion.from_counts(tp, fp, tn, fn)
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, Confusion]:
+    """Threshold with the best F1, placed midway between adjacent distinct scores.
+
+    It shows what the data could support next to the bundle's own threshold (which is set from good
+    images only). Candidates are every gap between distinct scores plus one below the lowest score; among
+    equal F1 the highest threshold (fewest false rejects) is returned.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = as_labels(labels, scores.size)
+    if scores.size == 0:
+        raise DataError("F1-optimal threshold needs at least one scored image")
+    values = np.unique(scores)  # ascending
+    step = values[1] - values[0] if values.size > 1 else 1.0
+    candidates = np.concatenate([[values[0] - step / 2.0], (values[:-1] + values[1:]) / 2.0])  # ascending
+    sorted_pos = np.sort(scores[labels])
+    sorted_neg = np.sort(scores[~labels])
+    tp = sorted_pos.size - np.searchsorted(sorted_pos, candidates, side="right")
+    fp = sorted_neg.size - np.searchsorted(sorted_neg, candidates, side="right")
+    fn = sorted_pos.size - tp
+    denominator = 2 * tp + fp + fn
+    f1 = np.divide(2.0 * tp, denominator, out=np.zeros(candidates.size), where=denominator > 0)
+    best = int(np.flatnonzero(f1 == f1.max())[-1])  # candidates ascend: last is the highest threshold
+    threshold = float(candidates[best])
+    return threshold, confusion_at(scores, labels, threshold)
+
+
+def as_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size != size:
+        raise ValueError(f"{labels.size} labels for {size} scores")
+    return labels.astype(bool)

@@ -87,7 +87,7 @@ class Tiler:
     def _compute(self, height: int, width: int) -> tuple[list[Box], bool]:
         rx, ry, rw, rh = self.roi if self.roi else (0, 0, width, height)
         if rx + rw > width or ry + rh > height:
-            raise ConfigError(f"tiling.roi: {list(self.roi)} reaches outside the {width}x{height} frame")
+            raise ConfigError(f"tiling.roi: {[rx, ry, rw, rh]} reaches outside the {width}x{height} frame")
         th, tw = self.tile_size if self.tile_size else (None, None)
         sy, sx = self.stride if self.stride else (None, None)
         ys = _axis(rh, self.rows, th, sy, "height")

@@ -147,6 +147,7 @@ class Service:
             return
         from edge_inspector.core.keys import CurveServer
 
+        assert self.context is not None  # created by start() before anything binds
         self.curve = CurveServer(self.context, config.resolve(security.curve_secret_key),
                                  config.resolve(security.result_clients) if security.result_clients else None,
                                  config.resolve(security.control_clients) if security.control_clients else None)
@@ -336,10 +337,17 @@ class Service:
         return {"status": self._cmd_status, "stats": self._cmd_stats, "set_threshold": self._cmd_set_threshold,
                 "reload": self._cmd_reload}
 
+    def _running(self) -> tuple[Inspector, Camera]:
+        """The inspector and camera the control commands act on (both exist before control starts)."""
+        if self.inspector is None or self.camera is None:
+            raise ConfigError("the service is still starting; try again in a moment")
+        return self.inspector, self.camera
+
     def _cmd_status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        model, params = self.inspector.settings()
+        inspector, camera = self._running()
+        model, params = inspector.settings()
         return {"camera_id": self.config.camera.id, "status": self.status_line(), "problems": self.problems(),
-                "camera": self.camera.snapshot(), "model": {"id": model.model_id, "sha256": model.sha256,
+                "camera": camera.snapshot(), "model": {"id": model.model_id, "sha256": model.sha256,
                                                             "path": str(model.bundle.path),
                                                             "backend": model.backend.describe()},
                 "threshold": params.threshold, "bundle_threshold": model.bundle.threshold,
@@ -348,11 +356,13 @@ class Service:
                 "config": {"path": self.config.path, **config_to_dict(self.config)}}
 
     def _cmd_stats(self, _request: dict[str, Any]) -> dict[str, Any]:
-        return {"stats": self.stats.snapshot(), "camera": self.camera.snapshot(),
+        _, camera = self._running()
+        return {"stats": self.stats.snapshot(), "camera": camera.snapshot(),
                 "archive": self.archive.snapshot() if self.archive else None}
 
     def _cmd_set_threshold(self, request: dict[str, Any]) -> dict[str, Any]:
         """Move the threshold within the allowed range; every change is logged and announced in health."""
+        inspector, _ = self._running()
         value = request.get("value")
         if isinstance(value, str):
             try:
@@ -363,12 +373,12 @@ class Service:
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise ConfigError(f"threshold: expected a finite number > 0, got {shown}")
         value = check_in_range(validate_threshold(value), self.threshold_bounds)
-        previous = self.inspector.params.threshold
-        self.inspector.set_threshold(value)
+        previous = inspector.params.threshold
+        inspector.set_threshold(value)
         self.threshold_source = f"control socket ({request.get('_peer') or 'unknown peer'})"
         # WARNING, not INFO: a moved threshold changes verdicts, so it must stand out in the journal.
         log.warning("threshold changed: %.6g -> %.6g by the %s (bundle %s, allowed %.6g..%.6g)", previous, value,
-                    self.threshold_source, self.inspector.model.model_id, *self.threshold_bounds)
+                    self.threshold_source, inspector.model.model_id, *self.threshold_bounds)
         if self.publisher:
             self.publisher.request_health()  # subscribers see the new threshold at once, not 5 s later
         return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds)}
@@ -378,12 +388,13 @@ class Service:
         path = request.get("bundle", request.get("value"))
         if path is not None and not isinstance(path, str):
             raise ConfigError(f"reload: bundle must be a folder path string, got {type(path).__name__}")
+        inspector, _ = self._running()
         model = load_model(self.config, Path(path) if path else None)
-        previous = self.inspector.model.model_id
+        previous = inspector.model.model_id
         params = self._decision_params(model.bundle)
         self.threshold_bounds = bundle_range(self.config, model.bundle)
         self.threshold_source = "config" if self.config.decision.threshold is not None else "bundle"
-        self.inspector.swap(model, params)
+        inspector.swap(model, params)
         log.warning("reload by the control socket (%s): %s -> %s (threshold %.6g)", request.get("_peer") or "unknown",
                     previous, model.model_id, params.threshold)
         if self.publisher:

@@ -50,10 +50,10 @@ def _round(value: float | None, digits: int = 6) -> float | None:
 
 def encode_heatmap(result: Result, mode: str, full_scale: float, jpeg_quality: int, scale: float = 1.0) -> bytes:
     """The message's third part: 8-bit PNG heatmap, JPEG overlay on the frame, or nothing."""
-    if mode == "none" or result.heatmap is None or result.decision is None:
+    frame = result.frame.image
+    if mode == "none" or result.heatmap is None or result.decision is None or frame is None:
         return b""
     heat8 = heatmap_to_u8(result.heatmap, result.decision.threshold, full_scale)
-    frame = result.frame.image
     if scale < 1.0:
         size = heatmap_size(frame.shape, scale)
         heat8 = cv2.resize(heat8, size, interpolation=cv2.INTER_AREA)
@@ -82,8 +82,8 @@ def result_header(result: Result, camera_id: str, heatmap_mode: str, full_scale:
     frame = result.frame
     decision = result.decision
     height, width = frame.image.shape[:2] if frame.image is not None else (0, 0)
-    has_heatmap = heatmap_mode != "none" and result.heatmap is not None and decision is not None
-    heat_width, heat_height = heatmap_size(frame.image.shape, heatmap_scale) if has_heatmap else (0, 0)
+    has_heatmap = heatmap_mode != "none" and result.heatmap is not None and decision is not None and height > 0
+    heat_width, heat_height = heatmap_size((height, width), heatmap_scale) if has_heatmap else (0, 0)
     return {
         "schema_version": SCHEMA_VERSION,
         "type": "inspection",

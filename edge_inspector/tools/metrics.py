@@ -12,215 +12,31 @@ the maps' good pixels in memory, never a pairwise or per-pixel Python loop.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
 from edge_inspector.core.errors import DataError
-from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images
-from edge_inspector.core.operating_point import LOUD_ESCAPE_RATE, OperatingPoint, format_tradeoff, tradeoff_table
+from edge_inspector.core.operating_point import (LOUD_ESCAPE_RATE, Confusion, OperatingPoint, confusion_at,
+                                                 f1_optimal_threshold, format_tradeoff, tradeoff_table,
+                                                 as_labels)
+
+from edge_inspector.tools.labels import GOOD
 
 log = logging.getLogger(__name__)
-
-GOOD = "good"
-GOOD_WORDS = frozenset({"0", "good", "ok", "pass", "normal"})
-DEFECT_WORDS = frozenset({"1", "defect", "defective", "ng", "fail", "anomaly", "bad"})
-LABEL_WORDS_HELP = (f"{'/'.join(sorted(GOOD_WORDS))} (good) or {'/'.join(sorted(DEFECT_WORDS))} (defective), "
-                    "any case")
-
-
-# --------------------------------------------------------------------------------------------------
-# Labels on disk
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class LabeledImage:
-    """One test image with its ground truth, as found on disk."""
-
-    path: Path
-    label: int  # 0 good, 1 defective
-    defect_type: str  # "good" or the defect folder name
-    mask_path: Path | None  # ground-truth mask; None for good images or when absent
-
-
-def discover_labels(folder: Path, labels_csv: Path | None = None) -> list[LabeledImage] | None:
-    """Ground truth for the images of a replay folder, or None when it carries no labels we recognise.
-
-    A labels CSV wins when given; otherwise the MVTec AD layout (category or its `test` folder) and the
-    VisA layout (category or its `Data` folder) are recognised, because those are what benchmark users and
-    most factory datasets derived from them look like. None lets replay still score an unlabelled folder.
-    """
-    folder = Path(folder)
-    if labels_csv is not None:
-        return read_labels_csv(Path(labels_csv))
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
-    for finder in (_find_mvtec, _find_visa):
-        found = finder(folder)
-        if found is not None:
-            if not found:
-                raise DataError(f"{folder}: labelled layout recognised but it holds no images")
-            return found
-    return None
-
-
-def _find_mvtec(folder: Path) -> list[LabeledImage] | None:
-    """MVTec AD: test/<defect>/<name>.png with masks in ground_truth/<defect>/<name>_mask.png."""
-    if (folder / "test").is_dir():
-        test_dir = folder / "test"
-    elif (folder / GOOD).is_dir():
-        test_dir = folder
-    else:
-        return None
-    truth_dir = test_dir.parent / "ground_truth"
-    items: list[LabeledImage] = []
-    for sub in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        label = 0 if sub.name == GOOD else 1
-        for path in list_images(sub, recursive=False):
-            mask = _find_file(truth_dir / sub.name, (f"{path.stem}_mask", path.stem)) if label else None
-            items.append(LabeledImage(path, label, sub.name, mask))
-    return items
-
-
-def _find_visa(folder: Path) -> list[LabeledImage] | None:
-    """VisA: Data/Images/{Normal,Anomaly}/*.JPG with masks in Data/Masks/Anomaly/<stem>.png."""
-    data_dir = folder / "Data" if (folder / "Data" / "Images").is_dir() else folder
-    images_dir = data_dir / "Images"
-    if not ((images_dir / "Normal").is_dir() or (images_dir / "Anomaly").is_dir()):
-        return None
-    items: list[LabeledImage] = []
-    for sub_name, label, defect_type in (("Normal", 0, GOOD), ("Anomaly", 1, "anomaly")):
-        sub = images_dir / sub_name
-        if not sub.is_dir():
-            continue
-        for path in list_images(sub, recursive=False):
-            mask = _find_file(data_dir / "Masks" / "Anomaly", (path.stem,)) if label else None
-            items.append(LabeledImage(path, label, defect_type, mask))
-    return _visa_test_split(data_dir.parent, items)
-
-
-def _visa_test_split(category: Path, items: list[LabeledImage]) -> list[LabeledImage]:
-    """Keep VisA's test images only. A VisA category's Images/Normal holds the training images too; the
-    split lives in `split_csv/1cls.csv` beside the categories. Counting training images as test images
-    inflates every metric, so without that file we say so loudly."""
-    split_csv = category.parent / "split_csv" / "1cls.csv"
-    if not split_csv.is_file():
-        log.warning("%s: VisA layout without %s: every image under Data/Images is counted as a test image, "
-                    "including any the bundle was trained on", category, split_csv)
-        return items
-    test: set[Path] = set()
-    with open(split_csv, newline="", encoding="utf-8-sig") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("object") == category.name and row.get("split", "").strip().lower() == "test":
-                test.add((category.parent / row.get("image", "")).resolve())
-    kept = [item for item in items if item.path.resolve() in test]
-    log.info("%s: VisA split %s keeps %d test images of %d", category, split_csv, len(kept), len(items))
-    return kept
-
-
-def _find_file(folder: Path, stems: Sequence[str]) -> Path | None:
-    """First existing image file named <stem><ext> for the given stems (masks come as .png, sometimes not)."""
-    if not folder.is_dir():
-        return None
-    for stem in stems:
-        for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
-            candidate = folder / f"{stem}{ext}"
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def parse_label(text: str) -> int | None:
-    """0/1 from the words people write in label columns; None when it is none of them."""
-    word = text.strip().lower()
-    if word in GOOD_WORDS:
-        return 0
-    if word in DEFECT_WORDS:
-        return 1
-    return None
-
-
-def read_labels_csv(csv_path: Path) -> list[LabeledImage]:
-    """Read `path,label[,mask[,defect_type]]` rows; paths are relative to the CSV's folder or absolute.
-
-    A header row is optional (recognised by a first cell `path`); with a header the columns may come in any
-    order. Every row is checked now, so a typo fails before minutes of inference rather than after.
-    """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: labels CSV not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        rows = [(number, row) for number, row in enumerate(csv.reader(handle), start=1)
-                if row and any(cell.strip() for cell in row) and not row[0].lstrip().startswith("#")]
-    columns = {"path": 0, "label": 1, "mask": 2, "defect_type": 3}
-    if rows and "path" in (cell.strip().lower() for cell in rows[0][1]):
-        header = [cell.strip().lower() for cell in rows[0][1]]
-        if "label" not in header:
-            raise DataError(f"{csv_path}:{rows[0][0]}: header has no 'label' column (expected path,label[,mask])")
-        columns = {name: header.index(name) for name in columns if name in header}
-        rows = rows[1:]
-    listed = [_labels_csv_row(csv_path, number, row, columns) for number, row in rows]
-    if not listed:
-        raise DataError(f"{csv_path}: labels CSV has no rows (expected path,label[,mask])")
-    items = [item for item in listed if item.path.is_file()]
-    missing = [item.path for item in listed if not item.path.is_file()]
-    log.info("%s: %d labelled images; relative paths resolve against the CSV's folder %s", csv_path, len(listed),
-             csv_path.parent.resolve())
-    if missing:
-        log.warning("%s: %d listed images not found, left out of the evaluation (first: %s)", csv_path,
-                    len(missing), ", ".join(str(p) for p in missing[:3]))
-    if not items:
-        raise DataError(f"{csv_path}: none of the {len(listed)} listed images exist (relative paths resolve "
-                        f"against {csv_path.parent.resolve()})")
-    return items
-
-
-def _labels_csv_row(csv_path: Path, number: int, row: list[str], columns: dict[str, int]) -> LabeledImage:
-    where = f"{csv_path}:{number}"
-
-    def cell(name: str) -> str:
-        index = columns.get(name)
-        return row[index].strip() if index is not None and index < len(row) else ""
-
-    if not cell("path") or not cell("label"):
-        raise DataError(f"{where}: expected 'path,label[,mask]', got {','.join(row)!r}")
-    label = parse_label(cell("label"))
-    if label is None:
-        raise DataError(f"{where}: label {cell('label')!r} is not one of {LABEL_WORDS_HELP}")
-    path = _resolve(csv_path.parent, cell("path"))
-    mask = _resolve(csv_path.parent, cell("mask")) if cell("mask") else None
-    if mask is not None and not mask.is_file():
-        raise DataError(f"{where}: mask {mask} does not exist")
-    defect_type = cell("defect_type") or (GOOD if label == 0 else "defect")
-    return LabeledImage(path, label, defect_type, mask)
-
-
-def _resolve(base: Path, text: str) -> Path:
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else base / path
-
 
 # --------------------------------------------------------------------------------------------------
 # Image-level metrics
 # --------------------------------------------------------------------------------------------------
 
-def _as_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    labels = np.asarray(labels).reshape(-1)
-    if labels.size != size:
-        raise ValueError(f"{labels.size} labels for {size} scores")
-    return labels.astype(bool)
-
-
 def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Probability that a defective image scores above a good one, ties counting half (Mann-Whitney U)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = _as_labels(labels, scores.size)
+    labels = as_labels(labels, scores.size)
     _require_both(int(labels.sum()), int((~labels).sum()), "image AUROC", "images")
     return _auroc_from_sorted(np.sort(scores[~labels]), scores[labels])
 
@@ -246,76 +62,6 @@ def _auroc_from_sorted(negatives_sorted: np.ndarray, positives: np.ndarray) -> f
         below += int(left.sum())
         tied += int((right - left).sum())
     return (below + 0.5 * tied) / (float(positives.size) * float(negatives_sorted.size))
-
-
-@dataclass
-class Confusion:
-    """Counts and rates at one threshold, in the terms a line uses: false rejects and escapes.
-
-    Rates whose denominator is empty (e.g. recall with no defective images) are reported as 0.0 so the
-    report stays JSON-ready; the counts show when that happened.
-    """
-
-    tp: int
-    fp: int
-    tn: int
-    fn: int
-    precision: float
-    recall: float
-    f1: float
-    accuracy: float
-    false_reject_rate: float  # good parts judged defective
-    escape_rate: float  # defective parts judged good
-
-    @classmethod
-    def from_counts(cls, tp: int, fp: int, tn: int, fn: int) -> "Confusion":
-        precision = _ratio(tp, tp + fp)
-        recall = _ratio(tp, tp + fn)
-        f1 = _ratio(2 * precision * recall, precision + recall)
-        return cls(int(tp), int(fp), int(tn), int(fn), precision, recall, f1,
-                   _ratio(tp + tn, tp + fp + tn + fn), _ratio(fp, fp + tn), _ratio(fn, fn + tp))
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    return float(numerator) / float(denominator) if denominator else 0.0
-
-
-def confusion_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Confusion:
-    """Confusion when an image is judged defective for score > threshold (the runtime's rule)."""
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = _as_labels(labels, scores.size)
-    flagged = scores > threshold
-    tp = int(np.count_nonzero(flagged & labels))
-    fp = int(np.count_nonzero(flagged & ~labels))
-    fn = int(np.count_nonzero(~flagged & labels))
-    tn = int(np.count_nonzero(~flagged & ~labels))
-    return Confusion.from_counts(tp, fp, tn, fn)
-
-
-def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, Confusion]:
-    """Threshold with the best F1, placed midway between adjacent distinct scores.
-
-    It shows what the data could support next to the bundle's own threshold (which is set from good
-    images only). Candidates are every gap between distinct scores plus one below the lowest score; among
-    equal F1 the highest threshold (fewest false rejects) is returned.
-    """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = _as_labels(labels, scores.size)
-    if scores.size == 0:
-        raise DataError("F1-optimal threshold needs at least one scored image")
-    values = np.unique(scores)  # ascending
-    step = values[1] - values[0] if values.size > 1 else 1.0
-    candidates = np.concatenate([[values[0] - step / 2.0], (values[:-1] + values[1:]) / 2.0])  # ascending
-    sorted_pos = np.sort(scores[labels])
-    sorted_neg = np.sort(scores[~labels])
-    tp = sorted_pos.size - np.searchsorted(sorted_pos, candidates, side="right")
-    fp = sorted_neg.size - np.searchsorted(sorted_neg, candidates, side="right")
-    fn = sorted_pos.size - tp
-    denominator = 2 * tp + fp + fn
-    f1 = np.divide(2.0 * tp, denominator, out=np.zeros(candidates.size), where=denominator > 0)
-    best = int(np.flatnonzero(f1 == f1.max())[-1])  # candidates ascend: last is the highest threshold
-    threshold = float(candidates[best])
-    return threshold, confusion_at(scores, labels, threshold)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,7 +266,7 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float, maps: Map
     metrics (counting their defect as good pixels would punish a correct heatmap).
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = _as_labels(labels, scores.size)
+    labels = as_labels(labels, scores.size)
     if scores.size == 0:
         raise DataError("nothing to evaluate: no scored images")
     types = list(defect_types) if defect_types is not None else [GOOD if not y else "defect" for y in labels]
@@ -529,12 +275,13 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float, maps: Map
     both = bool(labels.any() and (~labels).any())
     best_threshold, best = f1_optimal_threshold(scores, labels)
     pixel_maps, pixel_masks = _pixel_inputs(maps, masks, labels)
-    has_pixels = pixel_masks is not None and bool(pixel_masks.any()) and bool((~pixel_masks).any())
+    pixel_value = aupro_value = None
+    if pixel_maps is not None and pixel_masks is not None and pixel_masks.any() and (~pixel_masks).any():
+        pixel_value, aupro_value = pixel_auroc(pixel_maps, pixel_masks), aupro(pixel_maps, pixel_masks, fpr_limit)
     report = EvaluationReport(
         num_images=int(scores.size), num_good=int((~labels).sum()), num_defective=int(labels.sum()),
         image_auroc=image_auroc(scores, labels) if both else None,
-        pixel_auroc=pixel_auroc(pixel_maps, pixel_masks) if has_pixels else None,
-        aupro=aupro(pixel_maps, pixel_masks, fpr_limit) if has_pixels else None,
+        pixel_auroc=pixel_value, aupro=aupro_value,
         aupro_fpr_limit=float(fpr_limit), threshold=float(threshold),
         confusion=confusion_at(scores, labels, threshold), f1_optimal_threshold=best_threshold, f1_optimal=best,
         pixel_images=0 if pixel_masks is None else int(pixel_masks.shape[0]))

@@ -27,7 +27,8 @@ from edge_inspector.core.images import list_images, list_non_images, read_image,
 from edge_inspector.core.inspect import Inspector, Model, bundle_tiler
 from edge_inspector.core.progress import progress
 from edge_inspector.core.render import overlay_image
-from edge_inspector.tools.metrics import EvaluationReport, LabeledImage, discover_labels, evaluate
+from edge_inspector.tools.labels import LabeledImage, discover_labels
+from edge_inspector.tools.metrics import EvaluationReport, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _count_unlisted(folder: Path, listed: list[Path], labels_csv: Path) -> int:
 
 def _evaluate(items: list[LabeledImage], scores: list[float], maps: list[np.ndarray],
               threshold: float) -> EvaluationReport:
-    masks = []
+    masks: list[np.ndarray | None] = []
     for item, heatmap in zip(items, maps):
         if item.mask_path is not None:
             masks.append(read_mask(item.mask_path, heatmap.shape))

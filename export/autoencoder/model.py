@@ -119,6 +119,8 @@ class SsimMap(nn.Module):
     mean is an AveragePool that ignores padding, so borders need no special case in ONNX or TensorRT.
     """
 
+    luma: torch.Tensor
+
     def __init__(self, window: int = SSIM_WINDOW, data_range: float = DATA_RANGE):
         super().__init__()
         self.window = int(window)
@@ -168,6 +170,9 @@ class ErrorNormaliser(nn.Module):
     anomalies, so the map is clipped at 0 and stays non-negative.
     """
 
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, floor_ratio: float = 1.0):
         super().__init__()
         self.register_buffer("mean", mean.reshape(1, 1, *mean.shape[-2:]).float())
@@ -209,12 +214,12 @@ def fit_normaliser(graph: ReconstructionGraph, batches, smooth_sigma: float = 2.
     A few hundred images give a noisy per-pixel std; a small Gaussian blur shares strength between
     neighbours without washing out the fixed structures the normalisation is for.
     """
-    count, total, total_sq = 0, None, None
+    count = 0
+    total = total_sq = torch.zeros(())
     for batch in batches:
         error = graph.error_map(batch).double()
-        total = error.sum(0, keepdim=True) if total is None else total + error.sum(0, keepdim=True)
-        sq = error.pow(2).sum(0, keepdim=True)
-        total_sq = sq if total_sq is None else total_sq + sq
+        total = total + error.sum(0, keepdim=True)  # a 0-d zero broadcasts to the map's shape
+        total_sq = total_sq + error.pow(2).sum(0, keepdim=True)
         count += error.shape[0]
     if count < 2:
         raise ValueError("error statistics need at least 2 good patches")

@@ -31,7 +31,7 @@ import torch
 from edge_inspector.core.atomic import write_atomic_with
 from edge_inspector.core.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.core.errors import ConfigError, DataError, InspectorError
-from edge_inspector.tools.metrics import f1_optimal_threshold
+from edge_inspector.core.operating_point import f1_optimal_threshold
 from edge_inspector.core.images import iter_readable, list_images, read_image, resize_to
 from edge_inspector.core.progress import is_interactive, progress
 
@@ -355,6 +355,8 @@ def frame_scores(graph: ReconstructionGraph, frames: np.ndarray) -> np.ndarray:
 
 
 def load_defect_frames(config: TrainConfig, grid: FrameGrid) -> np.ndarray:
+    if config.defects_folder is None:
+        raise ConfigError("defects_folder: needed to load defect frames")
     folder = Path(config.defects_folder)
     paths = list_images(folder)  # raises DataError for a missing folder
     frames = []

@@ -42,6 +42,7 @@ def backbone_names() -> tuple[str, ...]:
 def create_backbone(name: str, weights: str | Path | None = None,
                     layers: tuple[str, ...] | None = None) -> tuple[nn.Module, BackboneInfo]:
     """Build the named feature extractor with its ImageNet weights loaded, in eval mode."""
+    module: nn.Module
     if name == "efficientnet-lite0":
         layers = tuple(layers or LITE0_DEFAULT_LAYERS)
         try:
@@ -54,8 +55,9 @@ def create_backbone(name: str, weights: str | Path | None = None,
     elif name in ("resnet18", "wide_resnet50_2"):
         if layers and tuple(layers) != ("layer1", "layer2", "layer3"):
             raise DataError(f"backbone {name}: layers are fixed to layer1, layer2, layer3, got {list(layers)}")
-        module = resnet18_features() if name == "resnet18" else wide_resnet50_2_features()
-        info = BackboneInfo(name, ("layer1", "layer2", "layer3"), tuple(module.channels), (4, 8, 16))
+        resnet = resnet18_features() if name == "resnet18" else wide_resnet50_2_features()
+        module = resnet
+        info = BackboneInfo(name, ("layer1", "layer2", "layer3"), tuple(resnet.channels), (4, 8, 16))
         if weights is None:
             raise DataError(f"backbone {name} needs --weights FILE (a torchvision-compatible state_dict; "
                             "no weights are downloaded)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -123,7 +125,8 @@ class EfficientNetLite0(nn.Module):
         x = self.act(self._bn0(self._conv_stem(x)))
         found: dict[tuple[str, int], torch.Tensor] = {}
         last = max(i for _, i in self.taps)
-        for i, block in enumerate(self._blocks[: last + 1]):
+        for i, module in enumerate(self._blocks[: last + 1]):
+            block = cast(MBConv, module)
             hidden = block.expand(x)
             found[("expand", i)] = hidden
             if ("block", i) not in self.taps and i == last:

@@ -6,6 +6,8 @@ are written here; a weights file saved from torchvision (`model.state_dict()`) l
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -60,13 +62,17 @@ def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:
 class ResNetFeatures(nn.Module):
     """conv1..layer3 of a torchvision ResNet; returns layer1 (stride 4), layer2 (8), layer3 (16)."""
 
-    def __init__(self, block: type, layers: tuple[int, ...], width: int = 64):
+    layer1: nn.Sequential  # set by name in __init__ (torchvision's state_dict keys)
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
+    def __init__(self, block: Any, layers: tuple[int, ...], width: int = 64):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.channels = []
+        self.channels: list[int] = []
         cin = 64
         for index, (planes, repeats) in enumerate(zip((64, 128, 256), layers), start=1):
             stride = 1 if index == 1 else 2

@@ -50,7 +50,7 @@ def free_port() -> int:
 def record(path: Path, frames: int, fps: float, defect_rate: float, rng: np.random.Generator) -> Recording:
     """Write an MJPG video of `frames` frames, LANES parts side by side per frame."""
     width, height = PART_SIZE * LANES, PART_SIZE
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
     if not writer.isOpened():
         raise click.ClickException(f"{path}: OpenCV cannot write MJPG video here")
     defective, kinds = [], []

@@ -19,6 +19,8 @@ class ProjectedFeatures(nn.Module):
     to one grid); the random projection then shrinks 1056 Lite0 channels to D so the bank search is D-wide.
     """
 
+    projection: torch.Tensor
+
     def __init__(self, features: PadimFeatures, projection: torch.Tensor):
         super().__init__()
         self.features = features
@@ -39,6 +41,10 @@ class BankDistance(nn.Module):
     an argmin over M, the whole cost of the search. A submodule of its own so its ONNX nodes
     are named `/bank/...`: a TensorRT build should keep them in fp32 as it does `/mahalanobis/`.
     """
+
+    centre: torch.Tensor
+    bank_t: torch.Tensor
+    bank_sq: torch.Tensor
 
     def __init__(self, bank: torch.Tensor, grid: tuple[int, int]):
         super().__init__()
