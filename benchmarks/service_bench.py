@@ -129,7 +129,7 @@ def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, h
     config = parse_config({"tiling": {"rows": grid, "cols": grid},
                            "model": {"bundle": str(bundle_path), "backend": "onnxruntime", "threads": threads}})
     model = load_model(config)
-    engine = InferenceEngine(Inspector(model, DecisionParams(threshold=model.bundle.threshold)))
+    engine = InferenceEngine(Inspector(model, DecisionParams(threshold=model.bundle.threshold)), heatmap_scale)
     publisher = Publisher(PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", control_endpoint=None,
                                         heatmap_scale=heatmap_scale), "bench", health=dict)
     times: dict[str, list[float]] = {k: [] for k in ("decode", "tiling", "inference", "decision", "publish")}

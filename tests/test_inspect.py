@@ -168,3 +168,20 @@ def test_reload_then_set_threshold_over_the_control_socket_reaches_the_next_resu
     finally:
         service.stop()
         runner.join(30)
+
+
+def test_maps_stitched_at_the_published_scale_keep_full_resolution_decisions(bundle):
+    """At heatmap_scale 0.5 the map is stitched at half size, yet verdicts, areas and boxes are unchanged."""
+    inspector = _inspector(bundle, min_defect_area=3)
+    frames, _ = conveyor_frames(np.random.default_rng(21), 6, [False, True, True, False, True, True])
+    verdicts = []
+    for frame in frames:
+        full, half = inspector.inspect(frame), inspector.inspect(frame, 0.5)
+        assert half.heatmap.shape == (round(frame.shape[0] / 2), round(frame.shape[1] / 2))
+        assert full.heatmap.shape == frame.shape[:2]
+        assert half.decision == full.decision
+        verdicts.append(full.verdict)
+        # the same picture, smaller: the half-size map matches the full one shrunk (bilinear vs area)
+        shrunk = cv2.resize(full.heatmap, half.heatmap.shape[::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(shrunk - half.heatmap).max() <= 0.05 * max(float(full.heatmap.max()), 1e-6)
+    assert "fail" in verdicts and "pass" in verdicts  # both branches (full map stitched or not) were taken

@@ -59,11 +59,12 @@ class Inspection:
     """One frame judged: the decision (with its parameters), the stitched map and where the tiles were."""
 
     decision: Decision
-    heatmap: np.ndarray  # float32 HxW at the frame's resolution, raw score scale
+    heatmap: np.ndarray  # float32 at `map_scale` x the frame's size, raw score scale
     tile_boxes: list[Box]
     model_id: str
     model_sha256: str
     timings: dict[str, float] = field(default_factory=dict)  # tiling, inference, decision (ms)
+    map_scale: float = 1.0
 
     @property
     def verdict(self) -> str:
@@ -111,8 +112,14 @@ class Inspector:
                 self._retired.append(old.backend)
         log.info("model swapped: %s -> %s", old.model_id, model.model_id)
 
-    def inspect(self, image: np.ndarray) -> Inspection:
-        """Tile, infer, stitch and decide one uint8 BGR frame. Errors propagate to the caller."""
+    def inspect(self, image: np.ndarray, map_scale: float = 1.0) -> Inspection:
+        """Tile, infer, stitch and decide one uint8 BGR frame. Errors propagate to the caller.
+
+        The returned map is stitched at `map_scale` of the frame's size (the service passes the published
+        heatmap's scale). The decision always sees the full-resolution map, so defect areas and boxes are in
+        frame pixels whatever the scale; below the threshold it never looks at the map, so on a line where
+        most parts pass, the full-size map is stitched only for the few that do not.
+        """
         self._close_retired()
         model, params = self.settings()
         t0 = time.monotonic()
@@ -120,13 +127,15 @@ class Inspector:
         t1 = time.monotonic()
         output = model.backend.infer(tiles)
         t2 = time.monotonic()
-        heatmap = model.tiler.stitch(output.anomaly_maps, image.shape)
-        decision = decide(output.scores, heatmap, params)
+        heatmap = model.tiler.stitch(output.anomaly_maps, image.shape, map_scale)
+        over = output.scores.size > 0 and float(np.max(output.scores)) > params.threshold
+        full = model.tiler.stitch(output.anomaly_maps, image.shape) if over and map_scale != 1.0 else heatmap
+        decision = decide(output.scores, full, params)
         t3 = time.monotonic()
         return Inspection(decision=decision, heatmap=heatmap, tile_boxes=model.tiler.boxes(image.shape),
                           model_id=model.model_id, model_sha256=model.sha256,
                           timings={"tiling": (t1 - t0) * 1000.0, "inference": (t2 - t1) * 1000.0,
-                                   "decision": (t3 - t2) * 1000.0})
+                                   "decision": (t3 - t2) * 1000.0}, map_scale=map_scale)
 
     def _close_retired(self) -> None:
         """Close replaced backends here, on the judging thread: no frame is using them any more."""

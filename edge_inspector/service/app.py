@@ -172,7 +172,7 @@ class Service:
         if when_behind == "auto":
             unpaced_media = source.kind in ("file", "folder") and not config.camera.fps
             when_behind = "wait" if unpaced_media else "drop"
-        self.pipeline = Pipeline(self.camera, InferenceEngine(self.inspector), self.publisher, queue_size=config.pipeline.queue_size,
+        self.pipeline = Pipeline(self.camera, InferenceEngine(self.inspector, config.publish.heatmap_scale), self.publisher, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats)
         if config.publish.wait_for_subscriber_s > 0:

@@ -114,8 +114,9 @@ class InferenceEngine:
     becomes verdict 'error' carrying the reason, never a silent gap.
     """
 
-    def __init__(self, inspector: Inspector):
+    def __init__(self, inspector: Inspector, map_scale: float = 1.0):
         self.inspector = inspector
+        self.map_scale = map_scale  # publish.heatmap_scale: maps are stitched at the size they are sent
         self.sequence = 0
 
     def process(self, frame: Frame) -> Result:
@@ -131,7 +132,7 @@ class InferenceEngine:
             result.error = frame.error or "no image"
             return result
         try:
-            inspection = self.inspector.inspect(frame.image)
+            inspection = self.inspector.inspect(frame.image, self.map_scale)
         except Exception as err:  # any failure must still produce a result, never a silent gap
             result.error = f"{type(err).__name__}: {err}".splitlines()[0]
             return result

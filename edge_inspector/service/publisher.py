@@ -56,7 +56,8 @@ def encode_heatmap(result: Result, mode: str, full_scale: float, jpeg_quality: i
     heat8 = heatmap_to_u8(result.heatmap, result.decision.threshold, full_scale)
     if scale < 1.0:
         size = heatmap_size(frame.shape, scale)
-        heat8 = cv2.resize(heat8, size, interpolation=cv2.INTER_AREA)
+        if heat8.shape[::-1] != size:  # maps stitched at the published scale already have its size
+            heat8 = cv2.resize(heat8, size, interpolation=cv2.INTER_AREA)
         frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if mode != "png" else frame
     if mode == "png":
         ok, data = cv2.imencode(".png", heat8, PNG_FAST)
