@@ -1,15 +1,17 @@
-"""TensorRT path: engine naming/selection, fallbacks without TensorRT, graph checks, and (on a GPU) parity.
+"""TensorRT path: engine naming/selection, batch split and profiles, the state-directory cache, fallbacks
+without TensorRT, graph checks, and (on a GPU) engines built from real fitted bundles.
 
 Tests that need TensorRT and a CUDA GPU skip cleanly elsewhere; everything else runs on every machine.
-Parity tolerances (documented in docs/jetson.md):
-  * fp32 engine vs ONNX Runtime: max |diff| / max |reference| <= 1e-3 (maps and scores);
-  * fp16 engine (distance layers kept in fp32): <= 2e-2, and no verdict differs except within 2 % of the
-    threshold.
+Parity tolerances (documented in docs/jetson.md), max |diff| / max |reference| on maps and scores:
+  * fp32 engine (model.onnx, strongly typed, TF32 off) vs ONNX Runtime on model.onnx: <= 1e-3;
+  * fp16 engine (engines/model.fp16.onnx) vs ONNX Runtime on the same mixed graph: <= 1e-2 (TensorRT picks
+    other fp16 kernels than ONNX Runtime), and vs the fp32 graph: <= 2e-2 (test_mixed_precision's limit).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,18 +24,32 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_inspector.backends import create_backend
-from edge_inspector.backends.tensorrt.runtime import unavailable_reason
-from edge_inspector.backends.tensorrt.engines import (BuildOptions, DeviceInfo, EngineSpec, default_precision,
-                                                     engine_filename, gpu_slug, max_relative_difference,
-                                                     parse_engine_filename, select_engine, unrecorded_engines)
+from edge_inspector.backends.tensorrt.build import BuildOptions, frame_group, profile_batches, resolve_tiles
+from edge_inspector.backends.tensorrt.engines import (
+    MIXED_GRAPH,
+    DeviceInfo,
+    EngineSpec,
+    default_precision,
+    engine_filename,
+    gpu_slug,
+    graph_for,
+    max_relative_difference,
+    parse_engine_filename,
+    read_cached_engine,
+    save_cached_engine,
+    select_engine,
+    unrecorded_engines,
+)
+from edge_inspector.backends.tensorrt.runtime import check_profile, split_batches, unavailable_reason
 from edge_inspector.core.bundle import Bundle, BundleMeta, ThresholdInfo, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.core.errors import BackendError, ConfigError
+from export.commands.tensorrt import check_graph, options_from_cli
 from export.synthetic import make_part
-from export.commands.tensorrt import calibration_source, check_graph, options_from_cli
 
 SIZE = 32
 FP32_TOLERANCE = 1e-3
-FP16_TOLERANCE = 2e-2
+FP16_VS_MIXED_ONNX = 1e-2
+FP16_VS_FP32 = 2e-2
 
 # ------------------------------------------------------------------------------------------ fixtures
 
@@ -122,12 +138,15 @@ def make_contract_graph(path: Path, size: int = SIZE, cast_first: bool = True, s
     return path
 
 
-def make_bundle(folder: Path, size: int = SIZE, rows: int = 1, cols: int = 1, cast_first: bool = True) -> Bundle:
+def make_bundle(folder: Path, size: int = SIZE, rows: int = 1, cols: int = 1, cast_first: bool = True,
+                mode: str = "shared") -> Bundle:
+    """A bundle around the small contract graph: for the graph checks, naming and option tests only (the GPU
+    tests build engines from real fitted bundles)."""
     make_contract_graph(folder / "model.onnx", size, cast_first)
     meta = BundleMeta(model_kind="padim", input_size=(size, size),
                       threshold=ThresholdInfo(value=3.0, rule="manual"), score_stats=None,
                       training=TrainingInfo(folder="synthetic", image_count=0, file_list_sha256="0" * 64),
-                      tiling=TilingInfo(rows=rows, cols=cols))
+                      tiling=TilingInfo(rows=rows, cols=cols, mode=mode))
     return finalize_bundle(folder, meta)
 
 
@@ -171,17 +190,22 @@ def _recorded(*precisions: str, device: DeviceInfo = DEVICE) -> list[str]:
     return ["model.onnx"] + [f"engines/{engine_filename(device, p)}" for p in precisions]
 
 
-def test_select_prefers_fp16_then_fp32_then_int8():
-    assert select_engine(_recorded("fp32", "int8", "fp16"), DEVICE).endswith("_fp16.engine")
-    assert select_engine(_recorded("int8", "fp32"), DEVICE).endswith("_fp32.engine")
-    assert select_engine(_recorded("int8"), DEVICE).endswith("_int8.engine")
+def test_select_prefers_fp16_then_fp32():
+    assert select_engine(_recorded("fp32", "fp16"), DEVICE).endswith("_fp16.engine")
+    assert select_engine(_recorded("fp32"), DEVICE).endswith("_fp32.engine")
 
 
 def test_select_honours_requested_precision():
     assert select_engine(_recorded("fp16", "fp32"), DEVICE, "fp32").endswith("_fp32.engine")
-    assert select_engine(_recorded("fp16"), DEVICE, "int8") is None
+    assert select_engine(_recorded("fp16"), DEVICE, "fp32") is None
     with pytest.raises(ConfigError):
-        select_engine(_recorded("fp16"), DEVICE, "fp8")
+        select_engine(_recorded("fp16"), DEVICE, "int8")  # implicit INT8 is gone (removed in TensorRT 11)
+
+
+def test_int8_engines_of_older_versions_are_never_selected():
+    old = "engines/nvidia-jetson-agx-orin_sm87_trt10.3.0.30_int8.engine"
+    assert parse_engine_filename(old.rpartition("/")[2]) is None
+    assert select_engine(["model.onnx", old], DEVICE) is None
 
 
 @pytest.mark.parametrize("other", [
@@ -222,52 +246,102 @@ def test_relative_difference_uses_output_scale():
 
 
 def test_build_options_validation():
-    BuildOptions(precision="fp16", max_batch=4, opt_batch=4).validate()
-    for bad, match in [(dict(max_batch=0), "max-batch"), (dict(max_batch=4, opt_batch=5), "opt-batch"),
-                       (dict(workspace_mb=1), "workspace"), (dict(precision="fp64"), "precision")]:
+    BuildOptions(precision="fp16", tiles=4).validate()
+    for bad, match in [(dict(tiles=0), "tiles"), (dict(workspace_mb=1), "workspace"),
+                       (dict(precision="int8"), "precision")]:
         with pytest.raises(ConfigError, match=match):
             BuildOptions(**bad).validate()
 
 
-def test_cli_options_use_tiles_as_optimum(tmp_path):
-    tiled = make_bundle(tmp_path / "tiled", rows=2, cols=3)
-    options = options_from_cli(tiled, fp16=True, int8=False, calib=None, max_batch=8, opt_batch=None,
-                               workspace_mb=512)
-    assert (options.precision, options.opt_batch, options.max_batch, options.workspace_mb) == ("fp16", 6, 8, 512)
-    with pytest.raises(ConfigError, match="--calib"):
-        options_from_cli(tiled, False, True, None, 8, None, 512)
-    with pytest.raises(ConfigError, match="only used with --int8"):
-        options_from_cli(tiled, False, False, tmp_path, 8, None, 512)
-
-# ------------------------------------------------------------------------------------------ calibration data
+def test_profile_is_built_for_the_tiles_of_one_frame(tmp_path):
+    """A 3x4 grid (the RTSP example) gets a profile of 12: one frame, one call (the old default max 8 ran 8 + 4)."""
+    grid = make_bundle(tmp_path / "grid", rows=3, cols=4)
+    assert frame_group(grid) == 1 and resolve_tiles(grid) == 12
+    assert profile_batches(resolve_tiles(grid), frame_group(grid)) == (1, 12, 12)
+    single = make_bundle(tmp_path / "single")
+    assert resolve_tiles(single) == 1 and resolve_tiles(single, 6) == 6  # a shared bundle run on a grid
+    with pytest.raises(ConfigError, match="--tiles"):
+        resolve_tiles(single, 0)
 
 
-def test_calibration_batches_match_graph_input(tmp_path, bundle):
-    folder = tmp_path / "good"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i, shape in enumerate([(48, 40), (32, 32), (100, 64), (20, 20), (64, 64)]):
-        cv2.imwrite(str(folder / f"{i}.png"), make_part(rng, shape)[0])
-    (folder / "broken.png").write_bytes(b"not a png")
-    source = calibration_source(folder, bundle, batch_size=2)
-    batches = list(source.batches())
-    assert [b.shape for b in batches] == [(2, SIZE, SIZE, 3)] * 3  # 5 readable images, last batch padded
-    assert all(b.dtype == np.uint8 and b.flags.c_contiguous for b in batches)
-    assert np.array_equal(batches[2][0], batches[2][1])  # padding repeats the pending image
-    first = cv2.resize(cv2.imread(str(folder / "0.png")), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-    assert np.array_equal(batches[0][0], first)  # BGR, resized as images.resize_to does
-    assert source.cache_path.parent == bundle.path / "engines"
+def test_per_tile_profile_is_whole_frames(tmp_path):
+    per_tile = make_bundle(tmp_path / "pt", rows=2, cols=2, mode="per_tile")
+    assert frame_group(per_tile) == 4 and resolve_tiles(per_tile) == 4 and resolve_tiles(per_tile, 8) == 8
+    assert profile_batches(8, 4) == (4, 8, 8)  # min 4: never a batch that is not whole frames
+    with pytest.raises(ConfigError) as info:
+        resolve_tiles(per_tile, 6)
+    assert "not a multiple of the 4 tiles" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError):
+        profile_batches(6, 4)
 
 
-def test_calibration_of_tiled_bundle_feeds_tiles(tmp_path):
-    tiled = make_bundle(tmp_path / "tiled", rows=2, cols=2)
-    folder = tmp_path / "good"
-    folder.mkdir()
-    cv2.imwrite(str(folder / "frame.png"), make_part(np.random.default_rng(0), (64, 64))[0])
-    batches = list(calibration_source(folder, tiled, batch_size=4).batches())
-    assert len(batches) == 1 and batches[0].shape == (4, SIZE, SIZE, 3)
-    frame = cv2.imread(str(folder / "frame.png"))
-    assert np.array_equal(batches[0][3], frame[32:, 32:])  # row-major tiles, bottom-right last
+def test_cli_options_check_tiles_against_the_bundle(tmp_path):
+    per_tile = make_bundle(tmp_path / "pt", rows=2, cols=2, mode="per_tile")
+    options = options_from_cli(per_tile, precision="fp32", tiles=None, workspace_mb=512)
+    assert (options.precision, options.tiles, options.workspace_mb) == ("fp32", None, 512)
+    assert options_from_cli(per_tile, None, 8, 1024).precision == "fp16"
+    with pytest.raises(ConfigError, match="not a multiple"):
+        options_from_cli(per_tile, None, 6, 1024)
+
+# ------------------------------------------------------------------------------------------ batch split
+
+
+@pytest.mark.parametrize("count, max_batch, group, sizes", [
+    (12, 12, 1, [12]),  # one frame of a 12-tile grid: one call
+    (12, 8, 1, [6, 6]),  # balanced, so both calls keep one input shape
+    (7, 4, 1, [4, 3]),
+    (1, 8, 1, [1]),
+    (0, 8, 1, []),
+    (8, 4, 4, [4, 4]),  # per-tile, K = 4: whole frames only
+    (12, 8, 4, [8, 4]),  # three frames, at most two per call
+    (24, 8, 4, [8, 8, 8]),
+    (20, 12, 4, [12, 8]),
+])
+def test_split_batches(count, max_batch, group, sizes):
+    bounds = split_batches(count, max_batch, group)
+    assert [stop - start for start, stop in bounds] == sizes
+    assert all(b[1] == a[0] for b, a in zip(bounds, bounds[1:]))  # contiguous, in order
+    assert not bounds or (bounds[0][0], bounds[-1][1]) == (0, count)
+    assert all((stop - start) % group == 0 and stop - start <= max_batch for start, stop in bounds)
+
+
+def test_split_refuses_partial_frames_and_bad_profiles():
+    with pytest.raises(BackendError, match="not whole frames of 4 tiles"):
+        split_batches(6, 8, 4)
+    with pytest.raises(BackendError, match="not a multiple"):
+        split_batches(8, 6, 4)
+
+
+def test_profile_check_for_per_tile_engines():
+    check_profile(1, 8, 1)
+    check_profile(4, 8, 4)
+    check_profile(1, 12, 4)  # min below K is harmless: whole frames are always sent
+    for low, high in [(1, 10), (8, 8)]:
+        with pytest.raises(BackendError) as info:
+            check_profile(low, high, 4, "engines/x.engine")
+        message = str(info.value)
+        assert message.startswith("engines/x.engine: optimisation profile") and "\n" not in message
+
+# ------------------------------------------------------------------------------------------ engine cache
+
+
+def test_graph_for_each_precision(tmp_path):
+    plain = make_bundle(tmp_path / "plain")
+    assert graph_for(plain, "fp32") == plain.onnx_path
+    with pytest.raises(BackendError, match="--graph-only"):
+        graph_for(plain, "fp16")  # no mixed graph: fp16 cannot be built, and says how to get one
+    (plain.path / "engines").mkdir()
+    (plain.path / MIXED_GRAPH).write_bytes(plain.onnx_path.read_bytes())
+    plain.add_file(MIXED_GRAPH)
+    assert graph_for(plain, "fp16") == plain.path / MIXED_GRAPH
+
+
+def test_cached_engine_from_another_graph_is_ignored(tmp_path):
+    folder = tmp_path / "state"
+    path = save_cached_engine(folder, engine_filename(DEVICE, "fp16"), b"engine bytes", "a" * 64)
+    assert read_cached_engine(folder, DEVICE, "fp16", "a" * 64) == (str(path), b"engine bytes")
+    assert read_cached_engine(folder, DEVICE, "fp16", "b" * 64) is None  # mixed graph written again since
+    assert read_cached_engine(folder, DEVICE, None) == (str(path), b"engine bytes")
 
 # ------------------------------------------------------------------------------------------ graph check
 
@@ -298,17 +372,13 @@ def test_check_catches_unsupported_resize_and_dynamic_clip(tmp_path):
     assert len(result.warnings) == 1 and "Clip" in result.warnings[0]  # TensorRT 10 copes, 8.x does not
 
 
-@pytest.mark.slow
-def test_real_padim_export_is_tensorrt_compatible(tmp_path):
-    """The lead's real export (tiny synthetic fit) must pass the TensorRT graph check."""
-    padim = pytest.importorskip("export.padim.fit")
-    from export.synthetic import write_dataset
+def test_real_padim_export_and_its_mixed_graph_are_tensorrt_compatible(small_padim_bundle, tmp_path):
+    """The real export (conftest's fitted bundle) and the mixed graph made from it pass the TensorRT graph check."""
+    from export.mixed_precision import write_mixed_graph
 
-    root = write_dataset(tmp_path / "data", train=8, test_good=1, test_per_defect=1, size=64)
-    fitted = padim.fit_padim(root / "train" / "good", tmp_path / "bundle",
-                             padim.PadimOptions(input_size=(64, 64), feature_dim=16, folds=2, batch_size=4))
-    result = check_graph(fitted.onnx_path)
-    assert result.errors == [], result.errors
+    assert check_graph(small_padim_bundle.onnx_path).errors == []
+    write_mixed_graph(small_padim_bundle.onnx_path, tmp_path / "mixed.onnx")
+    assert check_graph(tmp_path / "mixed.onnx").errors == []
 
 # ------------------------------------------------------------------------------------------ without TensorRT
 
@@ -345,18 +415,21 @@ def test_explicit_tensorrt_backend_raises_one_line(bundle):
 def test_cli_without_tensorrt_exits_2_with_one_line(bundle):
     from export.cli import main
 
-    result = CliRunner().invoke(main, ["tensorrt", str(bundle.path), "--fp16"])
+    result = CliRunner().invoke(main, ["tensorrt", str(bundle.path)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "TensorRT" in lines[0]
     assert not (bundle.path / "engines").exists() or not any((bundle.path / "engines").glob("*.engine"))
 
 
-def test_cli_bad_flags_exit_2(bundle):
+def test_cli_bad_flags_exit_2(bundle, tmp_path):
     from export.cli import main
 
-    result = CliRunner().invoke(main, ["tensorrt", str(bundle.path), "--max-batch", "2", "--opt-batch", "3"])
-    assert result.exit_code == 2 and "error: --opt-batch" in result.output
+    result = CliRunner().invoke(main, ["tensorrt", str(bundle.path), "--tiles", "0"])
+    assert result.exit_code == 2 and "error: --tiles must be >= 1" in result.output
+    per_tile = make_bundle(tmp_path / "pt", rows=1, cols=2, mode="per_tile")
+    result = CliRunner().invoke(main, ["tensorrt", str(per_tile.path), "--tiles", "3"])
+    assert result.exit_code == 2 and "not a multiple of the 2 tiles" in result.output
 
 
 def test_cli_check_only_reports_graph_problems(tmp_path):
@@ -371,7 +444,8 @@ def test_cli_check_only_reports_graph_problems(tmp_path):
 
 
 def test_backend_modules_import_without_tensorrt_or_torch():
-    code = ("import sys; import edge_inspector.backends.tensorrt.runtime, export.commands.tensorrt; "
+    code = ("import sys; import edge_inspector.backends.tensorrt.runtime, edge_inspector.backends.tensorrt.build, "
+            "edge_inspector.backends.tensorrt.cuda, export.commands.tensorrt; "
             "bad = [m for m in ('torch', 'tensorrt', 'cuda') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -385,59 +459,100 @@ def gpu():
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from edge_inspector.backends.tensorrt.engines import probe_device
+    from edge_inspector.backends.tensorrt.cuda import probe_device
 
     return probe_device()
 
 
-def _reference(bundle: Bundle, images: np.ndarray):
-    return create_backend(bundle, "onnxruntime").infer(images)
+def _copy(bundle: Bundle, folder: Path) -> Bundle:
+    """A private copy of a session-fitted bundle: engines are written into it."""
+    shutil.copytree(bundle.path, folder)
+    return Bundle.load(folder)
 
 
-def test_fp32_engine_build_and_parity(bundle, gpu):
+def _frames(folder: Path, bundle: Bundle, count: int) -> np.ndarray:
+    """Real test images of the generated dataset, as the service feeds them (tiled when the bundle is)."""
+    from edge_inspector.core.images import list_images, read_image, resize_to
+
+    tiler = bundle.meta.tiling.tiler(bundle.input_size)
+    paths = list_images(folder / "test")[:count]
+    if tiler is not None:
+        return np.concatenate([tiler.split(resize_to(read_image(p), (128, 128))) for p in paths])
+    return np.stack([resize_to(read_image(p), bundle.input_size) for p in paths])
+
+
+def _ort(path: Path, images: np.ndarray):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["anomaly_map", "score"], {"image": images})
+
+
+def test_fp32_and_fp16_engines_from_a_fitted_bundle(small_padim_bundle, synthetic_dataset, tmp_path, gpu):
+    """`edge-export fit` bundle -> `edge-export tensorrt` (fp32 and fp16) -> engines agree with ONNX Runtime."""
     from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
-    from edge_inspector.backends.tensorrt.engines import build_engine
+    from export.cli import main
 
-    result = build_engine(bundle, BuildOptions(precision="fp32", max_batch=4, opt_batch=2), gpu)
-    assert result.saved and result.rel_path == f"engines/{engine_filename(gpu, 'fp32')}"
+    bundle = _copy(small_padim_bundle, tmp_path / "bundle")
+    for precision in ("fp32", "fp16"):
+        done = CliRunner().invoke(main, ["tensorrt", str(bundle.path), "--precision", precision, "--tiles", "4"])
+        assert done.exit_code == 0, done.output
+    bundle = Bundle.load(bundle.path)  # engines and the mixed graph are now recorded and sha256-verified
+    assert f"engines/{engine_filename(gpu, 'fp16')}" in bundle.meta.files and MIXED_GRAPH in bundle.meta.files
     assert (bundle.path / "engines" / "timing.cache").is_file()
-    reloaded = Bundle.load(bundle.path)  # the engine is now sha256-verified with the rest
-    assert result.rel_path in reloaded.meta.files
-    backend = TensorRTBackend(reloaded, precision="fp32")
+    images = _frames(synthetic_dataset, bundle, 18)
+    want_maps, want_scores = _ort(bundle.onnx_path, images)
+    mixed_maps, mixed_scores = _ort(bundle.path / MIXED_GRAPH, images)
+    for precision in ("fp32", "fp16"):
+        backend = TensorRTBackend(bundle, precision=precision)
+        try:
+            assert backend.max_batch == 4 and backend.precision == precision
+            got = backend.infer(images)  # 18 images in calls of at most 4
+            assert got.anomaly_maps.shape == (18, 128, 128) and got.scores.shape == (18,)
+            if precision == "fp32":
+                assert max_relative_difference(got.anomaly_maps, want_maps) <= FP32_TOLERANCE
+                assert max_relative_difference(got.scores, want_scores) <= FP32_TOLERANCE
+            else:
+                assert max_relative_difference(got.anomaly_maps, mixed_maps) <= FP16_VS_MIXED_ONNX
+                assert max_relative_difference(got.scores, mixed_scores) <= FP16_VS_MIXED_ONNX
+                assert max_relative_difference(got.anomaly_maps, want_maps) <= FP16_VS_FP32
+        finally:
+            backend.close()
+
+
+def test_per_tile_engine_runs_any_whole_number_of_frames(synthetic_dataset, tmp_path, gpu):
+    """A per-tile bundle (K = 4 statistics sets) runs 1..4 frames on an engine built for 2 frames per call."""
+    from edge_inspector.backends.tensorrt.build import BuildOptions, build_engine
+    from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
+    from export.padim.fit import PadimOptions, fit_padim
+
+    options = PadimOptions(input_size=(64, 64), feature_dim=16, folds=2, rows=2, cols=2, tile_mode="per_tile", seed=1)
+    bundle = fit_padim(synthetic_dataset / "train" / "good", tmp_path / "per_tile", options)
+    result = build_engine(bundle, BuildOptions(precision="fp32", tiles=8), gpu)
+    assert result.profile == (4, 8, 8)
+    backend = TensorRTBackend(Bundle.load(bundle.path), precision="fp32")
     try:
-        assert backend.max_batch == 4
-        for n in (1, 3, 4, 7):  # below, at and above the profile's max batch
-            images = parts(n, seed=n)
-            got, want = backend.infer(images), _reference(reloaded, images)
-            assert got.anomaly_maps.shape == (n, SIZE, SIZE) and got.scores.shape == (n,)
-            assert max_relative_difference(got.anomaly_maps, want.anomaly_maps) <= FP32_TOLERANCE
-            assert max_relative_difference(got.scores, want.scores) <= FP32_TOLERANCE
+        images = _frames(synthetic_dataset, bundle, 4)  # 4 frames = 16 tiles
+        want_maps, want_scores = _ort(bundle.onnx_path, images)
+        for frames in (1, 2, 3, 4):  # 3 frames = 12 tiles: calls of 8 + 4, each whole frames
+            got = backend.infer(images[:4 * frames])
+            assert max_relative_difference(got.anomaly_maps, want_maps[:4 * frames]) <= FP32_TOLERANCE
+            assert max_relative_difference(got.scores, want_scores[:4 * frames]) <= FP32_TOLERANCE
+        with pytest.raises(BackendError, match="not whole frames"):
+            backend.infer(images[:6])
     finally:
         backend.close()
 
 
-def test_fp16_engine_parity_within_documented_tolerance(bundle, gpu):
-    from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
-    from edge_inspector.backends.tensorrt.engines import build_engine
-
-    build_engine(bundle, BuildOptions(precision="fp16", max_batch=4, opt_batch=1), gpu)
-    backend = TensorRTBackend(Bundle.load(bundle.path), precision="fp16")
-    try:
-        images = parts(4, seed=3)
-        got, want = backend.infer(images), _reference(bundle, images)
-        assert max_relative_difference(got.anomaly_maps, want.anomaly_maps) <= FP16_TOLERANCE
-        assert max_relative_difference(got.scores, want.scores) <= FP16_TOLERANCE
-    finally:
-        backend.close()
-
-
-def test_first_start_builds_then_reuses_engine(bundle, gpu, caplog):
+def test_first_start_builds_then_reuses_engine(small_padim_bundle, tmp_path, gpu, caplog):
     from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
 
+    bundle = _copy(small_padim_bundle, tmp_path / "bundle")
     caplog.set_level(logging.WARNING)
-    first = TensorRTBackend(bundle)
+    first = TensorRTBackend(bundle)  # no mixed graph in the bundle: fp32, and the log says how to get fp16
     first.close()
     assert any("built engines/" in r.getMessage() for r in caplog.records)
+    assert first.precision == "fp32" and any("--graph-only" in r.getMessage() for r in caplog.records)
     engine = bundle.path / first.engine_path
     stamp = engine.stat().st_mtime_ns
     caplog.clear()

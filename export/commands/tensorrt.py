@@ -1,27 +1,35 @@
-"""`edge-export tensorrt BUNDLE`: build a TensorRT engine for this GPU into the bundle.
+"""`edge-export tensorrt BUNDLE`: write the mixed-precision graph and build a TensorRT engine into the bundle.
 
-The builder itself lives in `edge_inspector.backends.tensorrt.engines` (the device needs it for first-start
-builds); this module adds what only a person at a terminal needs: INT8 calibration images, a check of the
-graph against TensorRT's documented ONNX restrictions, and the command line. It imports neither torch nor
-TensorRT at module level, so `edge-export tensorrt` also runs on a Jetson without the training stack.
+The builder lives in `edge_inspector.backends.tensorrt.build` (the device needs it for first-start builds);
+this module adds what only a person at a terminal needs: the mixed-precision graph (`export.mixed_precision`,
+needs the `onnx` package), a check of the graph against TensorRT's documented ONNX restrictions, and the
+command line. It imports neither torch nor TensorRT at module level, so it also runs on a Jetson without
+the training stack.
+
+No INT8: TensorRT's implicit INT8 calibration is deprecated since 10.1 and removed in 11 (see docs/jetson.md
+for what explicit quantisation would take).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import click
 import numpy as np
 
-from edge_inspector.backends.tensorrt.engines import (ENGINE_DIR, BuildOptions, CalibrationSource, build_engine,
-                                                     probe_device)
-from edge_inspector.core.bundle import Bundle
-from edge_inspector.core.errors import BackendError, ConfigError, DataError
-from edge_inspector.core.images import iter_readable, list_images, resize_to
+from edge_inspector.backends.tensorrt.build import (
+    BuildOptions,
+    build_engine,
+    bundle_lock,
+    frame_group,
+    record_file,
+    resolve_tiles,
+)
+from edge_inspector.backends.tensorrt.engines import ENGINE_DIR, MIXED_GRAPH, default_precision, parse_engine_filename
+from edge_inspector.core.bundle import Bundle, write_meta
+from edge_inspector.core.errors import BackendError, BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -128,116 +136,155 @@ def check_graph(onnx_path: Path, input_name: str = "image") -> GraphCheck:
     return result
 
 
-# ---------------------------------------------------------------- INT8 calibration data
+# ---------------------------------------------------------------- mixed-precision graph
 
-def calibration_source(folder: Path, bundle: Bundle, batch_size: int, limit: int = 500) -> CalibrationSource:
-    """Good images from `folder`, fed exactly as the graph receives them: uint8 BGR NHWC at the input size.
 
-    Tiled bundles are calibrated on tiles cut by the same Tiler the service uses, so activation ranges match
-    what the engine will see on the line. The last batch is padded by repeating images because the
-    calibration profile has a fixed batch size.
+def mixed_graph_is_current(bundle: Bundle) -> bool:
+    """The bundle records a mixed graph made from its present model.onnx (sha256 kept in the graph's metadata)."""
+    from export.mixed_precision import source_sha256
+
+    path = bundle.path / MIXED_GRAPH
+    return MIXED_GRAPH in bundle.meta.files and path.is_file() and source_sha256(path) == bundle.sha256
+
+
+def _forget_fp16_engines(bundle: Bundle) -> None:
+    """Drop recorded fp16 engines: they were built from the mixed graph being replaced."""
+    fresh = Bundle.load(bundle.path, verify=False)
+    stale = [rel for rel in fresh.meta.files
+             if rel.startswith(f"{ENGINE_DIR}/") and (spec := parse_engine_filename(rel.rpartition("/")[2]))
+             and spec.precision == "fp16"]
+    for rel in stale:
+        del fresh.meta.files[rel]
+        (bundle.path / rel).unlink(missing_ok=True)
+        bundle.meta.files.pop(rel, None)
+        log.info("removed %s: built from the previous mixed-precision graph", rel)
+    if stale:
+        write_meta(bundle.path, fresh.meta)
+
+
+def _smoke_run(path: Path, bundle: Bundle) -> None:
+    """ONNX Runtime loads the graph and one frame gives finite outputs: the graph is valid, not just well typed."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    frame = np.full((frame_group(bundle), *bundle.input_size, 3), 128, np.uint8)
+    maps, scores = session.run(["anomaly_map", "score"], {"image": frame})
+    if maps.dtype != np.float32 or not (np.isfinite(maps).all() and np.isfinite(scores).all()):
+        raise BundleError(f"{path}: the mixed-precision graph gives non-finite or non-fp32 outputs")
+
+
+def ensure_mixed_graph(bundle: Bundle) -> bool:
+    """Write engines/model.fp16.onnx (fp16 network, fp32 distance) into the bundle unless it is current.
+
+    Returns True when it was (re)written. Needs the `onnx` package; on a device without it, write the graph
+    on the workstation with `--graph-only` and copy the bundle.
     """
-    paths = list_images(folder)[:limit]
-    if not paths:
-        raise DataError(f"{folder}: no images (png, jpg, bmp, tiff) found for INT8 calibration")
-    tiling = bundle.meta.tiling
-    tiler = None
-    if tiling.tiles > 1:
-        from edge_inspector.core.tiling import Tiler
-
-        tiler = Tiler(tiling.rows, tiling.cols, bundle.input_size)
-
-    def samples() -> Iterator[np.ndarray]:
-        for _, image in iter_readable(paths, log):
-            yield from (tiler.split(image) if tiler else resize_to(image, bundle.input_size)[None])
-
-    def batches() -> Iterator[np.ndarray]:
-        pending: list[np.ndarray] = []
-        for sample in samples():
-            pending.append(sample)
-            if len(pending) == batch_size:
-                yield np.stack(pending)
-                pending = []
-        if pending:
-            pending.extend(pending[i % len(pending)] for i in range(batch_size - len(pending)))
-            yield np.stack(pending)
-
-    listing = "\n".join(f"{p.name}:{p.stat().st_size}" for p in paths)
-    key = hashlib.sha256(f"{batch_size}\n{listing}".encode()).hexdigest()[:12]
-    return CalibrationSource(batch_size=batch_size, batches=batches,
-                             cache_path=bundle.path / ENGINE_DIR / f"int8_calibration_{key}.cache")
+    try:
+        from export.mixed_precision import write_mixed_graph
+    except ImportError as err:
+        raise ConfigError(f"writing {MIXED_GRAPH} needs the onnx package ({err}); run `edge-export tensorrt "
+                          f"{bundle.path} --graph-only` on the workstation, or build with --precision fp32") from None
+    if mixed_graph_is_current(bundle):
+        return False
+    with bundle_lock(bundle) as writable:
+        if not writable:
+            raise BackendError(f"{bundle.path}: folder is read-only, cannot write {MIXED_GRAPH}")
+        target = bundle.path / MIXED_GRAPH
+        report = write_mixed_graph(bundle.onnx_path, target)
+        _smoke_run(target, bundle)
+        _forget_fp16_engines(bundle)
+        record_file(bundle, MIXED_GRAPH)
+    log.info("wrote %s: %d nodes in fp16, %d in fp32, %d Casts at the boundaries", target, report.fp16_nodes,
+             report.fp32_nodes, report.casts_to_fp16 + report.casts_to_fp32)
+    return True
 
 
 # ---------------------------------------------------------------- command line
 
-def options_from_cli(bundle: Bundle | None, fp16: bool, int8: bool, calib: Path | None, max_batch: int,
-                     opt_batch: int | None, workspace_mb: int) -> BuildOptions:
-    """Turn flags into validated BuildOptions (a bad combination is a one-line ConfigError, exit 2)."""
-    if calib is not None and not int8:
-        raise ConfigError("--calib is only used with --int8")
-    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-    tiles = bundle.meta.tiling.tiles if bundle is not None else 1
-    options = BuildOptions(precision=precision, max_batch=max_batch,
-                           opt_batch=opt_batch if opt_batch is not None else min(tiles, max_batch),
-                           workspace_mb=workspace_mb)
-    if int8 and calib is None:
-        raise ConfigError("--int8 needs --calib DIR with good images to calibrate on")
+
+def options_from_cli(bundle: Bundle | None, precision: str | None, tiles: int | None,
+                     workspace_mb: int) -> BuildOptions:
+    """Turn flags into validated BuildOptions (a bad value is a one-line ConfigError, exit 2).
+
+    `precision` None is decided later from the GPU (fp16 where it is fast); `tiles` None is the bundle's
+    tiles per frame, and a per-tile bundle refuses a figure that is not a multiple of its tiles.
+    """
+    options = BuildOptions(precision=precision or "fp16", tiles=tiles, workspace_mb=workspace_mb)
     options.validate()
+    if bundle is not None:
+        resolve_tiles(bundle, tiles)
     return options
 
 
 @click.command("tensorrt")
 @click.argument("bundle_path", metavar="BUNDLE", type=click.Path(path_type=Path))
-@click.option("--fp16", is_flag=True, help="Half precision (distance layers stay fp32).")
-@click.option("--int8", is_flag=True, help="INT8 with entropy calibration on --calib images (implies fp16).")
-@click.option("--calib", type=click.Path(path_type=Path), help="Folder of good images for INT8 calibration.")
-@click.option("--calib-limit", default=500, show_default=True, help="Use at most this many calibration images.")
-@click.option("--max-batch", default=8, show_default=True, help="Largest batch the engine accepts.")
-@click.option("--opt-batch", type=int, default=None, help="Batch the engine is tuned for [tiles per frame].")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default=None,
+              help="fp16: the mixed graph (fp16 network, fp32 distance); fp32: model.onnx as is. "
+                   "[default: fp16 where the GPU has fast fp16]")
+@click.option("--tiles", type=int, default=None,
+              help="Images per call the engine is built for [default: tiles per frame from bundle.yaml]; "
+                   "set it for a shared bundle the service runs on a grid.")
 @click.option("--workspace", "workspace_mb", default=1024, show_default=True, help="Builder workspace in MB.")
+@click.option("--graph-only", is_flag=True,
+              help="Only write the mixed-precision graph into the bundle (no TensorRT needed: run it on the "
+                   "workstation so devices can build fp16 engines on first start).")
 @click.option("--check-only", is_flag=True, help="Only check the graph against TensorRT's ONNX restrictions.")
-def tensorrt_command(bundle_path: Path, fp16: bool, int8: bool, calib: Path | None, calib_limit: int,
-                     max_batch: int, opt_batch: int | None, workspace_mb: int, check_only: bool) -> None:
-    """Build a TensorRT engine for this GPU into BUNDLE/engines/ and record it in bundle.yaml."""
-    options_from_cli(None, fp16, int8, calib, max_batch, opt_batch, workspace_mb)  # flag errors before any I/O
+def tensorrt_command(bundle_path: Path, precision: str | None, tiles: int | None, workspace_mb: int,
+                     graph_only: bool, check_only: bool) -> None:
+    """Build a strongly typed TensorRT engine for this GPU into BUNDLE/engines/ and record it in bundle.yaml."""
+    options_from_cli(None, precision, tiles, workspace_mb)  # flag errors before any I/O
     bundle = Bundle.load(bundle_path)
-    options = options_from_cli(bundle, fp16, int8, calib, max_batch, opt_batch, workspace_mb)
-    checked = _report_graph_check(bundle)
+    options = options_from_cli(bundle, precision, tiles, workspace_mb)
+    checked = _report_graph_check(bundle.onnx_path)
     if check_only:
         if not checked:
             raise ConfigError("--check-only needs the onnx package (pip install onnx)")
         click.echo(f"{bundle.onnx_path}: no TensorRT incompatibilities found")
         return
+    if graph_only:
+        written = ensure_mixed_graph(bundle)
+        _report_graph_check(bundle.path / MIXED_GRAPH)
+        click.echo(f"{bundle.path / MIXED_GRAPH}: {'written' if written else 'already current'} "
+                   "(fp16 network, fp32 distance)")
+        return
+    _build(bundle, options, precision)
+
+
+def _build(bundle: Bundle, options: BuildOptions, precision: str | None) -> None:
+    from edge_inspector.backends.tensorrt.cuda import probe_device
     from edge_inspector.backends.tensorrt.runtime import unavailable_reason
 
     reason = unavailable_reason()
     if reason:
         raise BackendError(f"cannot build a TensorRT engine on this machine: {reason}")
-    if int8:
-        options.calibration = calibration_source(calib, bundle, options.opt_batch, calib_limit)
     device = probe_device()
+    options.precision = precision or default_precision(device.compute_capability)
+    if options.precision == "fp16":
+        ensure_mixed_graph(bundle)
+        _report_graph_check(bundle.path / MIXED_GRAPH)
     result = build_engine(bundle, options, device)
-    size_mb = len(result.engine) / 1e6
     if not result.saved:
         raise BackendError(f"{bundle.path}: engine built but could not be written (read-only bundle folder?)")
+    low, opt, high = result.profile
     click.echo(f"{bundle.path / result.rel_path}: {options.precision} engine for {device.gpu_name} "
-               f"(sm{device.sm}, TensorRT {device.trt_version}), {size_mb:.1f} MB, built in {result.seconds:.1f} s")
+               f"(sm{device.sm}, TensorRT {device.trt_version}), batch {low}..{high} tuned for {opt}, "
+               f"{len(result.engine) / 1e6:.1f} MB, built in {result.seconds:.1f} s")
 
 
-def _report_graph_check(bundle: Bundle) -> bool:
+def _report_graph_check(onnx_path: Path) -> bool:
     """Log the graph check's warnings, raise on its first error; False when it could not run."""
     try:
-        result = check_graph(bundle.onnx_path)
+        result = check_graph(onnx_path)
     except ImportError:  # the onnx package is a workstation dependency; the device may lack it
         log.info("onnx not installed: skipping the graph check")
         return False
     for warning in result.warnings:
-        log.warning("%s: %s", bundle.onnx_path, warning)
+        log.warning("%s: %s", onnx_path, warning)
     if result.errors:
         more = f" (+{len(result.errors) - 1} more, see log)" if len(result.errors) > 1 else ""
         for error in result.errors:
-            log.error("%s: %s", bundle.onnx_path, error)
-        raise BundleGraphError(f"{bundle.onnx_path}: {result.errors[0]}{more}")
+            log.error("%s: %s", onnx_path, error)
+        raise BundleGraphError(f"{onnx_path}: {result.errors[0]}{more}")
     return True
 
 

@@ -1,33 +1,31 @@
 """TensorRT backend: the bundle's engine for this GPU, run asynchronously on one CUDA stream.
 
 Importing this module never imports TensorRT or CUDA, so `backend auto` can ask `unavailable_reason()` on
-any machine; the heavy imports happen when a backend is actually created.
+any machine, and the batch-split rules below are tested everywhere; the heavy imports happen when a
+backend is actually created.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
-from edge_inspector.core.bundle import Bundle
-from edge_inspector.core.errors import BackendError
 from edge_inspector.backends.base import Backend, InferenceResult
-from edge_inspector.backends.tensorrt.engines import (
-    DEFAULT_MAX_BATCH,
-    INPUT_NAME,
-    OUTPUT_NAMES,
+from edge_inspector.backends.tensorrt.build import ensure_engine, frame_group
+from edge_inspector.backends.tensorrt.cuda import (
     HostDeviceBuffer,
     cuda_call,
     cuda_device_count,
-    ensure_engine,
     import_cudart,
     import_tensorrt,
-    parse_engine_filename,
     probe_device,
     trt_logger,
-    unrecorded_engines,
 )
+from edge_inspector.backends.tensorrt.engines import INPUT_NAME, OUTPUT_NAMES, parse_engine_filename, unrecorded_engines
+from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +54,65 @@ def _first_line(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
+# ------------------------------------------------------------------------------------------- batch split
+
+
+def check_profile(min_batch: int, max_batch: int, group: int, where: str = "engine") -> None:
+    """Refuse, in one line, an engine profile that cannot run whole frames of a per-tile bundle.
+
+    A per-tile graph pairs image i with statistics set i mod K, so every call must carry whole frames of K
+    tiles: the profile's max must be a multiple of K (else the last frame of a full batch would be split)
+    and its min at most K.
+    """
+    if max_batch % group or min_batch > group:
+        raise BackendError(f"{where}: optimisation profile batch {min_batch}..{max_batch} cannot run whole frames "
+                           f"of {group} tiles (max must be a multiple of {group}); rebuild it with "
+                           f"edge-export tensorrt (default --tiles {group})")
+
+
+def split_batches(count: int, max_batch: int, group: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of the calls that run `count` images: whole groups, at most `max_batch`, sizes balanced.
+
+    Balanced (12 with max 8 -> 6 + 6, not 8 + 4) so consecutive calls keep one input shape and TensorRT's
+    context is not reshaped between them. `max_batch` must be a multiple of `group` (see check_profile).
+    """
+    if count % group:
+        raise BackendError(f"a batch of {count} images is not whole frames of {group} tiles (per-tile bundle)")
+    if max_batch < group or max_batch % group:
+        raise BackendError(f"max batch {max_batch} is not a multiple of the frame's {group} tiles")
+    units, per_call = count // group, max_batch // group
+    calls = -(-units // per_call) if units else 0
+    bounds, start = [], 0
+    for i in range(calls):
+        size = (units // calls + (1 if i < units % calls else 0)) * group
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+# ------------------------------------------------------------------------------------------- backend
+
+
 class TensorRTBackend(Backend):
-    """Runs the engine matching this GPU; builds it on first start when the bundle has none."""
+    """Runs the engine matching this GPU; builds it on first start when the bundle has none.
+
+    `tiles`: the images one frame makes (None: the bundle's tiling); only used when an engine is built here.
+    """
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, precision: str | None = None, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, bundle: Bundle, precision: str | None = None, tiles: int | None = None):
         self._buffers: list[HostDeviceBuffer] = []
-        self._stream = None
+        self._stream: Any = None
         reason = unavailable_reason()
         if reason:
             raise BackendError(f"backend tensorrt unavailable: {reason}")
         self.input_size = bundle.input_size
+        self.group = frame_group(bundle)
         for stray in unrecorded_engines(bundle):
             log.warning("ignoring %s: not recorded in bundle.yaml (rebuild it with edge-export tensorrt)", stray)
         trt = import_tensorrt()
-        device = probe_device()
-        self.engine_path, data = ensure_engine(bundle, device, precision, max_batch)
+        self.engine_path, data = ensure_engine(bundle, probe_device(), precision, tiles)
         spec = parse_engine_filename(self.engine_path.rpartition("/")[2])
         self.precision = spec.precision if spec else "unknown"
         self._runtime = trt.Runtime(trt_logger(trt))
@@ -82,7 +122,9 @@ class TensorRTBackend(Backend):
                                "this engine (other TensorRT build or GPU); delete it and restart to rebuild")
         self._context = self._engine.create_execution_context()
         self._check_io(trt, bundle)
-        self.max_batch = int(self._engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+        low, _, high = (int(shape[0]) for shape in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
+        check_profile(low, high, self.group, str(bundle.path / self.engine_path))
+        self.max_batch = high
         try:
             self._allocate()
         except BackendError:
@@ -121,21 +163,21 @@ class TensorRTBackend(Backend):
         height, width = self.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
             raise BackendError(f"input must be uint8 (N, {height}, {width}, 3), got {images.dtype} {images.shape}")
-        if len(images) <= self.max_batch:
-            return self._run(images)
-        parts = [self._run(images[i:i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        if len(images) == 0:
+            return InferenceResult(np.empty((0, height, width), np.float32), np.empty((0,), np.float32))
+        parts = [self._run(images[start:stop]) for start, stop in split_batches(len(images), self.max_batch,
+                                                                               self.group)]
+        if len(parts) == 1:
+            return parts[0]
         return InferenceResult(anomaly_maps=np.concatenate([p.anomaly_maps for p in parts]),
                                scores=np.concatenate([p.scores for p in parts]))
 
     def _run(self, images: np.ndarray) -> InferenceResult:
         cudart = import_cudart()
         n = len(images)
-        if n == 0:
-            height, width = self.input_size
-            return InferenceResult(np.empty((0, height, width), np.float32), np.empty((0,), np.float32))
         if n != self._batch:
             if not self._context.set_input_shape(INPUT_NAME, tuple(images.shape)):
-                raise BackendError(f"TensorRT rejected batch {n} (engine profile allows 1..{self.max_batch})")
+                raise BackendError(f"TensorRT rejected batch {n} (engine profile allows up to {self.max_batch})")
             self._batch = n
         np.copyto(self._input.host[:n], images)
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
