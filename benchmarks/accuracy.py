@@ -90,8 +90,8 @@ def _fit_job(kind: str, train: str, out: str, settings: dict[str, Any], threads:
 
         fit_patchcore(train, out, PatchcoreOptions(**settings))
     elif kind == "ae":
-        from export.autoencoder.training import train_autoencoder
         from export.autoencoder.config import TrainConfig
+        from export.autoencoder.training import train_autoencoder
 
         train_autoencoder(TrainConfig(train_folder=Path(train), **settings), "ae", out)
     else:
@@ -130,8 +130,8 @@ def evaluate_bundle(row: Row, category: Path, bundle_dir: Path, threads: int) ->
     """Replay the test set with the product's replay code and fill the accuracy columns."""
     from edge_inspector.backends import create_backend
     from edge_inspector.core.bundle import Bundle
-    from edge_inspector.tools.labels import discover_labels
     from edge_inspector.core.images import read_image
+    from edge_inspector.tools.labels import discover_labels
     from edge_inspector.tools.replay import replay_folder
     from export.threshold import operating_point, threshold_for_false_reject
 
@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _accepts(kind: str, key: str) -> bool:
     """Does this kind's options object have this field (so one --set can target one kind among several)?"""
+    from export.autoencoder.config import TrainConfig
     from export.padim.fit import PadimOptions
     from export.patchcore import PatchcoreOptions
-    from export.autoencoder.config import TrainConfig
 
     options = {"padim": PadimOptions, "patchcore": PatchcoreOptions}.get(kind, TrainConfig)
     return key in {f.name for f in fields(options)}

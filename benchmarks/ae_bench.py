@@ -52,9 +52,9 @@ def time_bundle(bundle: Bundle, batch: int, threads: int, runs: int) -> tuple[fl
 
 
 def quick_ae_bundle(work: Path, size: int, ssim_weight: float, epochs: int = 1) -> Bundle:
+    from export.autoencoder.config import config_from_dict
     from export.autoencoder.training import train_autoencoder
     from export.textures import write_texture_dataset
-    from export.autoencoder.config import config_from_dict
 
     category = write_texture_dataset(work, "fabric", train=20, test_good=0, test_per_defect=0, size=size)
     config = config_from_dict(dict(train_folder=str(category / "train" / "good"), input_size=size, epochs=epochs,
@@ -66,10 +66,10 @@ def epoch_seconds(size: int, images: int, batch_size: int, kind: str, ssim_weigh
     """Seconds per training epoch on CPU for `images` patches of size x size (median over epochs)."""
     import torch
 
-    from export.autoencoder.training import Trainer, architecture
-    from export.autoencoder.model import ConvAutoencoder
-    from export.textures import make_texture
     from export.autoencoder.config import config_from_dict
+    from export.autoencoder.model import ConvAutoencoder
+    from export.autoencoder.training import Trainer, architecture
+    from export.textures import make_texture
 
     rng = np.random.default_rng(0)
     patches = torch.from_numpy(np.stack([make_texture(rng, size, "grain")[0] for _ in range(images)]))
@@ -121,8 +121,8 @@ def speed(args: argparse.Namespace) -> None:
 def accuracy(args: argparse.Namespace) -> None:
     """Train on train/good, then replay the test folder exactly as `edge-inspector replay` would."""
     from edge_inspector.tools.replay import replay_folder
-    from export.autoencoder.training import train_autoencoder
     from export.autoencoder.config import config_from_dict
+    from export.autoencoder.training import train_autoencoder
 
     category = Path(args.category)
     if not (category / "train" / "good").is_dir():

@@ -23,8 +23,8 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_inspector.service.config import CameraConfig  # noqa: E402
 from edge_inspector.core.wire import send_control  # noqa: E402
+from edge_inspector.service.config import CameraConfig  # noqa: E402
 from edge_inspector.service.control import ControlServer  # noqa: E402
 from edge_inspector.service.sources import Camera, create_source  # noqa: E402
 

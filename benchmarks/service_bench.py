@@ -37,11 +37,11 @@ sys.path.insert(0, str(REPO))
 
 from edge_inspector.backends import create_backend  # noqa: E402
 from edge_inspector.core.bundle import Bundle  # noqa: E402
-from edge_inspector.service.config import parse_config  # noqa: E402
+from edge_inspector.core.tiling import Tiler  # noqa: E402
 from edge_inspector.service.app import Service  # noqa: E402
+from edge_inspector.service.config import parse_config  # noqa: E402
 from edge_inspector.tools.subscriber import Subscriber  # noqa: E402
 from export.synthetic import make_part  # noqa: E402
-from edge_inspector.core.tiling import Tiler  # noqa: E402
 
 FRAME = (1024, 1280)  # height, width
 INPUT = (256, 256)
@@ -118,12 +118,12 @@ def bare_inference(bundle: Bundle, grid: int, frame: np.ndarray, threads: int, s
 def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, heatmap_scale: float = 1.0,
                       frames: int = 12) -> dict[str, float]:
     """Each pipeline step timed one after the other on one thread (no stage competing with inference)."""
-    from edge_inspector.service.config import PublishConfig
     from edge_inspector.core.decision import DecisionParams
     from edge_inspector.core.inspect import Inspector
+    from edge_inspector.service.app import load_model
+    from edge_inspector.service.config import PublishConfig
     from edge_inspector.service.pipeline import InferenceEngine
     from edge_inspector.service.publisher import Publisher
-    from edge_inspector.service.app import load_model
     from edge_inspector.service.sources import Frame
 
     config = parse_config({"tiling": {"rows": grid, "cols": grid},
@@ -226,7 +226,8 @@ def report_grid(bundle_path: Path, video: Path, grid: int, threads: int, seconds
           f"{paced['dropped']} dropped")
     print("per-frame stage means (paced run): " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
     print(f"pipeline overhead in service (wall time, sharing the cores with inference): decode + tiling + "
-          f"stitch/decision + PNG encode = {overhead:.1f} ms = {100 * overhead / stages['inference']:.1f}% of inference")
+          f"stitch/decision + PNG encode = {overhead:.1f} ms = "
+          f"{100 * overhead / stages['inference']:.1f}% of inference")
     print("pipeline steps one at a time (medians): " + ", ".join(f"{k} {v:.1f} ms" for k, v in alone.items()))
     print(f"pipeline overhead, steps alone: decode + tiling + stitch/decision + PNG/JSON/ZeroMQ publish = "
           f"{alone_overhead:.1f} ms = {100 * alone_overhead / alone['inference']:.1f}% of inference")

@@ -41,9 +41,9 @@ def configure_logging(verbose: bool) -> None:
 
 
 def _register() -> None:
+    from edge_inspector.service.app import check_config_command, run_command
     from edge_inspector.tools.info import info_command
     from edge_inspector.tools.replay import replay_command
-    from edge_inspector.service.app import check_config_command, run_command
     from edge_inspector.tools.subscriber import subscribe_command
     from edge_inspector.tools.view import view_command
 
@@ -54,8 +54,8 @@ def _register() -> None:
 
 
 def _register_service_tools() -> None:
-    from edge_inspector.tools.control import control_command
     from edge_inspector.core.keys import keys_command
+    from edge_inspector.tools.control import control_command
 
     for command in (control_command, keys_command):
         main.add_command(command)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from edge_inspector.core.atomic import fsync_dir, fsync_tree
 from edge_inspector.core.bundle import BUNDLE_FILE

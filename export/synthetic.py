@@ -8,8 +8,8 @@ same replay/evaluate code paths run on generated and on real benchmark data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np

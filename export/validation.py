@@ -24,9 +24,14 @@ from edge_inspector.core.bundle import Bundle, write_meta
 from edge_inspector.core.errors import DataError
 from edge_inspector.tools.labels import discover_labels
 from edge_inspector.tools.replay import replay_folder
-
-from export.threshold import (LOUD_ESCAPE_RATE, apply_f1_rule, format_tradeoff, operating_point, threshold_for_escape,
-                        tradeoff_table)
+from export.threshold import (
+    LOUD_ESCAPE_RATE,
+    apply_f1_rule,
+    format_tradeoff,
+    operating_point,
+    threshold_for_escape,
+    tradeoff_table,
+)
 
 log = logging.getLogger(__name__)
 

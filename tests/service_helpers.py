@@ -40,7 +40,8 @@ def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-def conveyor_frames(rng: np.random.Generator, count: int, defects: list[bool] | float) -> tuple[list[np.ndarray], list[bool]]:
+def conveyor_frames(rng: np.random.Generator, count: int,
+                    defects: list[bool] | float) -> tuple[list[np.ndarray], list[bool]]:
     """`count` frames of LANES parts; `defects` is a per-frame list or a per-part probability."""
     frames, truth = [], []
     kinds = ("scratch", "spot", "missing")
@@ -147,7 +148,7 @@ class FlakyVideoServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{video.name}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FlakyVideoServer":
+    def __enter__(self) -> FlakyVideoServer:
         self.thread.start()
         return self
 
@@ -245,7 +246,7 @@ class NotifyListener:
         while not self.stop.is_set():
             try:
                 data = self.socket.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 

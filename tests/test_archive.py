@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_inspector.core.decision import DecisionParams, decide
 from edge_inspector.service.archive import Archive
 from edge_inspector.service.config import ArchiveConfig
-from edge_inspector.core.decision import DecisionParams, decide
 from edge_inspector.service.pipeline import Result
 from edge_inspector.service.sources import Frame
 
@@ -42,7 +42,8 @@ def test_an_entry_is_frame_heatmap_and_header(tmp_path):
     assert not archive.submit(*result_of(2, "pass"))  # only the configured verdicts are kept
     archive.close()
     files = sorted(p.name for p in (tmp_path / "arch").iterdir())
-    assert files == ["20231114T221321.000Z_cam1_00000001_fail.heatmap.png", "20231114T221321.000Z_cam1_00000001_fail.json",
+    assert files == ["20231114T221321.000Z_cam1_00000001_fail.heatmap.png",
+                     "20231114T221321.000Z_cam1_00000001_fail.json",
                      "20231114T221321.000Z_cam1_00000001_fail.png"]
     folder = tmp_path / "arch"
     assert json.loads((folder / files[1]).read_text())["sequence"] == 1

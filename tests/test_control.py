@@ -14,6 +14,14 @@ import time
 import numpy as np
 import pytest
 import zmq
+
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.wire import MAX_CONTROL_MESSAGE, send_control
+from edge_inspector.service.app import Service
+from edge_inspector.service.config import parse_config
+from edge_inspector.service.control import parse_request
+from edge_inspector.tools.control import build_request
+from edge_inspector.tools.subscriber import Subscriber
 from service_helpers import (
     LANES,
     REPO,
@@ -23,14 +31,6 @@ from service_helpers import (
     subprocess_env,
     write_video,
 )
-
-from edge_inspector.service.config import parse_config
-from edge_inspector.tools.control import build_request
-from edge_inspector.core.errors import ConfigError
-from edge_inspector.core.wire import MAX_CONTROL_MESSAGE, send_control
-from edge_inspector.service.control import parse_request
-from edge_inspector.service.app import Service
-from edge_inspector.tools.subscriber import Subscriber
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,8 @@ def test_random_fuzz_then_status_still_answers(running):
                 if rng.random() < 0.5:
                     frames.append(rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes())
                 else:
-                    frames.append(b"".join(words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(1, 40)))))
+                    picks = rng.integers(0, len(words), int(rng.integers(1, 40)))
+                    frames.append(b"".join(words[int(i)] for i in picks))
             raw.send_multipart([b"", *frames] if frames else [b""])
             reply = json.loads(raw.recv_multipart()[-1])
             assert set(reply) >= {"ok"} and (reply["ok"] or reply["error"])
@@ -168,7 +169,8 @@ def test_control_cli_commands(running):
     low, high = json.loads(done.stdout)["threshold_range"]
     assert json.loads(control("stats").stdout)["stats"]["processed"] >= 0
     done = control("set-threshold", "5e-324")
-    assert done.returncode == 2 and done.stderr.startswith("error: threshold: 4.94066e-324 is outside the allowed range")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: threshold: 4.94066e-324 is outside the allowed range")
     done = control("set-threshold", repr(bundle.threshold))
     assert done.returncode == 0 and json.loads(done.stdout)["threshold"] == bundle.threshold
     done = control("reload", str(bundle.path))

@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 
 from edge_inspector.core.errors import DataError, InspectorError
-from edge_inspector.tools.labels import LabeledImage, discover_labels
-from edge_inspector.tools.metrics import (Confusion, EvaluationReport, aupro, confusion_at, evaluate,
-                                          f1_optimal_threshold, image_auroc, pixel_auroc)
 from edge_inspector.core.images import read_mask
+from edge_inspector.tools.labels import LabeledImage, discover_labels
+from edge_inspector.tools.metrics import (
+    Confusion,
+    EvaluationReport,
+    aupro,
+    confusion_at,
+    evaluate,
+    f1_optimal_threshold,
+    image_auroc,
+    pixel_auroc,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -115,8 +115,8 @@ def _write_png(path, image):
 
 def test_visa_label_index_masks_and_test_split(synthetic_dataset, tmp_path):
     """VisA masks hold class indices 1..7 (not 255) and Images/Normal holds the training images too."""
-    from edge_inspector.tools.labels import discover_labels
     from edge_inspector.core.images import read_mask
+    from edge_inspector.tools.labels import discover_labels
 
     part = cv2.imread(str(next((synthetic_dataset / "test" / "good").iterdir())))
     root = tmp_path / "VisA"

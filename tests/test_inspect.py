@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 from click.testing import CliRunner
-from service_helpers import LANES, config_data, conveyor_frames, endpoint, wait_for
 
 from edge_inspector.backends import create_backend
 from edge_inspector.cli import main as inspector_cli
@@ -30,6 +29,7 @@ from edge_inspector.service.pipeline import InferenceEngine
 from edge_inspector.service.publisher import result_header
 from edge_inspector.service.sources import Frame
 from edge_inspector.tools.subscriber import Subscriber
+from service_helpers import LANES, config_data, conveyor_frames, endpoint, wait_for
 
 
 def _inspector(bundle, min_defect_area: int = 0) -> Inspector:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -70,9 +71,6 @@ def test_fit_validation_records_escape_rate_and_curve_and_target_escape_rule(sma
     t = calibrated.meta.threshold
     assert t.rule == "escape_rate" and t.target_escape_rate == 0.25
     assert t.validation_escape_rate <= 0.25
-
-
-import click
 
 
 @click.command()

@@ -8,15 +8,15 @@ import time
 import cv2
 import numpy as np
 import pytest
-from service_helpers import LANES, PART, conveyor_frames, write_video
 
-from edge_inspector.service.config import parse_config
 from edge_inspector.core.decision import DecisionParams
 from edge_inspector.core.inspect import Inspector
+from edge_inspector.service.app import load_model
+from edge_inspector.service.config import parse_config
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Result
 from edge_inspector.service.queues import FrameQueue, QueueClosed
-from edge_inspector.service.app import load_model
 from edge_inspector.service.sources import Camera, create_source
+from service_helpers import LANES, PART, conveyor_frames, write_video
 
 
 class CollectingSink:

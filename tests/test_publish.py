@@ -9,20 +9,20 @@ import time
 import numpy as np
 import pytest
 import zmq
-from service_helpers import LANES, PART, conveyor_frames, endpoint
 
-from edge_inspector.service.config import PublishConfig, parse_config
 from edge_inspector.core.decision import DecisionParams, validate_threshold
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.inspect import Inspector
 from edge_inspector.core.render import heatmap_to_u8
 from edge_inspector.core.wire import SCHEMA_VERSION, send_control
+from edge_inspector.service.app import load_model
+from edge_inspector.service.config import PublishConfig, parse_config
 from edge_inspector.service.control import ControlServer
 from edge_inspector.service.pipeline import InferenceEngine
 from edge_inspector.service.publisher import Publisher
-from edge_inspector.service.app import load_model
 from edge_inspector.service.sources import Frame
 from edge_inspector.tools.subscriber import Subscriber, format_health, format_result
+from service_helpers import LANES, PART, conveyor_frames, endpoint
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ def _argv(command: str) -> list[str]:
     scripts = {"edge-inspector": "edge_inspector.cli", "edge-export": "export.cli"}
     if argv[0] in scripts:
         installed = Path(sys.executable).parent / argv[0]
-        argv = [str(installed)] + argv[1:] if installed.exists() else [sys.executable, "-m", scripts[argv[0]]] + argv[1:]
+        module = [sys.executable, "-m", scripts[argv[0]]]
+        argv = [str(installed)] + argv[1:] if installed.exists() else module + argv[1:]
     return argv
 
 

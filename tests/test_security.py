@@ -11,6 +11,13 @@ import time
 import numpy as np
 import pytest
 import zmq
+
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.keys import ClientKeys, curve_available, generate_keypair
+from edge_inspector.core.wire import send_control
+from edge_inspector.service.app import Service
+from edge_inspector.service.config import parse_config
+from edge_inspector.tools.subscriber import Subscriber
 from service_helpers import (
     LANES,
     REPO,
@@ -20,13 +27,6 @@ from service_helpers import (
     subprocess_env,
     write_video,
 )
-
-from edge_inspector.service.config import parse_config
-from edge_inspector.core.errors import ConfigError
-from edge_inspector.core.keys import ClientKeys, curve_available, generate_keypair
-from edge_inspector.core.wire import send_control
-from edge_inspector.service.app import Service
-from edge_inspector.tools.subscriber import Subscriber
 
 pytestmark = pytest.mark.skipif(not curve_available(), reason="libzmq without CURVE")
 

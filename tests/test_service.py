@@ -15,6 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from edge_inspector.core.bundle import Bundle, finalize_bundle
+from edge_inspector.core.wire import send_control
+from edge_inspector.service.app import Service
+from edge_inspector.service.config import parse_config
+from edge_inspector.tools.subscriber import Subscriber
 from service_helpers import (
     LANES,
     PART,
@@ -28,12 +34,6 @@ from service_helpers import (
     wait_for,
     write_video,
 )
-
-from edge_inspector.core.bundle import Bundle, finalize_bundle
-from edge_inspector.service.config import parse_config
-from edge_inspector.core.wire import send_control
-from edge_inspector.service.app import Service
-from edge_inspector.tools.subscriber import Subscriber
 
 
 def write_config(folder: Path, data: dict) -> Path:

@@ -1,6 +1,6 @@
-"""The service side of the first hour on a line (issues 8 and 11): install permissions, honest health from the first message to the last,
-bad files as error results, exit codes, start-timeout extension, TensorRT fallback and engine cache,
-watchdog retry and process pauses. Real processes, real sockets, real files."""
+"""The service side of the first hour on a line (issues 8 and 11): install permissions, honest health from the
+first message to the last, bad files as error results, exit codes, start-timeout extension, TensorRT fallback
+and engine cache, watchdog retry and process pauses. Real processes, real sockets, real files."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+
+from edge_inspector.backends import BackendRuntimeError, create_backend
+from edge_inspector.core.errors import BackendError
+from edge_inspector.core.systemd import Notifier, extending_start
+from edge_inspector.service.app import Service
+from edge_inspector.service.config import parse_config
+from edge_inspector.tools.subscriber import Subscriber
 from service_helpers import (
     CLI_CODE,
     REPO,
@@ -29,13 +36,6 @@ from service_helpers import (
     wait_for,
     write_video,
 )
-
-from edge_inspector.backends import BackendRuntimeError, create_backend
-from edge_inspector.service.config import parse_config
-from edge_inspector.core.errors import BackendError
-from edge_inspector.service.app import Service
-from edge_inspector.tools.subscriber import Subscriber
-from edge_inspector.core.systemd import Notifier, extending_start
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_health_is_ok_from_the_first_message_and_stopped_is_the_last(bundle, tmp
     """Three starts: every health message says ok while stages start, the run's last message is `stopped`."""
     frames, _ = conveyor_frames(np.random.default_rng(52), 3, 0.0)
     video = write_video(tmp_path / "line.avi", frames)
-    for attempt in range(3):
+    for _attempt in range(3):
         # wait_for_subscriber_s: on a loaded machine the whole 3-frame run can end before the SUB's
         # subscription reaches the PUB, and then nothing at all is received (seen in a full-suite run).
         data = config_data(str(video), bundle.path, publish={"health_interval_s": 0.05,

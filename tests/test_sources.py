@@ -12,16 +12,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from service_helpers import FlakyVideoServer, read_video, write_video
 
-from edge_inspector.service.config import CameraConfig
 from edge_inspector.core.errors import ConfigError
+from edge_inspector.service.config import CameraConfig
 from edge_inspector.service.sources import (
     Camera,
     create_source,
     detect_kind,
     gstreamer_available,
 )
+from service_helpers import FlakyVideoServer, read_video, write_video
 
 
 def camera_config(source, **kwargs) -> CameraConfig:
@@ -133,7 +133,8 @@ def test_folder_in_name_order_unreadable_images_become_error_frames(tmp_path):
     assert len(got) == 6 and camera.source.unreadable == 1
     assert [Path(f.source_file).name for f in got] == ["00.png", "01.png", "02.png", "02b.png", "03.png", "03b.png"]
     bad = got[3]
-    assert bad.image is None and bad.error == f"{folder / '02b.png'}: cannot decode image (not a PNG, JPEG, BMP or TIFF image)"
+    assert bad.image is None
+    assert bad.error == f"{folder / '02b.png'}: cannot decode image (not a PNG, JPEG, BMP or TIFF image)"
     assert np.array_equal(got[0].image, frames[0]) and np.array_equal(got[4].image, frames[3])
     assert got[5].image.shape == (96, 128, 3)  # the 16-bit gray image arrives as 8-bit BGR
     assert camera.state == "ended"

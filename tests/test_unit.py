@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from service_helpers import REPO
 
 UNIT = REPO / "systemd" / "edge-inspector@.service"

@@ -20,6 +20,12 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 import pytest
+
+from edge_inspector.core.wire import send_control
+from edge_inspector.service.app import Service
+from edge_inspector.service.config import parse_config
+from edge_inspector.tools.view.hub import CameraState, Hub, Item
+from edge_inspector.tools.view.server import ViewServer
 from service_helpers import (
     LANES,
     PART,
@@ -30,12 +36,6 @@ from service_helpers import (
     wait_for,
     write_video,
 )
-
-from edge_inspector.service.config import parse_config
-from edge_inspector.core.wire import send_control
-from edge_inspector.service.app import Service
-from edge_inspector.tools.view.hub import CameraState, Hub, Item
-from edge_inspector.tools.view.server import ViewServer
 
 
 class LiveService:

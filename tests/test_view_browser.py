@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from service_helpers import REPO
 from test_view import LiveService, running
 
 from edge_inspector.core.wire import send_control
 from edge_inspector.tools.view.server import ViewServer
+from service_helpers import REPO
 
 CHROMIUM = os.environ.get("EDGE_INSPECTOR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

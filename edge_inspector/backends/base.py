@@ -34,7 +34,7 @@ class Backend(ABC):
     def infer(self, images: np.ndarray) -> InferenceResult:
         """images: uint8 (N, H, W, 3) BGR at the bundle's input size."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most backends have nothing to release)
         """Release runtime resources (GPU buffers, sessions)."""
 
     def describe(self) -> str:

@@ -6,9 +6,9 @@ import logging
 
 import numpy as np
 
+from edge_inspector.backends.base import Backend, InferenceResult
 from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.errors import BackendError
-from edge_inspector.backends.base import Backend, InferenceResult
 
 log = logging.getLogger(__name__)
 

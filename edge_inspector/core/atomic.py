@@ -11,8 +11,8 @@ training checkpoints.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 FILE_MODE = 0o644
 

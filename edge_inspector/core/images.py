@@ -7,8 +7,8 @@ BGR, so every path into the model (fit, replay, folder source) converts here, on
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import cv2
 import numpy as np

@@ -113,7 +113,7 @@ class ClientKeys:
     secret: bytes
 
     @classmethod
-    def from_files(cls, server_key: str | Path, client_key: str | Path) -> "ClientKeys":
+    def from_files(cls, server_key: str | Path, client_key: str | Path) -> ClientKeys:
         public, secret = load_secret_key(client_key, "--client-key")
         return cls(load_public_key(server_key, "--server-key"), public, secret)
 

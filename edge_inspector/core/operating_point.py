@@ -91,7 +91,7 @@ class Confusion:
     escape_rate: float  # defective parts judged good
 
     @classmethod
-    def from_counts(cls, tp: int, fp: int, tn: int, fn: int) -> "Confusion":
+    def from_counts(cls, tp: int, fp: int, tn: int, fn: int) -> Confusion:
         precision = _ratio(tp, tp + fp)
         recall = _ratio(tp, tp + fn)
         f1 = _ratio(2 * precision * recall, precision + recall)

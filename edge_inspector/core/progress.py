@@ -8,14 +8,15 @@ none forgets it.
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable, TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> "tqdm[T]":
+def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm[T]:
     """A tqdm bar on stderr, shown only when stderr is a terminal."""
     kwargs.setdefault("disable", None)
     kwargs.setdefault("file", sys.stderr)

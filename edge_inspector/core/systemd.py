@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 

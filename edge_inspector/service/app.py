@@ -30,10 +30,8 @@ import click
 import numpy as np
 import zmq
 
-from edge_inspector.service.archive import Archive
 from edge_inspector.backends import Backend, BackendRuntimeError, create_backend
 from edge_inspector.core.bundle import Bundle
-from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config
 from edge_inspector.core.decision import (
     DecisionParams,
     check_in_range,
@@ -42,12 +40,14 @@ from edge_inspector.core.decision import (
 )
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.inspect import Inspector, Model
+from edge_inspector.core.systemd import Notifier, extending_start
+from edge_inspector.core.tiling import Tiler
+from edge_inspector.service.archive import Archive
+from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config
 from edge_inspector.service.control import ControlServer
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
-from edge_inspector.core.systemd import Notifier, extending_start
-from edge_inspector.core.tiling import Tiler
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class Service:
         if when_behind == "auto":
             unpaced_media = source.kind in ("file", "folder") and not config.camera.fps
             when_behind = "wait" if unpaced_media else "drop"
-        self.pipeline = Pipeline(self.camera, InferenceEngine(self.inspector, config.publish.heatmap_scale), self.publisher, queue_size=config.pipeline.queue_size,
+        engine = InferenceEngine(self.inspector, config.publish.heatmap_scale)
+        self.pipeline = Pipeline(self.camera, engine, self.publisher, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats)
         if config.publish.wait_for_subscriber_s > 0:

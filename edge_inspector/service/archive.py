@@ -23,9 +23,9 @@ from typing import Any
 import cv2
 
 from edge_inspector.core.atomic import write_atomic
+from edge_inspector.core.render import heatmap_to_u8
 from edge_inspector.service.config import ArchiveConfig
 from edge_inspector.service.pipeline import Result
-from edge_inspector.core.render import heatmap_to_u8
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -85,7 +86,8 @@ class ControlServer:
         envelope, body = split_envelope(frames)
         if body is None:
             self.refused += 1
-            reply: dict[str, Any] = {"ok": False, "error": f"request must be one frame, got {len(frames) - len(envelope)}"}
+            got = len(frames) - len(envelope)
+            reply: dict[str, Any] = {"ok": False, "error": f"request must be one frame, got {got}"}
         else:
             reply = self.handle(body.bytes, peer_of(frames[0]))
             self.refused += int(not reply.get("ok"))

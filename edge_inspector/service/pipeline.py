@@ -18,8 +18,9 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -158,7 +159,7 @@ class ResultSink(Protocol):
 class Stage:
     """A pipeline thread with a heartbeat, so the watchdog can tell 'alive and responsive' from 'stuck'."""
 
-    def __init__(self, name: str, target: Callable[["Stage"], None]):
+    def __init__(self, name: str, target: Callable[[Stage], None]):
         self.name = name
         self.last_beat = time.monotonic()
         self.error: str | None = None

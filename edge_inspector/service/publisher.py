@@ -24,7 +24,8 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cv2
 import zmq

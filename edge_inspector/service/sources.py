@@ -15,17 +15,17 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 
-from edge_inspector.service.config import CameraConfig
 from edge_inspector.core.errors import ConfigError, ImageError, InspectorError
 from edge_inspector.core.imageheader import HeaderError, image_size
 from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images, to_bgr8
+from edge_inspector.service.config import CameraConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class FrameSource(ABC):
     @abstractmethod
     def read(self) -> np.ndarray: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: image folders hold nothing open)
         """Release the device/file; safe to call when not open."""
 
     @abstractmethod

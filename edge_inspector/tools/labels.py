@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from edge_inspector.core.errors import DataError
 from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images

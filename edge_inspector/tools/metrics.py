@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import cv2
 import numpy as np
 
 from edge_inspector.core.errors import DataError
-from edge_inspector.core.operating_point import (LOUD_ESCAPE_RATE, Confusion, OperatingPoint, confusion_at,
-                                                 f1_optimal_threshold, format_tradeoff, tradeoff_table,
-                                                 as_labels)
-
+from edge_inspector.core.operating_point import (
+    LOUD_ESCAPE_RATE,
+    Confusion,
+    OperatingPoint,
+    as_labels,
+    confusion_at,
+    f1_optimal_threshold,
+    format_tradeoff,
+    tradeoff_table,
+)
 from edge_inspector.tools.labels import GOOD
 
 log = logging.getLogger(__name__)

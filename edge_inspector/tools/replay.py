@@ -203,7 +203,8 @@ def replay_command(folder: Path, bundle_dir: Path, results: Path | None, overlay
     skipped = f", {summary.skipped_files} non-image files skipped" if summary.skipped_files else ""
     unlisted = f", {summary.unlisted_images} images not in --labels" if summary.unlisted_images else ""
     click.echo(f"{len(summary.rows)} images: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error"
-               f"{skipped}{unlisted}  (threshold {params.threshold:.6g}{_area(params)}, model {bundle.model_id}) -> {results}")
+               f"{skipped}{unlisted}  (threshold {params.threshold:.6g}{_area(params)}, model {bundle.model_id})"
+               f" -> {results}")
     if overlays is not None:
         click.echo(f"overlays in {overlays}/ (banner: verdict and score / threshold; white outline: over threshold)")
     if counts["pass"] + counts["fail"] == 0:

@@ -75,7 +75,7 @@ class Subscriber:
     def close(self) -> None:
         self.socket.close(0)
 
-    def __enter__(self) -> "Subscriber":
+    def __enter__(self) -> Subscriber:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.graph import BgrToInput, GaussianBlur, MapToAnswer, max_blur_radius
 from export.autoencoder.config import MODEL_KINDS  # defined torch-free, so `edge-export` starts without torch
+from export.graph import BgrToInput, GaussianBlur, MapToAnswer, max_blur_radius
 
 # The network sees RGB scaled to [-1, 1]; its tanh output lives on the same scale.
 AE_MEAN = (0.5, 0.5, 0.5)
@@ -115,7 +115,8 @@ class SsimMap(nn.Module):
 
     Luminance with a 7x7 box window (scikit-image's default window) rather than per-channel Gaussian
     windows: on 2 CPU threads at 256x256 the per-channel Gaussian version measured 23 ms per image (longer
-    than the whole network), this one under 4 ms, with the same bottle AUROC. Colour differences are still caught by the MSE term. The box
+    than the whole network), this one under 4 ms, with the same bottle AUROC. Colour differences are still
+    caught by the MSE term. The box
     mean is an AveragePool that ignores padding, so borders need no special case in ONNX or TensorRT.
     """
 

@@ -31,17 +31,25 @@ import torch
 from edge_inspector.core.atomic import write_atomic_with
 from edge_inspector.core.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.core.errors import ConfigError, DataError, InspectorError
-from edge_inspector.core.operating_point import f1_optimal_threshold
 from edge_inspector.core.images import iter_readable, list_images, read_image, resize_to
+from edge_inspector.core.operating_point import f1_optimal_threshold
 from edge_inspector.core.progress import is_interactive, progress
-
-from export.autoencoder.model import (AE_MEAN, AE_STD, Architecture, ConvAutoencoder, ReconstructionError,
-                          ReconstructionGraph, count_parameters, fit_normaliser, kl_divergence)
+from export.autoencoder.config import TrainConfig, effective_input_size
+from export.autoencoder.model import (
+    AE_MEAN,
+    AE_STD,
+    Architecture,
+    ConvAutoencoder,
+    ReconstructionError,
+    ReconstructionGraph,
+    count_parameters,
+    fit_normaliser,
+    kl_divergence,
+)
 from export.graph import BgrToInput
 from export.onnx_export import export_onnx, onnx_reference_check
 from export.staging import staged_bundle_folder
 from export.threshold import apply_f1_rule, conformal_threshold, score_stats
-from export.autoencoder.config import TrainConfig, effective_input_size
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +210,8 @@ def load_checkpoint(path: Path, net: ConvAutoencoder, optimizer: torch.optim.Opt
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated or foreign file
-        raise DataError(f"{path}: cannot read checkpoint ({str(err).splitlines()[0]}); delete it to start over")
+        raise DataError(f"{path}: cannot read checkpoint ({str(err).splitlines()[0]}); delete it to start over"
+                        ) from None
     if payload.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"{path}: checkpoint version {payload.get('version')} unsupported; delete it to start over")
     old = payload["fingerprint"]

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from edge_inspector.core.errors import DataError
-
-from export.graph import IMAGENET_MEAN, IMAGENET_STD
 from export.backbones.efficientnet_lite import EfficientNetLite0, default_lite0_weights
 from export.backbones.resnet import resnet18_features, wide_resnet50_2_features
+from export.graph import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 # Expanded activations at strides 4, 8, 16 (144 + 240 + 672 channels). Measured on MVTec bottle, d=100:

@@ -10,7 +10,6 @@ classifies correctly (TF "SAME" padding would match TensorFlow slightly better b
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import cast
 
 import torch

@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 
 from edge_inspector.core.errors import ConfigError
-
-from export.staging import check_output_folder
 from export.autoencoder.config import MODEL_KINDS
+from export.staging import check_output_folder
 
 
 @click.command("train")
@@ -23,8 +22,8 @@ from export.autoencoder.config import MODEL_KINDS
 @click.option("--force", is_flag=True, help="Replace the bundle already in the output folder.")
 def train_command(kind: str, config_path: Path, out_dir: Path | None, resume: bool, force: bool) -> None:
     """Train a reconstruction model on patches of good images and export it as a bundle."""
-    from export.autoencoder.training import train_autoencoder  # torch import only when the command runs
     from export.autoencoder.config import load_train_config
+    from export.autoencoder.training import train_autoencoder  # torch import only when the command runs
 
     config = load_train_config(config_path)
     out_dir = out_dir or config.out
