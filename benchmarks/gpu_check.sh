@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One command for the GPU checks: TensorRT fp32/fp16 vs ONNX Runtime parity, verdicts on the bottle test set
-# (when ../shared/data/mvtec/bottle is present) and latency at batch 1 / tiles / max, printed as one table.
+# One command for the GPU checks: strongly typed TensorRT fp32/fp16 engines vs ONNX Runtime parity, verdicts on
+# the bottle test set (when ../shared/data/mvtec/bottle is present) and latency at batch 1 and tiles per frame,
+# printed as one table. The fp16 engine is built from the bundle's mixed-precision graph (written when missing).
 #
-#   benchmarks/gpu_check.sh [BUNDLE] [extra gpu_check.py options, e.g. --max-batch 16 --precisions fp16]
+#   benchmarks/gpu_check.sh [BUNDLE] [extra gpu_check.py options, e.g. --tiles 12 --precisions fp16]
 #
-# Without BUNDLE a PaDiM bundle is fitted on DATA/train/good (needs torch). DATA defaults to the bottle set.
+# Without BUNDLE a bundle is fitted on DATA/train/good (needs torch; --kind patchcore for the memory-bank kind).
+# DATA defaults to the bottle set. Runs on TensorRT 10.3+ and 11.
 # Exit status: 0 all within limits, 1 a parity limit broken, 2 TensorRT/GPU unusable here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
