@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config, parse_config
 from edge_inspector.core.errors import ConfigError
-
+from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config, parse_config
 from service_helpers import REPO
 
 EXAMPLES = sorted((REPO / "configs").glob("service-*.yaml"))
