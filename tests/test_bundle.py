@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
+from edge_inspector.core.errors import BundleError
 from service_helpers import (
     copy_world_readable,
     shared_folder,
     unprivileged_run,
 )
-
-from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
-from edge_inspector.core.errors import BundleError
 
 
 @pytest.fixture
@@ -38,9 +38,9 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_file_and_key(copy):
     with pytest.raises(BundleError) as err:
         Bundle.load(copy)
     message = str(err.value)
-    assert message == f"{copy / BUNDLE_FILE}: threshold.value: expected a number, got '4.2'"
+    assert message == f"{copy / BUNDLE_FILE}: threshold.value: expected a number > 0, got '4.2'"
     edit_yaml(copy, lambda d: d.__setitem__("input_size", [128, "x"]))
-    with pytest.raises(BundleError, match=r"input_size: expected a list of integers, got \[128, 'x'\]"):
+    with pytest.raises(BundleError, match=r"input_size: expected a list of 2 integers >= 1, got \[128, 'x'\]"):
         Bundle.load(copy)
 
 

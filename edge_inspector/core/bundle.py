@@ -30,17 +30,18 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from msgspec import Meta
 
 from edge_inspector import __version__
+from edge_inspector.core import schema
 from edge_inspector.core.atomic import write_atomic
 from edge_inspector.core.errors import BundleError
+from edge_inspector.core.schema import Real, shown
 
 # 2: bundle.yaml carries meta_sha256 (a digest of its own metadata). A format-1 runtime meeting a format-2
 # bundle says "newer than this runtime supports" instead of tripping over the unknown key.
@@ -50,39 +51,46 @@ MODEL_FILE = "model.onnx"
 META_DIGEST_KEY = "meta_sha256"
 ENGINE_PREFIX = "engines/"
 MODEL_KINDS = ("padim", "ae", "vae", "patchcore")
+TILE_MODES = ("shared", "per_tile")
+READ_ACCESS = "the service user needs read access to the bundle folder and its files"
+
+
+PositiveReal = Annotated[int, Meta(gt=0)] | Annotated[float, Meta(gt=0)]
+Rate = Annotated[int, Meta(ge=0, le=1)] | Annotated[float, Meta(ge=0, le=1)]
+Count = Annotated[int, Meta(ge=0)]
 
 
 @dataclass
 class ThresholdInfo:
     """The decision threshold on the raw score and how it was chosen (so an auditor can reproduce it)."""
 
-    value: float
+    value: PositiveReal
     rule: str  # "conformal_false_reject_rate" | "f1_optimal" | "manual"
-    target_false_reject_rate: float | None = None
+    target_false_reject_rate: Rate | None = None
     certified: bool = False  # True when enough good images exist to guarantee the target rate
-    images_needed: int | None = None  # good images needed to certify the target rate
-    conformal_value: float | None = None
-    f1_optimal_value: float | None = None
+    images_needed: Count | None = None  # good images needed to certify the target rate
+    conformal_value: Real | None = None
+    f1_optimal_value: Real | None = None
     note: str = ""
     # What the decision threshold costs on labelled validation images (fit --validation), when given:
-    target_escape_rate: float | None = None  # rule "escape_rate": the share of defects allowed to pass
-    validation_escape_rate: float | None = None  # share of validation defects passed at `value`
-    validation_false_reject_rate: float | None = None  # share of validation good images rejected at `value`
-    operating_curve: list[dict[str, float]] | None = None  # {threshold, false_reject_rate, escape_rate} rows
+    target_escape_rate: Rate | None = None  # rule "escape_rate": the share of defects allowed to pass
+    validation_escape_rate: Rate | None = None  # share of validation defects passed at `value`
+    validation_false_reject_rate: Rate | None = None  # share of validation good images rejected at `value`
+    operating_curve: list[dict[str, Real]] | None = None  # {threshold, false_reject_rate, escape_rate} rows
 
 
 @dataclass
 class ScoreStats:
     """Out-of-sample scores of the good validation images (k-fold), on the raw score scale."""
 
-    count: int
-    mean: float
-    std: float
-    min: float
-    max: float
-    p50: float
-    p95: float
-    p99: float
+    count: Count
+    mean: Real
+    std: Real
+    min: Real
+    max: Real
+    p50: Real
+    p95: Real
+    p99: Real
 
 
 @dataclass
@@ -90,21 +98,21 @@ class TrainingInfo:
     """Provenance: what the model was trained on, so a line engineer can tell two bundles apart."""
 
     folder: str
-    image_count: int
+    image_count: Count
     file_list_sha256: str
-    skipped_files: int = 0
+    skipped_files: Count = 0
     seed: int = 0
-    folds: int = 0
-    fit_seconds: float = 0.0
+    folds: Count = 0
+    fit_seconds: Real = 0.0
 
 
 @dataclass
 class TilingInfo:
     """How frames were tiled for training; `per_tile` bundles expect batches of `rows*cols` tiles in order."""
 
-    rows: int = 1
-    cols: int = 1
-    mode: str = "shared"  # "shared": one statistics set for all tiles; "per_tile": one per tile position
+    rows: Annotated[int, Meta(ge=1)] = 1
+    cols: Annotated[int, Meta(ge=1)] = 1
+    mode: str = "shared"  # one of TILE_MODES. "shared": one statistics set for all tiles; "per_tile": one per tile
     tile_size: list[int] | None = None  # [height, width] in frame pixels (None: the grid divides the ROI)
     stride: list[int] | None = None  # [dy, dx] between tiles (None: spread evenly)
     roi: list[int] | None = None  # [x, y, width, height] of the inspected area (None: whole frame)
@@ -119,23 +127,26 @@ class TilingInfo:
 
         if self.tiles == 1 and self.roi is None and self.tile_size is None:
             return None
-        as_tuple = (lambda v: None if v is None else tuple(int(x) for x in v))
-        return Tiler(self.rows, self.cols, input_size, tile_size=as_tuple(self.tile_size),
-                     stride=as_tuple(self.stride), roi=as_tuple(self.roi))
+        def pair(v: list[int] | None) -> tuple[int, int] | None:
+            return None if v is None else (int(v[0]), int(v[1]))
+
+        roi = None if self.roi is None else (int(self.roi[0]), int(self.roi[1]), int(self.roi[2]), int(self.roi[3]))
+        return Tiler(self.rows, self.cols, input_size, tile_size=pair(self.tile_size), stride=pair(self.stride),
+                     roi=roi)
 
 
 @dataclass
 class BundleMeta:
     """Everything in bundle.yaml. Unknown keys are refused at load so typos never pass silently."""
 
-    model_kind: str
-    input_size: tuple[int, int]  # (height, width)
+    model_kind: str  # one of MODEL_KINDS (a str, not a Literal: exporters pass their kind as a variable)
+    input_size: tuple[Annotated[int, Meta(ge=1)], Annotated[int, Meta(ge=1)]]  # (height, width)
     threshold: ThresholdInfo
     score_stats: ScoreStats | None
     training: TrainingInfo
     backbone: str | None = None
     layers: list[str] = field(default_factory=list)
-    feature_dim: int = 0
+    feature_dim: Count = 0
     tiling: TilingInfo = field(default_factory=TilingInfo)
     color_order: str = "BGR"
     format_version: int = FORMAT_VERSION
@@ -151,94 +162,10 @@ class BundleMeta:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str) -> "BundleMeta":
-        try:
-            return _build(cls, data, source)
-        except (TypeError, ValueError, KeyError) as err:
-            raise BundleError(f"{source}: {err}") from None
-
-
-def _build(cls, data: Any, where: str, prefix: str = ""):
-    """Build a (nested) dataclass from a dict, naming the offending key on any mismatch."""
-    if not isinstance(data, dict):
-        raise BundleError(f"{where}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(data) - set(names))
-    if unknown:
-        raise BundleError(f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        key = prefix + name
-        hint = hints.get(name, Any)
-        nested = _dataclass_in(hint)
-        if nested is not None and value is not None:
-            value = _build(nested, value, where, key + ".")
-        elif not _matches(value, hint):
-            raise BundleError(f"{where}: {key}: expected {_describe(hint)}, got {_shown(value)}")
-        kwargs[name] = value
-    missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise BundleError(f"{where}: missing key(s) {', '.join(missing)}")
-    return cls(**kwargs)
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass a field holds (also inside `X | None`), else None."""
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    found = [o for o in options if dataclasses.is_dataclass(o)]
-    return found[0] if found else None
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a YAML value fits a field's type hint (ints pass for floats; bools never pass for numbers)."""
-    if hint is Any:
-        return True
-    if _is_union(hint):
-        return any(_matches(value, option) for option in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-        return not args or all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            return False
-        key_hint, value_hint = args or (Any, Any)
-        return all(_matches(k, key_hint) and _matches(v, value_hint) for k, v in value.items())
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _describe(hint: Any) -> str:
-    if _is_union(hint):
-        return " or ".join(_describe(option) for option in typing.get_args(hint))
-    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (list, tuple):
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    if origin is dict:
-        return "a mapping"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _shown(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
+    def from_dict(cls, data: dict[str, Any], source: str) -> BundleMeta:
+        """Check bundle.yaml's types (core.schema; numbers keep the YAML's int/float, so the model id, a
+        digest of the loaded metadata, is the one the exporter computed) and build the metadata."""
+        return schema.load(cls, data, source, error=BundleError)
 
 
 def canonical_json(data: dict[str, Any]) -> bytes:
@@ -251,7 +178,7 @@ def meta_digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json({k: v for k, v in data.items() if k != META_DIGEST_KEY})).hexdigest()
 
 
-def identity_digest(meta: "BundleMeta") -> str:
+def identity_digest(meta: BundleMeta) -> str:
     """The digest the model id is made of: all metadata except the digest itself and engine entries.
 
     Engines are derived from model.onnx (and verified by their own sha256), so building one on the device
@@ -266,7 +193,7 @@ def identity_digest(meta: "BundleMeta") -> str:
 def check_file_entry(rel: Any, where: Path) -> None:
     """A `files:` key must be a relative path inside the bundle: no `..`, no absolute path, no backslash."""
     if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
-        raise BundleError(f"{where}: files: entry {_shown(rel)} is not a relative file path")
+        raise BundleError(f"{where}: files: entry {shown(rel)} is not a relative file path")
     path = PurePosixPath(rel)
     if path.is_absolute() or ".." in path.parts or rel.startswith("~"):
         raise BundleError(f"{where}: files: entry {rel!r} points outside the bundle folder (refused)")
@@ -318,20 +245,14 @@ class Bundle:
         return float(score) / self.threshold if self.threshold > 0 else float("inf")
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
         path = Path(path)
         meta_path = path / BUNDLE_FILE
         if not path.is_dir():
             raise BundleError(f"{path}: bundle folder not found")
         if not meta_path.is_file():
             raise BundleError(f"{meta_path}: missing (not a model bundle?)")
-        try:
-            data = yaml.safe_load(meta_path.read_text())
-        except yaml.YAMLError as err:
-            raise BundleError(f"{meta_path}: invalid YAML ({str(err).splitlines()[0]})") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise BundleError(f"{meta_path}: cannot read ({_os_reason(err)}; the service user needs read "
-                              "access to the bundle folder and its files)") from None
+        data = schema.read_yaml(meta_path, BundleError, access=READ_ACCESS)
         version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise BundleError(f"{meta_path}: format_version {data['format_version']} is newer than this "
@@ -361,8 +282,7 @@ class Bundle:
             try:
                 actual = sha256_file(file)
             except OSError as err:
-                raise BundleError(f"{file}: cannot read ({_os_reason(err)}; the service user needs read "
-                                  "access to the bundle folder and its files)") from None
+                raise BundleError(f"{file}: cannot read ({err.strerror or err}; {READ_ACCESS})") from None
             if actual != expected:
                 raise BundleError(f"{file}: sha256 mismatch (file altered or truncated; expected "
                                   f"{expected[:12]}..., found {actual[:12]}...)")
@@ -374,16 +294,12 @@ class Bundle:
 
 
 def _validate(meta: BundleMeta, where: Path) -> None:
-    if meta.model_kind not in MODEL_KINDS:
-        raise BundleError(f"{where}: model_kind {meta.model_kind!r} is not one of {', '.join(MODEL_KINDS)}")
-    if meta.color_order != "BGR":
-        raise BundleError(f"{where}: color_order {meta.color_order!r} unsupported (expected BGR)")
-    if len(meta.input_size) != 2 or min(meta.input_size) <= 0:
-        raise BundleError(f"{where}: input_size must be [height, width], got {meta.input_size}")
-    if not meta.threshold.value > 0:
-        raise BundleError(f"{where}: threshold.value must be > 0, got {meta.threshold.value}")
-    if meta.tiling.mode not in ("shared", "per_tile"):
-        raise BundleError(f"{where}: tiling.mode must be shared or per_tile, got {meta.tiling.mode!r}")
+    """The choices kept as plain str fields (exporters set them from variables); every other type and range
+    is declared on the dataclasses above and checked by BundleMeta.from_dict."""
+    for key, value, allowed in (("model_kind", meta.model_kind, MODEL_KINDS), ("color_order", meta.color_order,
+                                ("BGR",)), ("tiling.mode", meta.tiling.mode, TILE_MODES)):
+        if value not in allowed:
+            raise BundleError(f"{where}: {key}: expected one of {', '.join(allowed)}, got {shown(value)}")
 
 
 def _check_digest(data: dict[str, Any], where: Path) -> None:
@@ -395,10 +311,6 @@ def _check_digest(data: dict[str, Any], where: Path) -> None:
     if recorded != actual:
         raise BundleError(f"{where}: {META_DIGEST_KEY} mismatch (metadata edited after export; expected "
                           f"{str(recorded)[:12]}..., found {actual[:12]}...)")
-
-
-def _os_reason(err: OSError | UnicodeDecodeError) -> str:
-    return err.strerror or str(err) if isinstance(err, OSError) else "not UTF-8 text"
 
 
 def write_meta(folder: Path, meta: BundleMeta) -> None:
