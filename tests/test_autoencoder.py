@@ -17,17 +17,17 @@ import yaml
 from edge_inspector.backends import create_backend
 from edge_inspector.core.bundle import BUNDLE_FILE, Bundle
 from edge_inspector.core.errors import ConfigError, DataError
+from edge_inspector.core.images import read_image, read_mask, resize_to
+from edge_inspector.core.tiling import Tiler
 from edge_inspector.tools.labels import discover_labels
 from edge_inspector.tools.metrics import image_auroc, pixel_auroc
-from edge_inspector.core.images import read_image, read_mask, resize_to
 from edge_inspector.tools.replay import replay_folder
-from edge_inspector.core.tiling import Tiler
-from export import ae_training
-from export.autoencoder.training import TrainingError, checkpoint_folder, train_autoencoder
+from export.autoencoder import training as ae_training
+from export.autoencoder.config import TrainConfig, config_from_dict, load_train_config
 from export.autoencoder.model import Architecture, ConvAutoencoder, ReconstructionGraph
+from export.autoencoder.training import TrainingError, checkpoint_folder, train_autoencoder
 from export.onnx_export import export_onnx, onnx_reference_check
 from export.textures import DEFECTS, make_texture, write_texture_dataset
-from export.autoencoder.config import TrainConfig, config_from_dict, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -356,7 +356,7 @@ def test_cli_train_and_one_line_errors(tmp_path):
 
     config.write_text("train_folder: good\nbatch: 4\n")
     result = runner.invoke(main, ["train", "--model", "ae", "--config", str(config), "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and result.output.count("\n") == 1 and "unknown key(s) batch" in result.output
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "batch: unknown key" in result.output
 
 
 # --------------------------------------------------------------------------------------------------
