@@ -193,3 +193,31 @@ def test_graph_only_writes_and_records_the_mixed_graph(small_padim_bundle, tmp_p
     maps = create_backend(after, "onnxruntime").infer(np.zeros((1, 128, 128, 3), np.uint8)).anomaly_maps
     got, _ = _run(folder / MIXED_GRAPH, np.zeros((1, 128, 128, 3), np.uint8))
     assert max_relative_difference(got, maps) <= MAP_TOLERANCE
+
+
+def test_stale_mixed_graph_is_made_again_and_its_engines_dropped(small_padim_bundle, tmp_path):
+    """A mixed graph made from another model.onnx is rewritten, and fp16 engines built from it are forgotten."""
+    from edge_inspector.backends.tensorrt.engines import DeviceInfo, engine_filename
+    from export.cli import main
+    from export.mixed_precision import SOURCE_KEY
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(small_padim_bundle.path, folder)
+    assert CliRunner().invoke(main, ["tensorrt", str(folder), "--graph-only"]).exit_code == 0
+    stale = onnx.load(str(folder / MIXED_GRAPH))
+    next(p for p in stale.metadata_props if p.key == SOURCE_KEY).value = "0" * 64
+    onnx.save(stale, str(folder / MIXED_GRAPH))
+    device = DeviceInfo("Orin", (8, 7), "10.3.0")
+    bundle = Bundle.load(folder, verify=False)
+    bundle.add_file(MIXED_GRAPH)
+    for precision in ("fp16", "fp32"):
+        rel = f"engines/{engine_filename(device, precision)}"
+        (folder / rel).write_bytes(b"engine")
+        bundle.add_file(rel)
+    result = CliRunner().invoke(main, ["tensorrt", str(folder), "--graph-only"])
+    assert result.exit_code == 0 and "written" in result.output, result.output
+    after = Bundle.load(folder)  # every remaining entry verifies
+    assert source_sha256(folder / MIXED_GRAPH) == after.sha256
+    assert f"engines/{engine_filename(device, 'fp32')}" in after.meta.files
+    assert f"engines/{engine_filename(device, 'fp16')}" not in after.meta.files
+    assert not (folder / "engines" / engine_filename(device, "fp16")).exists()

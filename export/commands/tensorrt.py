@@ -140,11 +140,21 @@ def check_graph(onnx_path: Path, input_name: str = "image") -> GraphCheck:
 
 
 def mixed_graph_is_current(bundle: Bundle) -> bool:
-    """The bundle records a mixed graph made from its present model.onnx (sha256 kept in the graph's metadata)."""
-    from export.mixed_precision import source_sha256
+    """The bundle records a mixed graph made from its present model.onnx (sha256 kept in the graph's metadata).
+
+    Read with ONNX Runtime (a device dependency), so a device without the onnx package can still tell.
+    """
+    import onnxruntime as ort
+
+    from export.mixed_precision import SOURCE_KEY
 
     path = bundle.path / MIXED_GRAPH
-    return MIXED_GRAPH in bundle.meta.files and path.is_file() and source_sha256(path) == bundle.sha256
+    if MIXED_GRAPH not in bundle.meta.files or not path.is_file():
+        return False
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.get_modelmeta().custom_metadata_map.get(SOURCE_KEY) == bundle.sha256
 
 
 def _forget_fp16_engines(bundle: Bundle) -> None:
@@ -179,13 +189,15 @@ def ensure_mixed_graph(bundle: Bundle) -> bool:
     Returns True when it was (re)written. Needs the `onnx` package; on a device without it, write the graph
     on the workstation with `--graph-only` and copy the bundle.
     """
+    if mixed_graph_is_current(bundle):
+        return False
     try:
+        import onnx  # noqa: F401  (the rewrite's dependency: a workstation package, optional on the device)
+
         from export.mixed_precision import write_mixed_graph
     except ImportError as err:
         raise ConfigError(f"writing {MIXED_GRAPH} needs the onnx package ({err}); run `edge-export tensorrt "
                           f"{bundle.path} --graph-only` on the workstation, or build with --precision fp32") from None
-    if mixed_graph_is_current(bundle):
-        return False
     with bundle_lock(bundle) as writable:
         if not writable:
             raise BackendError(f"{bundle.path}: folder is read-only, cannot write {MIXED_GRAPH}")
