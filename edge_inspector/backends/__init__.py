@@ -7,11 +7,11 @@ on the CPU, and logs which it took and why, so a slow line can be explained from
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
+from edge_inspector.backends.base import Backend, BackendRuntimeError, InferenceResult
 from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.errors import BackendError
-from edge_inspector.backends.base import Backend, BackendRuntimeError, InferenceResult
 
 log = logging.getLogger(__name__)
 
