@@ -157,7 +157,7 @@ def test_bundle_yaml_unknown_key_and_bad_yaml(small_padim_bundle, tmp_path):
     data = yaml.safe_load((copy / "bundle.yaml").read_text())
     data["treshold"] = 1.0
     (copy / "bundle.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(BundleError, match="unknown key.*treshold"):
+    with pytest.raises(BundleError, match="treshold: unknown key"):
         Bundle.load(copy)
     (copy / "bundle.yaml").write_text("model_kind: [unclosed")
     with pytest.raises(BundleError, match="invalid YAML"):

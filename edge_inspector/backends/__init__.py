@@ -40,21 +40,27 @@ def _started(backend: Backend, warm_up: Callable[[Backend], None] | None) -> Bac
     return backend
 
 
-def _tensorrt(bundle: Bundle, warm_up: Callable[[Backend], None] | None, tensorrt_factory) -> Backend:
+def _tensorrt(bundle: Bundle, warm_up: Callable[[Backend], None] | None, tensorrt_factory,
+              tiles: int | None) -> Backend:
     if tensorrt_factory is None:
-        from edge_inspector.backends.tensorrt.runtime import TensorRTBackend as tensorrt_factory
+        from edge_inspector.backends.tensorrt.runtime import TensorRTBackend
+
+        # The engine's profile is sized for the tiles of one frame (the service's grid, not the bundle's).
+        return _started(TensorRTBackend(bundle, tiles=tiles), warm_up)
     return _started(tensorrt_factory(bundle), warm_up)
 
 
 def create_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None,
                    warm_up: Callable[[Backend], None] | None = None,
-                   tensorrt_factory: Callable[[Bundle], Backend] | None = None) -> Backend:
+                   tensorrt_factory: Callable[[Bundle], Backend] | None = None,
+                   tiles: int | None = None) -> Backend:
     """Create the backend named by `kind` for `bundle`, started with `warm_up` (e.g. one inference).
 
     With `auto`, a TensorRT start that fails for any reason (engine build out of GPU memory, an engine
     TensorRT cannot load, a failed CUDA call in the warm-up) falls back to ONNX Runtime and logs why: a
     line keeps inspecting, slower, instead of not at all. An explicit `tensorrt` never falls back.
-    `tensorrt_factory` replaces the TensorRT backend class (tests without a GPU).
+    `tensorrt_factory` replaces the TensorRT backend class (tests without a GPU). `tiles`: tiles per frame,
+    which a first-start TensorRT build sizes its optimisation profile for (default: the bundle's grid).
     """
     from edge_inspector.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -66,12 +72,12 @@ def create_backend(bundle: Bundle, kind: str = "auto", threads: int | None = Non
         reason = _tensorrt_unavailable_reason() if tensorrt_factory is None else None
         if reason:
             raise BackendError(f"backend tensorrt requested but {reason}")
-        backend = _tensorrt(bundle, warm_up, tensorrt_factory)
+        backend = _tensorrt(bundle, warm_up, tensorrt_factory, tiles)
     else:
         reason = _tensorrt_unavailable_reason() if tensorrt_factory is None else None
         if reason is None:
             try:
-                backend = _tensorrt(bundle, warm_up, tensorrt_factory)
+                backend = _tensorrt(bundle, warm_up, tensorrt_factory, tiles)
                 log.info("backend auto: chose %s (TensorRT and a GPU are present)", backend.describe())
                 return backend
             except Exception as err:

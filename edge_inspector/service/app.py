@@ -86,7 +86,8 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
     def warm_up(backend: Backend) -> None:
         backend.infer(np.zeros((tiler.tiles, *bundle.input_size, 3), np.uint8))
 
-    backend = create_backend(bundle, config.model.backend, config.model.threads, warm_up=warm_up)
+    backend = create_backend(bundle, config.model.backend, config.model.threads, warm_up=warm_up,
+                             tiles=tiler.tiles)
     log.info("model %s loaded (%s, threshold %.4g), start and warm-up inference of %d tile(s) took %.0f ms",
              bundle.model_id, backend.describe(), bundle.threshold, tiler.tiles,
              (time.monotonic() - started) * 1000)

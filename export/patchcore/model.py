@@ -39,7 +39,7 @@ class BankDistance(nn.Module):
 
     The nearest entry minimises |b|^2 - 2 x.b (|x|^2 does not depend on b): one (N*P, D) x (D, M) MatMul and
     an argmin over M, the whole cost of the search. A submodule of its own so its ONNX nodes
-    are named `/bank/...`: a TensorRT build should keep them in fp32 as it does `/mahalanobis/`.
+    are named `/bank/...`: export/mixed_precision.py keeps them (and all after) in fp32, as it does `/mahalanobis/`.
     """
 
     centre: torch.Tensor
