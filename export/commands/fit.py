@@ -6,11 +6,11 @@ torch is imported only when the command runs, so `edge-export tensorrt` works on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from edge_inspector.core.errors import DataError
-
 from export.staging import check_output_folder
 
 
@@ -29,7 +29,10 @@ DEFAULT_MODEL = "patchcore"  # chosen from the yardstick (README, "Accuracy acro
 
 def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
     """N or HxW."""
-    return (int(text),) * 2 if text.strip().isdigit() else _ints(text, 2, option)
+    if text.strip().isdigit():
+        return int(text), int(text)
+    height, width = _ints(text, 2, option)
+    return height, width
 
 
 @click.command("fit")
@@ -76,7 +79,8 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
                    "allowed to pass; the threshold is the highest one that keeps to it.")
 def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, input_size: str,
                 feature_dim: int | None, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
-                tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None, validation_labels: Path | None, threshold_rule: str, seed: int,
+                tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None,
+                validation_labels: Path | None, threshold_rule: str, seed: int,
                 batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
                 target_escape: float | None) -> None:
@@ -89,14 +93,16 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         raise DataError("--threshold-rule escape and --target-escape RATE go together")
     if target_escape is not None and not 0 <= target_escape < 1:
         raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
-    patchcore_only = {"bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
-                      "feature_stride": None if feature_stride is None else int(feature_stride)}
+    patchcore_only: dict[str, Any] = {
+        "bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
+        "feature_stride": None if feature_stride is None else int(feature_stride)}
     # What both kinds share: the backbone, the input, the tiling the service will cut, the threshold rule.
-    common = dict(backbone=backbone, weights=weights, input_size=_size(input_size), seed=seed, folds=folds,
-                  target_false_reject_rate=target_frr, rows=rows, cols=cols,
-                  tile_size=_size(tile_size, "--tile-size") if tile_size else None,
-                  stride=_size(stride, "--stride") if stride else None,
-                  roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size)
+    common: dict[str, Any] = dict(
+        backbone=backbone, weights=weights, input_size=_size(input_size), seed=seed, folds=folds,
+        target_false_reject_rate=target_frr, rows=rows, cols=cols,
+        tile_size=_size(tile_size, "--tile-size") if tile_size else None,
+        stride=_size(stride, "--stride") if stride else None,
+        roi=_ints(roi, 4, "--roi") if roi else None, batch_size=batch_size)
     if model_kind == "patchcore":
         if feature_dim is not None:  # silently ignoring it would hide a mistake: say which option patchcore has
             raise DataError("--feature-dim is a PaDiM option (use --model padim, or --projection-dim for patchcore)")
