@@ -1,4 +1,4 @@
-"""PaDiM fit and export: streaming statistics, k-fold scores, ONNX parity, bundle contract, bad input."""
+"""PaDiM fit and export: streaming statistics, projections, k-fold scores, ONNX parity, bundle contract, bad input."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.errors import BundleError, DataError
 from edge_inspector.tools.metrics import image_auroc
 from edge_inspector.core.images import list_images, read_image
-from export.padim.fit import GaussianSums, PadimFeatures, PadimModel, PadimOptions, fit_padim
+from export.padim.features import FastEmbedding, PadimFeatures, semi_orthogonal, upsample_nhwc
+from export.padim.fit import PadimOptions, TrainingImages, build_features, feature_pass, fit_padim
+from export.padim.model import PadimModel
+from export.padim.statistics import ChannelCovariance, GaussianSums
 
 MVTEC_BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec" / "bottle"
 
@@ -37,9 +40,35 @@ def test_streaming_sums_match_direct_covariance():
         np.testing.assert_allclose(inv[0, p].numpy(), np.linalg.inv(cov), rtol=1e-4, atol=1e-5)
 
 
-def test_channels_last_upsampling_matches_bilinear_interpolate():
-    from export.padim.fit import upsample_nhwc
+def test_float32_sums_keep_small_spread_around_a_large_mean():
+    """Features far from zero (mean 50, spread 0.05), 400 frames in batches of 8: float32 sums of raw
+    values would lose the covariance to cancellation; around the reference mean they match float64 numpy."""
+    rng = np.random.default_rng(2)
+    p, d, n = 6, 4, 400
+    mix = rng.normal(size=(p, d, d))
+    x = 50.0 + 0.05 * np.einsum("npk,pdk->npd", rng.normal(size=(n, p, d)), mix)  # (N, P, d), correlated
+    sums = GaussianSums(1, p, d)
+    for start in range(0, n, 8):
+        sums.add(torch.from_numpy(x[start:start + 8].astype(np.float32)))
+    mean, inv = sums.gaussian(epsilon=1e-4)
+    x32 = x.astype(np.float32).astype(np.float64)  # what the sums saw
+    for pos in range(p):
+        cov = np.cov(x32[:, pos].T) + 1e-4 * np.eye(d)
+        np.testing.assert_allclose(mean[0, pos].numpy(), x32[:, pos].mean(0), rtol=1e-6)
+        np.testing.assert_allclose(inv[0, pos].numpy(), np.linalg.inv(cov), rtol=2e-3)
 
+
+def test_channel_covariance_is_the_within_position_covariance():
+    rng = np.random.default_rng(4)
+    emb = rng.normal(size=(10, 3, 5)) + 20.0 * rng.normal(size=(1, 3, 5))  # positions differ a lot
+    covariance = ChannelCovariance()
+    covariance.add(torch.from_numpy(emb[:4].astype(np.float32)))
+    covariance.add(torch.from_numpy(emb[4:].astype(np.float32)))
+    expected = sum(np.cov(emb[:, pos].T) for pos in range(3)) / 3  # between-position spread left out
+    np.testing.assert_allclose(covariance.covariance(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_upsampling_matches_bilinear_interpolate():
     x = torch.randn(2, 5, 16, 16)
     expected = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
     got = upsample_nhwc(x.permute(0, 2, 3, 1), (64, 64)).permute(0, 3, 1, 2)
@@ -60,11 +89,12 @@ def test_matmul_blur_equals_reflect_padded_convolution():
 def test_leave_fold_out_equals_fit_without_fold():
     rng = np.random.default_rng(1)
     emb = torch.from_numpy(rng.normal(size=(10, 4, 4)).astype(np.float32))
-    total, fold, rest = GaussianSums(1, 4, 4), GaussianSums(1, 4, 4), GaussianSums(1, 4, 4)
+    total, rest = GaussianSums(1, 4, 4), GaussianSums(1, 4, 4)
     total.add(emb)
+    fold = total.empty_like()  # shares the totals' reference mean
     fold.add(emb[:3])
     rest.add(emb[3:])
-    for a, b in zip(total.minus(fold).gaussian(0.01), rest.gaussian(0.01)):
+    for a, b in zip(fold.complement_of(total).gaussian(0.01), rest.gaussian(0.01)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -79,12 +109,13 @@ def test_per_tile_statistics_keep_tiles_apart():
     assert mean.flatten().tolist() == [2.0, 20.0]
 
 
-def test_bundle_contract_and_onnx_parity(small_padim_bundle, synthetic_dataset):
+def test_bundle_contract(small_padim_bundle, synthetic_dataset):
     bundle = Bundle.load(small_padim_bundle.path)
     meta = bundle.meta
     assert meta.model_kind == "padim" and meta.backbone == "efficientnet-lite0"
     assert meta.input_size == [128, 128] or tuple(meta.input_size) == (128, 128)
     assert meta.layers == ["expand3", "expand5", "expand11"] and meta.feature_dim == 40
+    assert meta.model_params["projection"] == "whitened" and meta.model_params["grid_stride"] == 8
     assert meta.training.image_count == 24 and len(meta.training.file_list_sha256) == 64
     assert meta.threshold.rule == "conformal_false_reject_rate" and meta.threshold.value > 0
     assert meta.threshold.certified  # 24 images certify a 5% rate (needs 19)
@@ -100,30 +131,70 @@ def test_bundle_contract_and_onnx_parity(small_padim_bundle, synthetic_dataset):
     images = np.stack([cv2.resize(read_image(p), (128, 128)) for p in list_images(synthetic_dataset / "test")[:5]])
     ort = create_backend(bundle, "onnxruntime", threads=2).infer(images)
     assert ort.anomaly_maps.shape == (5, 128, 128) and ort.scores.shape == (5,)
-    # torch reference rebuilt from the same statistics (the fit's seed fixes the channel subset)
-    options = PadimOptions(input_size=(128, 128), feature_dim=40, seed=1)
-    model = _reference_model(bundle, options)
-    with torch.no_grad():
-        ref_maps, ref_scores = model(torch.from_numpy(images))
-    scale = float(ref_maps.abs().max())
-    assert np.abs(ort.anomaly_maps - ref_maps.numpy()).max() / scale < 1e-3
-    assert np.abs(ort.scores - ref_scores.numpy()).max() / scale < 1e-3
     one = create_backend(bundle, "onnxruntime").infer(images[:1])  # dynamic batch
     np.testing.assert_allclose(one.scores[0], ort.scores[0], rtol=1e-4)
 
 
-def _reference_model(bundle: Bundle, options: PadimOptions) -> PadimModel:
-    """Read mean / inverse covariance back out of the ONNX file into the torch module."""
-    import onnx
-    from onnx import numpy_helper
+@pytest.mark.parametrize("projection,stride", [("subset", 4), ("orthogonal", 8), ("whitened", 8)])
+def test_onnx_graph_matches_torch(projection, stride, synthetic_dataset, tmp_path):
+    """Each channel reduction, statistics from the fit's own pass: ONNX Runtime's maps and scores equal torch's
+    within 1e-3 of the map's maximum, and the fit-time (ONNX Runtime) embedding equals the torch module's."""
+    import onnxruntime
 
-    model = onnx.load(str(bundle.onnx_path))
-    arrays = [numpy_helper.to_array(t) for t in model.graph.initializer]
-    d = bundle.meta.feature_dim
-    inv = next(a for a in arrays if a.ndim == 4 and a.shape[-2:] == (d, d))
-    mean = next(a for a in arrays if a.ndim == 3 and a.shape[-1] == d and a.shape[1] == inv.shape[1])
-    return PadimModel(PadimFeatures(options), torch.from_numpy(mean.copy()), torch.from_numpy(inv.copy()), (128, 128),
-                      4.0).eval()
+    from export.onnx_export import export_onnx
+
+    options = PadimOptions(input_size=(128, 128), feature_dim=24, projection=projection, grid_stride=stride,
+                           folds=2)
+    data = TrainingImages(synthetic_dataset / "train" / "good", options)
+    features = build_features(options)
+    embedding = FastEmbedding(features, options.input_size)
+    totals, _ = feature_pass(data, embedding, options)
+    assert features.dim == 24 and features.projected == (projection != "subset")
+    model = PadimModel(features, *totals.gaussian(options.epsilon), options.input_size, options.blur_sigma).eval()
+    path = export_onnx(model, tmp_path, options.input_size)
+    images = np.stack([cv2.resize(read_image(p), (128, 128)) for p in list_images(synthetic_dataset / "test")[:6]])
+    maps, scores = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["anomaly_map", "score"], {"image": images})
+    with torch.no_grad():
+        ref_maps, ref_scores = (t.numpy() for t in model(torch.from_numpy(images)))
+        ref_embedding = features(torch.from_numpy(images)).numpy()
+    scale = float(np.abs(ref_maps).max())
+    assert np.abs(maps - ref_maps).max() / scale < 1e-3
+    assert np.abs(scores - ref_scores).max() / scale < 1e-3
+    fast = embedding(images).numpy()
+    assert np.abs(fast - ref_embedding).max() / np.abs(ref_embedding).max() < 1e-4
+
+
+def test_projecting_each_tap_equals_projecting_the_concatenation():
+    """The graph projects every tap at its own resolution (before pooling and upsampling); all of those are
+    linear per channel, so the result must equal the all-channel embedding times the projection."""
+    options = PadimOptions(input_size=(64, 64), feature_dim=None, projection="subset")
+    full = PadimFeatures(options, grid_stride=8).eval()
+    projection = semi_orthogonal(full.channels, 12, seed=3)
+    projected = PadimFeatures(options, grid_stride=8, projection=projection).eval()
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        expected = full(image) @ projection
+        got = projected(image)
+    assert got.shape == (2, 64, 12)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    q = semi_orthogonal(100, 7, seed=1)
+    torch.testing.assert_close(q.t() @ q, torch.eye(7), rtol=0, atol=1e-5)
+
+
+def test_scores_past_the_embedding_cache_equal_cached_scores(tmp_path, monkeypatch):
+    """Frames that do not fit the embedding cache are extracted again for their fold: same threshold."""
+    import export.padim.fit as padim_fit
+
+    folder = tmp_path / "train"
+    _write_images(folder, 10, size=64)
+    options = PadimOptions(input_size=(64, 64), feature_dim=8, folds=2)
+    cached = fit_padim(folder, tmp_path / "cached", options).meta
+    monkeypatch.setattr(padim_fit, "CACHE_BYTES", 3 * 64 * 8 * 4)  # room for 3 of the 10 frames
+    uncached = fit_padim(folder, tmp_path / "uncached", options).meta
+    assert uncached.score_stats.count == cached.score_stats.count == 10
+    np.testing.assert_allclose(uncached.threshold.value, cached.threshold.value, rtol=1e-5)
+    np.testing.assert_allclose(uncached.score_stats.mean, cached.score_stats.mean, rtol=1e-5)
 
 
 def test_separates_generated_defects(small_padim_bundle, synthetic_dataset):
@@ -354,3 +425,25 @@ def test_fit_with_roi_records_geometry_and_replay_uses_it(tmp_path):
     assert inspector.inspect(frame("spot")).score > good.score
     bad = runner.invoke(exporter, ["fit", str(train), "--out", str(tmp_path / "c"), "--roi", "1,2,3"])
     assert bad.exit_code == 2 and "--roi: expected 4 non-negative integers" in bad.output
+
+
+def test_padim_option_errors(tmp_path):
+    folder = tmp_path / "train"
+    _write_images(folder, 3, size=64)
+    for options, message in ((PadimOptions(projection="pca"), "projection must be one of subset, orthogonal, "
+                                                               "whitened, got 'pca'"),
+                             (PadimOptions(grid_stride=16), "grid_stride must be 4 or 8, got 16"),
+                             (PadimOptions(feature_dim=None), "feature_dim None .* needs projection subset"),
+                             (PadimOptions(feature_dim=2000, projection="orthogonal", input_size=(64, 64)),
+                              "feature_dim 2000 is more than the backbone's 1056 channels")):
+        with pytest.raises(DataError, match=message):
+            fit_padim(folder, tmp_path / "b", options)
+    from export.cli import main as exporter
+
+    result = CliRunner().invoke(exporter, ["fit", str(folder), "--out", str(tmp_path / "c"), "--model", "padim",
+                                           "--feature-stride", "16"])
+    assert result.exit_code == 2 and "--feature-stride for PaDiM must be 4 or 8, got 16" in result.output
+    result = CliRunner().invoke(exporter, ["fit", str(folder), "--out", str(tmp_path / "c"), "--projection",
+                                           "subset"])
+    assert result.exit_code == 2 and "--projection is a PaDiM option" in result.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -44,7 +44,10 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
               help="torchvision-compatible state_dict file for resnet backbones.")
 @click.option("--input-size", default="256", show_default=True, help="Model input, N or HxW (multiples of 16).")
 @click.option("--feature-dim", type=click.IntRange(min=0), default=None,
-              help="PaDiM: random channel subset size (0 = all channels) [default 100].")
+              help="PaDiM: embedding size d (0 = all channels, with --projection subset) [default 64].")
+@click.option("--projection", type=click.Choice(["whitened", "orthogonal", "subset"]), default=None,
+              help="PaDiM: how backbone channels become d: fitted on the training features (whitened), a random "
+                   "semi-orthogonal embedding, or a random channel subset (original PaDiM) [default whitened].")
 @click.option("--target-frr", type=float, default=0.005, show_default=True,
               help="Target false-reject rate of good parts that the threshold certifies.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
@@ -73,7 +76,8 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--projection-dim", type=click.IntRange(min=1), default=None,
               help="patchcore: random projection of the backbone channels [default 256].")
 @click.option("--feature-stride", type=click.Choice(["4", "8", "16"]), default=None,
-              help="patchcore: grid of the bank search in input pixels [default 8].")
+              help="Grid of the bank search (patchcore: 4, 8 or 16) or of the statistics (PaDiM: 4 or 8), in "
+                   "input pixels [default 8].")
 @click.option("--target-escape", type=float, default=None,
               help="With --validation and --threshold-rule escape: the share of validation defects "
                    "allowed to pass; the threshold is the highest one that keeps to it.")
@@ -83,7 +87,7 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
                 validation_labels: Path | None, threshold_rule: str, seed: int,
                 batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
-                target_escape: float | None) -> None:
+                target_escape: float | None, projection: str | None) -> None:
     """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
     check_output_folder(out_dir, force)
     if threshold_rule in ("f1", "escape") and validation is None:
@@ -94,8 +98,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
     if target_escape is not None and not 0 <= target_escape < 1:
         raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
     patchcore_only: dict[str, Any] = {
-        "bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
-        "feature_stride": None if feature_stride is None else int(feature_stride)}
+        "bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim}
+    stride_option: dict[str, Any] = {} if feature_stride is None else {"feature_stride": int(feature_stride)}
     # What both kinds share: the backbone, the input, the tiling the service will cut, the threshold rule.
     common: dict[str, Any] = dict(
         backbone=backbone, weights=weights, input_size=_size(input_size), seed=seed, folds=folds,
@@ -108,18 +112,28 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
             raise DataError("--feature-dim is a PaDiM option (use --model padim, or --projection-dim for patchcore)")
         if tile_mode != "shared":
             raise DataError("--tile-mode per_tile is a PaDiM option; patchcore keeps one bank for all tiles")
+        if projection is not None:
+            raise DataError("--projection is a PaDiM option (use --model padim, or --projection-dim for patchcore)")
         from export.patchcore import PatchcoreOptions, fit_patchcore
 
         bundle = fit_patchcore(train_folder, out_dir, PatchcoreOptions(
-            **common, **{k: v for k, v in patchcore_only.items() if v is not None}))
+            **common, **stride_option, **{k: v for k, v in patchcore_only.items() if v is not None}))
     else:
         given = [k for k, v in patchcore_only.items() if v is not None]
         if given:
             raise DataError(f"--{given[0].replace('_', '-')} is a patchcore option (use --model patchcore)")
         from export.padim.fit import PadimOptions, fit_padim
 
-        bundle = fit_padim(train_folder, out_dir, PadimOptions(
-            **common, tile_mode=tile_mode, feature_dim=100 if feature_dim is None else (feature_dim or None)))
+        padim: dict[str, Any] = {"tile_mode": tile_mode}
+        if feature_dim is not None:
+            padim["feature_dim"] = feature_dim or None  # 0: every channel
+        if projection is not None:
+            padim["projection"] = projection
+        if feature_stride is not None:
+            if feature_stride == "16":
+                raise DataError("--feature-stride for PaDiM must be 4 or 8, got 16")
+            padim["grid_stride"] = int(feature_stride)
+        bundle = fit_padim(train_folder, out_dir, PadimOptions(**common, **padim))
     if validation is not None:
         from export.validation import calibrate_with_defects
 

@@ -22,21 +22,20 @@ import torch
 
 from edge_inspector.core.bundle import Bundle, BundleMeta, TrainingInfo, finalize_bundle
 from edge_inspector.core.errors import DataError
-
 from export.backbones import DEFAULT_BACKBONE, backbone_names
 from export.graph import MapToAnswer
 from export.onnx_export import export_onnx, onnx_reference_check
+from export.padim.features import PadimFeatures
 from export.padim.fit import (
-    PadimFeatures,
     TrainingImages,
     _fold_ids,
     _report_outliers,
     tiling_info,
 )
-from export.staging import staged_bundle_folder
-from export.threshold import conformal_threshold, score_stats
 from export.patchcore.coreset import greedy_coreset, random_projection, selection_device
 from export.patchcore.model import BankDistance, PatchcoreModel, ProjectedFeatures
+from export.staging import staged_bundle_folder
+from export.threshold import conformal_threshold, score_stats
 
 log = logging.getLogger(__name__)
 

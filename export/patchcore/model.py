@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from export.graph import MapToAnswer
-from export.padim.fit import PadimFeatures
+from export.padim.features import PadimFeatures
 
 
 class ProjectedFeatures(nn.Module):
