@@ -148,7 +148,7 @@ def test_onnx_graph_matches_torch(projection, stride, synthetic_dataset, tmp_pat
     data = TrainingImages(synthetic_dataset / "train" / "good", options)
     features = build_features(options)
     embedding = FastEmbedding(features, options.input_size)
-    totals, _ = feature_pass(data, embedding, options)
+    totals = feature_pass(data, embedding, options).totals
     assert features.dim == 24 and features.projected == (projection != "subset")
     model = PadimModel(features, *totals.gaussian(options.epsilon), options.input_size, options.blur_sigma).eval()
     path = export_onnx(model, tmp_path, options.input_size)
@@ -183,7 +183,8 @@ def test_projecting_each_tap_equals_projecting_the_concatenation():
 
 
 def test_scores_past_the_embedding_cache_equal_cached_scores(tmp_path, monkeypatch):
-    """Frames that do not fit the embedding cache are extracted again for their fold: same threshold."""
+    """Frames that do not fit the embedding cache are summed per fold during the pass and extracted again to
+    be scored: the same out-of-sample scores as with everything cached."""
     import export.padim.fit as padim_fit
 
     folder = tmp_path / "train"

@@ -1,8 +1,9 @@
 """Fit PaDiM on a folder of good images: one feature pass, streamed statistics, k-fold threshold, bundle.
 
 One feature pass: each frame's embedding is added to the totals and kept in a cache of fixed size
-(`CACHE_BYTES`); the k-fold scoring reuses the cached embeddings, so the backbone runs once per image
-(frames beyond the cache are extracted again when their fold is scored: slower, never more memory).
+(`CACHE_BYTES`); the k-fold scoring reuses the cached embeddings, so the backbone runs once per image.
+Frames past the cache are added to their fold's sums during the pass (one set per fold at most) and
+extracted once more to be scored: slower, never more memory, so the peak does not grow with the images.
 
 Why k-fold: the threshold needs out-of-sample scores of good images. With sums, the statistics "without
 fold j" are the totals minus fold j's sums (statistics.py), so every good image gets an out-of-sample score
@@ -16,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +68,10 @@ class PadimOptions:
 
 
 # Embeddings kept between the feature pass and the k-fold scoring. At the default (32x32 grid, d=64, one
-# tile: 262 KB a frame) 1000 frames fit; past that, frames are extracted again instead of the cache growing.
-CACHE_BYTES = 256_000_000
+# tile: 262 KB a frame) 244 frames fit (bottle's 209 do); past that, frames are extracted again instead of
+# the cache growing. Measured on bottle (whole CLI fit, 2-core VM): a 256 MB cache let the peak RSS grow
+# from 983 MB at 209 images to 1174 MB at 836.
+CACHE_BYTES = 64_000_000
 # The whitened projection is fitted on the first images' all-channel embeddings (4.3 MB a frame for Lite0 at
 # stride 8). Measured: 32 or 64 images give the same accuracy on bottle and fryum (within 0.001 AUROC).
 PROJECTION_IMAGES = 32
@@ -154,21 +158,36 @@ Batches = Iterable[tuple[list[int], torch.Tensor]]
 
 
 class EmbeddingCache:
-    """Per-frame embeddings (tiles, P, d) up to a byte budget; frames past it are simply not kept."""
+    """Per-frame embeddings (tiles, P, d) up to a byte budget; frames past it are not kept (`put` returns them)."""
 
     def __init__(self, budget: int):
         self.budget = budget
         self.used = 0
         self.frames: dict[int, torch.Tensor] = {}
 
-    def put(self, chunk: list[int], emb: torch.Tensor) -> None:
+    def put(self, chunk: list[int], emb: torch.Tensor) -> list[int]:
+        """Keep what fits; return the positions in `chunk` of the frames that did not."""
         per_frame = emb.reshape(len(chunk), -1, *emb.shape[1:])
-        for index, frame in zip(chunk, per_frame):
+        left_out = []
+        for position, (index, frame) in enumerate(zip(chunk, per_frame)):
             size = frame.numel() * frame.element_size()
             if self.used + size > self.budget:
-                return
+                left_out.append(position)
+                continue
             self.frames[index] = frame.clone()
             self.used += size
+        return left_out
+
+
+@dataclass
+class PassResult:
+    """What the feature pass leaves for the k-fold scoring: the totals, the cached embeddings, and per-fold
+    sums of the frames the cache had no room for (created only when it overflows)."""
+
+    totals: GaussianSums
+    cache: EmbeddingCache
+    fold_ids: np.ndarray
+    spilled: dict[int, GaussianSums]
 
 
 def build_features(options: PadimOptions) -> PadimFeatures:
@@ -184,25 +203,39 @@ def build_features(options: PadimOptions) -> PadimFeatures:
 
 
 @torch.no_grad()
-def feature_pass(data: TrainingImages, embedding: FastEmbedding, options: PadimOptions
-                 ) -> tuple[GaussianSums, EmbeddingCache]:
-    """The one pass over the training images: the totals and the cached embeddings (and, for the whitened
-    projection, the projection itself, fitted on the first frames and set on `features`)."""
+def feature_pass(data: TrainingImages, embedding: FastEmbedding, options: PadimOptions) -> PassResult:
+    """The one pass over the training images (for the whitened projection, also fitting the projection on
+    the first frames and setting it on `embedding.features`)."""
     k, p = statistics_shape(options)
-    indices = list(range(len(data.paths)))
+    n = len(data.paths)
+    indices = list(range(n))
     features = embedding.features
     if options.projection == "whitened" and not features.projected:
         batches = _fit_whitening(data, embedding, options, indices)
     else:
         batches = _embed(embedding, data, indices, "fit: features")
-    totals: GaussianSums | None = None
-    cache = EmbeddingCache(CACHE_BYTES)
+    fold_ids = _fold_ids(n, max(1, fold_count(n, options.folds)), options.seed)
+    result: PassResult | None = None
     for chunk, emb in batches:
-        totals = totals or GaussianSums(k, p, features.dim)
-        totals.add(emb)
-        cache.put(chunk, emb)
-    assert totals is not None
-    return totals, cache
+        if result is None:
+            result = PassResult(GaussianSums(k, p, features.dim), EmbeddingCache(CACHE_BYTES), fold_ids, {})
+        result.totals.add(emb)
+        left_out = result.cache.put(chunk, emb)
+        if left_out:
+            _spill(result, chunk, emb, left_out)
+    assert result is not None
+    return result
+
+
+def _spill(result: PassResult, chunk: list[int], emb: torch.Tensor, left_out: list[int]) -> None:
+    """Frames past the cache: add them to their fold's sums now, so their fold needs them only once more
+    (to be scored). At most one set per fold, however many images."""
+    per_frame = emb.reshape(len(chunk), -1, *emb.shape[1:])
+    for position in left_out:
+        fold = int(result.fold_ids[chunk[position]])
+        if fold not in result.spilled:
+            result.spilled[fold] = result.totals.empty_like()
+        result.spilled[fold].add(per_frame[position])
 
 
 def _fit_whitening(data: TrainingImages, embedding: FastEmbedding, options: PadimOptions, indices: list[int]
@@ -234,37 +267,38 @@ def _embed(embedding: FastEmbedding, data: TrainingImages, indices: list[int], d
         yield chunk, embedding(batch)
 
 
-def _fold_embeddings(members: list[int], cache: EmbeddingCache, embedding: FastEmbedding, data: TrainingImages
-                     ) -> Batches:
-    """A fold's embeddings: from the cache, or extracted again for frames the cache had no room for."""
-    cached = [i for i in members if i in cache.frames]
-    for start in range(0, len(cached), 16):
-        chunk = cached[start:start + 16]
+def _cached_batches(indices: list[int], cache: EmbeddingCache, size: int = 16) -> Batches:
+    for start in range(0, len(indices), size):
+        chunk = indices[start:start + size]
         yield chunk, torch.cat([cache.frames[i] for i in chunk])
-    missing = [i for i in members if i not in cache.frames]
-    if missing:
-        yield from _embed(embedding, data, missing, "fit: features again (past the cache)")
 
 
 @torch.no_grad()
-def out_of_sample_scores(data: TrainingImages, embedding: FastEmbedding, totals: GaussianSums,
-                         cache: EmbeddingCache, options: PadimOptions, head: MapToAnswer) -> np.ndarray:
-    """A score per good image from a model that never saw it: k-fold, "totals minus fold j" in place."""
+def out_of_sample_scores(data: TrainingImages, embedding: FastEmbedding, passed: PassResult,
+                         options: PadimOptions, head: MapToAnswer) -> np.ndarray:
+    """A score per good image from a model that never saw it: k-fold, "totals minus fold j" in place.
+
+    Fold j's sums are its spilled sums (frames past the cache, summed during the pass) plus its cached
+    frames; its cached frames are scored from the cache, the others extracted once more.
+    """
     n = len(data.paths)
     oos = np.full(n, np.nan)
     folds = fold_count(n, options.folds)
     if folds < 2:
         return oos
-    fold_ids = _fold_ids(n, folds, options.seed)
     grid = (options.input_size[0] // options.grid_stride, options.input_size[1] // options.grid_stride)
     for fold in progress(range(folds), desc="fit: k-fold scores", unit="fold", leave=False):
-        members = [int(i) for i in np.flatnonzero(fold_ids == fold)]
-        without = totals.empty_like()
-        for _, emb in _fold_embeddings(members, cache, embedding, data):
+        members = [int(i) for i in np.flatnonzero(passed.fold_ids == fold)]
+        cached = [i for i in members if i in passed.cache.frames]
+        missing = [i for i in members if i not in passed.cache.frames]
+        without = passed.spilled.pop(fold, None) or passed.totals.empty_like()
+        for _, emb in _cached_batches(cached, passed.cache):
             without.add(emb)
-        distance = Mahalanobis(*without.complement_of(totals).gaussian(options.epsilon), grid)
+        distance = Mahalanobis(*without.complement_of(passed.totals).gaussian(options.epsilon), grid)
         del without
-        for chunk, emb in _fold_embeddings(members, cache, embedding, data):
+        scored = chain(_cached_batches(cached, passed.cache),
+                       _embed(embedding, data, missing, "fit: features again (past the cache)"))
+        for chunk, emb in scored:
             scores = head(distance(emb))[1].numpy()
             oos[chunk] = scores.reshape(len(chunk), -1).max(axis=1)  # a frame fails if any tile does
     return oos
@@ -284,7 +318,9 @@ def check_fit_memory(options: PadimOptions, dim: int, images: int) -> None:
     """
     k, p = statistics_shape(options)
     tiles = options.rows * options.cols
-    needed, available = fit_memory_bytes(k, p, dim, tiles, images, CACHE_BYTES), available_memory_bytes()
+    folds = fold_count(images, options.folds)
+    needed = fit_memory_bytes(k, p, dim, tiles, images, CACHE_BYTES, folds)
+    available = available_memory_bytes()
     if available is None or needed <= available:
         log.info("estimated fit memory %.1f GB (available %s)", needed / 1e9,
                  "unknown" if available is None else f"{available / 1e9:.1f} GB")
@@ -293,7 +329,7 @@ def check_fit_memory(options: PadimOptions, dim: int, images: int) -> None:
     raise DataError(f"fit needs about {needed / 1e9:.1f} GB of memory at d={dim}, "
                     f"{options.input_size[0]}x{options.input_size[1]} input, but {available / 1e9:.1f} GB is "
                     f"available; lower --feature-dim (memory grows with its square; 64 needs "
-                    f"{fit_memory_bytes(k, p, min(dim, 64), tiles, images, CACHE_BYTES) / 1e9:.1f} GB) "
+                    f"{fit_memory_bytes(k, p, min(dim, 64), tiles, images, CACHE_BYTES, folds) / 1e9:.1f} GB) "
                     f"or --input-size ({sets})")
 
 
@@ -317,12 +353,11 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
     if len(data.paths) < 2:
         raise DataError(f"{data.folder}: need at least 2 images for an out-of-sample threshold, got {len(data.paths)}")
     embedding = FastEmbedding(features, options.input_size)
-    totals, cache = feature_pass(data, embedding, options)
+    passed = feature_pass(data, embedding, options)
     head = MapToAnswer(options.input_size, options.blur_sigma)
-    oos = out_of_sample_scores(data, embedding, totals, cache, options, head)
-    del cache, embedding
-    mean, inv = totals.gaussian(options.epsilon)
-    del totals
+    oos = out_of_sample_scores(data, embedding, passed, options, head)
+    mean, inv = passed.totals.gaussian(options.epsilon)
+    del passed, embedding
     k, p, d = inv.shape[0], inv.shape[1], inv.shape[2]
     message = describe_constants(k, p, d)
     log.info(message)

@@ -146,11 +146,12 @@ FIT_PEAK_SETS = 3
 FIT_BASE_BYTES = 500_000_000
 
 
-def fit_memory_bytes(k: int, p: int, d: int, tiles: int, images: int, cache_bytes: int) -> int:
+def fit_memory_bytes(k: int, p: int, d: int, tiles: int, images: int, cache_bytes: int, folds: int) -> int:
     """Estimated peak memory of a PaDiM fit: it grows with the grid and d squared, never with the images
-    beyond the embedding cache's fixed budget."""
-    cached = min(images * tiles * p * d * 4, cache_bytes)
-    return FIT_PEAK_SETS * set_bytes(k, p, d) + cached + FIT_BASE_BYTES
+    beyond the embedding cache's fixed budget (past it, one set of sums per fold for the frames left out)."""
+    embeddings = images * tiles * p * d * 4
+    spilled = folds * set_bytes(k, p, d) if embeddings > cache_bytes else 0
+    return FIT_PEAK_SETS * set_bytes(k, p, d) + min(embeddings, cache_bytes) + spilled + FIT_BASE_BYTES
 
 
 def available_memory_bytes() -> int | None:
