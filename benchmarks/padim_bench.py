@@ -68,7 +68,8 @@ def bench_bundle(bundle_dir: Path, threads: int, repeat: int) -> None:
     rng = np.random.default_rng(0)
     started = time.perf_counter()
     full = _session(bundle.onnx_path, threads)
-    print(f"session start: {time.perf_counter() - started:.2f} s ({bundle.onnx_path.stat().st_size / 1e6:.0f} MB graph)")
+    size_mb = bundle.onnx_path.stat().st_size / 1e6
+    print(f"session start: {time.perf_counter() - started:.2f} s ({size_mb:.0f} MB graph)")
     with tempfile.TemporaryDirectory() as tmp:
         backbone = _session(_backbone_only(bundle, Path(tmp)), threads)
         print(f"{'graph':<14}{'batch':>6}{'ms/batch p50':>14}{'ms/image':>10}{'p99 ms':>9}")

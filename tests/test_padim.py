@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from edge_inspector.backends import create_backend
 from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.errors import BundleError, DataError
-from edge_inspector.tools.metrics import image_auroc
 from edge_inspector.core.images import list_images, read_image
+from edge_inspector.tools.metrics import image_auroc
 from export.padim.features import FastEmbedding, PadimFeatures, semi_orthogonal, upsample_nhwc
 from export.padim.fit import PadimOptions, TrainingImages, build_features, feature_pass, fit_padim
 from export.padim.model import PadimModel
@@ -82,7 +82,8 @@ def test_matmul_blur_equals_reflect_padded_convolution():
     kernel = gaussian_kernel1d(4.0)
     r = (kernel.numel() - 1) // 2
     ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(ref, (0, 0, r, r), mode="reflect"), kernel.view(1, 1, -1, 1))
+    padded = torch.nn.functional.pad(ref, (0, 0, r, r), mode="reflect")
+    ref = torch.nn.functional.conv2d(padded, kernel.view(1, 1, -1, 1))
     torch.testing.assert_close(GaussianBlur(4.0, (64, 80))(x), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -375,8 +376,8 @@ def test_mvtec_bottle_accuracy(tmp_path):
 
 def test_per_tile_fit_on_two_lane_frames(tmp_path):
     """Fixtured parts: one statistics set per tile position; the model memory doubles and verdicts work."""
-    from export.synthetic import make_part
     from edge_inspector.core.tiling import Tiler
+    from export.synthetic import make_part
 
     rng = np.random.default_rng(7)
     train = tmp_path / "frames"
