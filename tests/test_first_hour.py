@@ -59,12 +59,15 @@ def test_fit_refuses_to_replace_a_bundle_without_force(small_padim_bundle, synth
 
 
 def test_fit_refuses_a_fit_that_cannot_fit_in_memory(synthetic_dataset, tmp_path):
-    """--feature-dim 0 keeps all 1056 channels: about 36.5 GB per statistics set at 256 px."""
-    from export.padim.fit import PadimOptions, fit_memory_bytes
+    """--feature-dim 0 keeps all 1056 channels: on the stride-4 grid (64x64 positions at 256 px) one float32
+    statistics set is 18.3 GB, and a fit holds three."""
+    from export.padim.statistics import FIT_PEAK_SETS, fit_memory_bytes, set_bytes
 
-    assert fit_memory_bytes(PadimOptions(), 1056, 209) > 6 * 36e9
+    assert set_bytes(1, 4096, 1056) > 18e9
+    assert fit_memory_bytes(1, 4096, 1056, 1, 209, 64_000_000, 5) > FIT_PEAK_SETS * set_bytes(1, 4096, 1056)
     result = CliRunner().invoke(exporter, ["fit", str(synthetic_dataset / "train" / "good"), "--out",
-                                           str(tmp_path / "b"), "--model", "padim", "--feature-dim", "0"])
+                                           str(tmp_path / "b"), "--model", "padim", "--feature-dim", "0",
+                                           "--projection", "subset", "--feature-stride", "4"])
     assert result.exit_code == 2, result.output
     line = result.output.strip()
     assert line.startswith("error: fit needs about") and "lower --feature-dim" in line and "\n" not in line
