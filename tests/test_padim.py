@@ -19,7 +19,7 @@ from edge_inspector.core.errors import BundleError, DataError
 from edge_inspector.core.images import list_images, read_image
 from edge_inspector.tools.metrics import image_auroc
 from export.padim.features import FastEmbedding, PadimFeatures, semi_orthogonal, upsample_nhwc
-from export.padim.fit import PadimOptions, TrainingImages, build_features, feature_pass, fit_padim
+from export.padim.fit import PadimOptions, TrainingImages, build_features, feature_pass, fit_padim, resolved
 from export.padim.model import PadimModel
 from export.padim.statistics import ChannelCovariance, GaussianSums
 
@@ -151,7 +151,8 @@ def test_onnx_graph_matches_torch(projection, stride, synthetic_dataset, tmp_pat
     embedding = FastEmbedding(features, options.input_size)
     totals = feature_pass(data, embedding, options).totals
     assert features.dim == 24 and features.projected == (projection != "subset")
-    model = PadimModel(features, *totals.gaussian(options.epsilon), options.input_size, options.blur_sigma).eval()
+    model = PadimModel(features, *totals.gaussian(resolved(options).epsilon or 0), options.input_size,
+                       options.blur_sigma).eval()
     path = export_onnx(model, tmp_path, options.input_size)
     images = np.stack([cv2.resize(read_image(p), (128, 128)) for p in list_images(synthetic_dataset / "test")[:6]])
     maps, scores = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
@@ -449,3 +450,18 @@ def test_padim_option_errors(tmp_path):
                                            "subset"])
     assert result.exit_code == 2 and "--projection is a PaDiM option" in result.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("grid,size,sigma", [((32, 32), (256, 256), 4.0), ((8, 12), (64, 96), 2.0), ((16, 16), (64, 64), 0)])
+def test_folded_head_equals_upsampling_then_blur(grid, size, sigma):
+    """The PaDiM head folds bilinear upsampling and the reflect-padded blur into one matrix per axis: the
+    same maps and scores as the shared MapToAnswer (Resize, then the blur MatMuls)."""
+    from export.graph import MapToAnswer
+    from export.padim.model import UpsampleBlurHead
+
+    low = torch.rand(3, 1, *grid) * 10
+    expected_maps, expected_scores = MapToAnswer(size, sigma)(low)
+    maps, scores = UpsampleBlurHead(grid, size, sigma)(low)
+    assert maps.shape == (3, *size)
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)

@@ -113,6 +113,14 @@ class PadimFeatures(nn.Module):
             return torch.index_select(feature, 1, getattr(self, f"channels_{i}"))
         return feature
 
+    def pool(self, feature: torch.Tensor, factor: int) -> torch.Tensor:
+        """k x k neighbourhood mean, then (a tap finer than the grid) the mean of each factor x factor cell."""
+        if self.neighbourhood > 1:
+            feature = F.avg_pool2d(feature, self.neighbourhood, 1, self.neighbourhood // 2, count_include_pad=False)
+        if factor > 1:  # keeps what the pixels said, where striding would drop 3 of 4 positions
+            feature = F.avg_pool2d(feature, factor, factor)
+        return feature
+
     def taps(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's tap activations (N, C_i, h_i, w_i) for uint8 BGR (N, H, W, 3)."""
         return self.backbone(self.preprocess(image))
@@ -133,13 +141,13 @@ class PadimFeatures(nn.Module):
         for i, feature in enumerate(features):
             if self.keep[i] == 0:
                 continue
-            feature = self.reduce(i, feature)
-            if self.neighbourhood > 1:
-                feature = F.avg_pool2d(feature, self.neighbourhood, 1, self.neighbourhood // 2,
-                                       count_include_pad=False)
             factor = self.grid_stride // self.info.strides[i]
-            if factor > 1:  # a tap finer than the grid: average it down (keeps what the pixels said)
-                feature = F.avg_pool2d(feature, factor, factor)
+            if factor > 1 and self.projected:
+                # Pooling and projection commute: pool the tap down to the grid first, so the projection runs
+                # on 1/factor^2 of the positions (measured: the stride-4 tap's 1x1 conv was 0.55 ms of ~10).
+                feature = self.reduce(i, self.pool(feature, factor))
+            else:
+                feature = self.pool(self.reduce(i, feature), factor)
             feature = feature.permute(0, 2, 3, 1)
             if feature.shape[1:3] != grid:
                 feature = upsample_nhwc(feature, (int(grid[0]), int(grid[1])))

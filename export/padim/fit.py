@@ -28,10 +28,9 @@ from edge_inspector.core.errors import DataError
 from edge_inspector.core.images import iter_readable, list_images, read_image, resize_to
 from edge_inspector.core.progress import progress
 from export.backbones import DEFAULT_BACKBONE, backbone_names
-from export.graph import MapToAnswer
 from export.onnx_export import export_onnx, onnx_reference_check
 from export.padim.features import FastEmbedding, PadimFeatures, semi_orthogonal, whitened_projection
-from export.padim.model import Mahalanobis, PadimModel
+from export.padim.model import Mahalanobis, PadimModel, UpsampleBlurHead
 from export.padim.statistics import ChannelCovariance, GaussianSums, available_memory_bytes, fit_memory_bytes, set_bytes
 from export.staging import staged_bundle_folder
 from export.threshold import conformal_threshold, score_stats
@@ -60,7 +59,9 @@ class PadimOptions:
     tile_size: tuple[int, int] | None = None  # as the service's tiling.tile_size / stride / roi
     stride: tuple[int, int] | None = None
     roi: tuple[int, int, int, int] | None = None
-    epsilon: float = 0.1  # added to the covariance diagonal: keeps it invertible for flat regions
+    # Added to the covariance diagonal: keeps it invertible for flat regions, and damps directions with little
+    # variation. None: 0.03 for the whitened projection, 0.1 otherwise (see EPSILON_DEFAULTS).
+    epsilon: float | None = None
     neighbourhood: int = 3  # average each feature over k x k positions before modelling (1 = off)
     blur_sigma: float = 4.0
     batch_size: int = 8
@@ -77,6 +78,10 @@ CACHE_BYTES = 64_000_000
 PROJECTION_IMAGES = 32
 PROJECTION_BYTES = 160_000_000
 WHITEN_FLOOR_RANK = 16
+# Measured on the cached stride-8 features, d=64, 3 seeds each (image / pixel AUROC / AUPRO): whitened at
+# 0.1, fryum 0.922-0.934 / 0.954-0.958 / 0.65; at 0.03, fryum 0.938-0.942 / 0.952-0.955 / 0.630-0.636 and
+# bottle 1.000 / 0.980-0.981 / 0.920-0.922. The random subset keeps the original PaDiM's 0.1.
+EPSILON_DEFAULTS = {"whitened": 0.03, "orthogonal": 0.1, "subset": 0.1}
 
 
 class TrainingImages:
@@ -275,7 +280,7 @@ def _cached_batches(indices: list[int], cache: EmbeddingCache, size: int = 16) -
 
 @torch.no_grad()
 def out_of_sample_scores(data: TrainingImages, embedding: FastEmbedding, passed: PassResult,
-                         options: PadimOptions, head: MapToAnswer) -> np.ndarray:
+                         options: PadimOptions, head: UpsampleBlurHead) -> np.ndarray:
     """A score per good image from a model that never saw it: k-fold, "totals minus fold j" in place.
 
     Fold j's sums are its spilled sums (frames past the cache, summed during the pass) plus its cached
@@ -287,6 +292,8 @@ def out_of_sample_scores(data: TrainingImages, embedding: FastEmbedding, passed:
     if folds < 2:
         return oos
     grid = (options.input_size[0] // options.grid_stride, options.input_size[1] // options.grid_stride)
+    epsilon = resolved(options).epsilon
+    assert epsilon is not None
     for fold in progress(range(folds), desc="fit: k-fold scores", unit="fold", leave=False):
         members = [int(i) for i in np.flatnonzero(passed.fold_ids == fold)]
         cached = [i for i in members if i in passed.cache.frames]
@@ -294,7 +301,7 @@ def out_of_sample_scores(data: TrainingImages, embedding: FastEmbedding, passed:
         without = passed.spilled.pop(fold, None) or passed.totals.empty_like()
         for _, emb in _cached_batches(cached, passed.cache):
             without.add(emb)
-        distance = Mahalanobis(*without.complement_of(passed.totals).gaussian(options.epsilon), grid)
+        distance = Mahalanobis(*without.complement_of(passed.totals).gaussian(epsilon), grid)
         del without
         scored = chain(_cached_batches(cached, passed.cache),
                        _embed(embedding, data, missing, "fit: features again (past the cache)"))
@@ -339,10 +346,18 @@ def describe_constants(k: int, p: int, d: int) -> str:
             f"({k} statistics set(s) x {p} positions x d={d})")
 
 
+def resolved(options: PadimOptions) -> PadimOptions:
+    """The options with defaults that depend on other options filled in (epsilon by projection)."""
+    if options.epsilon is None:
+        return replace(options, epsilon=EPSILON_DEFAULTS.get(options.projection, 0.1))
+    return options
+
+
 def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptions | None = None) -> Bundle:
     """Fit PaDiM on a folder of good images and write a verified model bundle to out_dir."""
-    options = options or PadimOptions()
-    _check_options(options)
+    _check_options(options or PadimOptions())
+    options = resolved(options or PadimOptions())
+    assert options.epsilon is not None
     started = time.perf_counter()
     data = TrainingImages(Path(train_folder), options)
     features = build_features(options)
@@ -354,7 +369,8 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
         raise DataError(f"{data.folder}: need at least 2 images for an out-of-sample threshold, got {len(data.paths)}")
     embedding = FastEmbedding(features, options.input_size)
     passed = feature_pass(data, embedding, options)
-    head = MapToAnswer(options.input_size, options.blur_sigma)
+    grid = (options.input_size[0] // options.grid_stride, options.input_size[1] // options.grid_stride)
+    head = UpsampleBlurHead(grid, options.input_size, options.blur_sigma)
     oos = out_of_sample_scores(data, embedding, passed, options, head)
     mean, inv = passed.totals.gaussian(options.epsilon)
     del passed, embedding
@@ -416,5 +432,7 @@ def _check_options(options: PadimOptions) -> None:
         raise DataError(f"grid_stride must be 4 or 8, got {options.grid_stride}")
     if options.feature_dim is not None and options.feature_dim < 1:
         raise DataError(f"feature_dim must be >= 1, got {options.feature_dim}")
+    if options.epsilon is not None and not options.epsilon > 0:
+        raise DataError(f"epsilon must be > 0, got {options.epsilon}")
     if options.feature_dim is None and options.projection != "subset":
         raise DataError(f"feature_dim None (all channels) needs projection subset, got {options.projection!r}")
