@@ -452,7 +452,8 @@ def test_padim_option_errors(tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("grid,size,sigma", [((32, 32), (256, 256), 4.0), ((8, 12), (64, 96), 2.0), ((16, 16), (64, 64), 0)])
+@pytest.mark.parametrize("grid,size,sigma",
+                         [((32, 32), (256, 256), 4.0), ((8, 12), (64, 96), 2.0), ((16, 16), (64, 64), 0)])
 def test_folded_head_equals_upsampling_then_blur(grid, size, sigma):
     """The PaDiM head folds bilinear upsampling and the reflect-padded blur into one matrix per axis: the
     same maps and scores as the shared MapToAnswer (Resize, then the blur MatMuls)."""
