@@ -19,7 +19,7 @@ Where the boundary lies, and why there:
     numbers. After them come the run-time-sized Resize, the MatMul blur and the max: all fp32.
 
 The distance is found by the submodule names the graph builders already give it (`/mahalanobis/` in
-`export.padim.fit.Mahalanobis`, `/bank/` in `export.patchcore.model.BankDistance`, `/error/` in
+`export.padim.model.Mahalanobis`, `/bank/` in `export.patchcore.model.BankDistance`, `/error/` in
 `export.autoencoder.model.ReconstructionError`): every node in one of these scopes, and every node
 downstream of one, is fp32. A graph with none of them is refused rather than guessed at.
 """
