@@ -16,6 +16,8 @@ from typing import Any
 
 import zmq
 
+from edge_inspector.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -43,6 +45,17 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def bind_or_refuse(socket: zmq.Socket, endpoint: str, key: str) -> str:
+    """Bind, or close the socket and raise the one-line ConfigError naming the config key (a port clash is a
+    config mistake, exit 2); returns the endpoint really bound (a `:0`/`*` port resolved)."""
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as err:
+        socket.close(0)
+        raise ConfigError(f"{key}: cannot bind {endpoint} ({err})") from None
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def send_control(endpoint: str, request: dict[str, Any] | str, timeout_s: float = 5.0,

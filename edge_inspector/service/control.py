@@ -14,8 +14,8 @@ from typing import Any
 
 import zmq
 
-from edge_inspector.core.errors import ConfigError, InspectorError
-from edge_inspector.core.wire import MAX_CONTROL_MESSAGE, dumps_strict
+from edge_inspector.core.errors import InspectorError
+from edge_inspector.core.wire import MAX_CONTROL_MESSAGE, bind_or_refuse, dumps_strict
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,7 @@ class ControlServer:
             from edge_inspector.core.keys import CONTROL_DOMAIN
 
             curve.apply(self.socket, CONTROL_DOMAIN)
-        try:
-            self.socket.bind(endpoint)
-        except zmq.ZMQError as err:
-            self.socket.close(0)
-            raise ConfigError(f"publish.control_endpoint: cannot bind {endpoint} ({err})") from None
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = bind_or_refuse(self.socket, endpoint, "publish.control_endpoint")
         self.stop_event = threading.Event()
         self.requests = 0
         self.refused = 0  # malformed requests answered with an error

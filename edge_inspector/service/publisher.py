@@ -30,9 +30,8 @@ from typing import Any
 import cv2
 import zmq
 
-from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.render import PNG_FAST, heatmap_size, heatmap_to_u8
-from edge_inspector.core.wire import HEALTH_TOPIC, RESULT_TOPIC, SCHEMA_VERSION, dumps_strict
+from edge_inspector.core.wire import HEALTH_TOPIC, RESULT_TOPIC, SCHEMA_VERSION, bind_or_refuse, dumps_strict
 from edge_inspector.service.config import PublishConfig
 from edge_inspector.service.pipeline import LATENCY_KEYS, Result
 
@@ -138,12 +137,7 @@ class Publisher:
             from edge_inspector.core.keys import RESULTS_DOMAIN
 
             curve.apply(self.socket, RESULTS_DOMAIN)
-        try:
-            self.socket.bind(config.endpoint)
-        except zmq.ZMQError as err:
-            self.socket.close(0)
-            raise ConfigError(f"publish.endpoint: cannot bind {config.endpoint} ({err})") from None
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = bind_or_refuse(self.socket, config.endpoint, "publish.endpoint")
         self.subscribed = threading.Event()
         self._health_due = 0.0
         self._health_requested = threading.Event()
