@@ -44,6 +44,31 @@ def test_stitch_places_each_map_in_its_tile():
     assert full[5, 5] == 0 and full[5, 55] == 1 and full[35, 5] == 2 and full[35, 55] == 3
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.3])
+def test_stitch_resizes_each_map_bilinearly_into_its_box(scale):
+    """Maps are resized straight into their place in the stitched map: the same values as resizing each
+    map on its own and pasting it, at the full and at a published scale."""
+    tiler = Tiler(2, 3, (16, 24))
+    maps = np.random.default_rng(1).random((6, 16, 24), dtype=np.float32)
+    shape = (101, 157, 3)
+    full = tiler.stitch(maps, shape, scale)
+    height, width = max(1, round(101 * scale)), max(1, round(157 * scale))
+    assert full.shape == (height, width)
+    expected = np.zeros((height, width), np.float32)
+    for tile_map, (x, y, w, h) in zip(maps, tiler.boxes(shape)):
+        x0, y0 = round(x * scale), round(y * scale)
+        x1, y1 = round((x + w) * scale), round((y + h) * scale)
+        expected[y0:y1, x0:x1] = cv2.resize(tile_map, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(full, expected)
+
+
+def test_stitch_copies_maps_already_at_their_box_size():
+    tiler = Tiler(2, 2, (20, 30))
+    maps = np.random.default_rng(2).random((4, 20, 30), dtype=np.float32)
+    full = tiler.stitch(maps, (40, 60, 3))
+    np.testing.assert_array_equal(full, np.block([[maps[0], maps[1]], [maps[2], maps[3]]]))
+
+
 def test_overlaps_are_averaged():
     tiler = Tiler(1, 2, (10, 10), tile_size=(10, 10), stride=(10, 6))
     boxes = tiler.boxes((10, 16))
