@@ -37,6 +37,19 @@ def test_boxes_are_the_over_threshold_regions_largest_first():
     assert boxes[0].peak == pytest.approx(9.0) and boxes[1].peak == pytest.approx(5.0)
 
 
+def test_each_peak_is_its_own_regions_even_inside_another_regions_box():
+    """A hot spot inside a ring (not touching it) lies within the ring's box: the ring's peak is the ring's."""
+    heat = np.full((60, 60), 0.5, np.float32)
+    heat[10:50, 10:50] = 3.0
+    heat[14:46, 14:46] = 0.5  # a ring 4 px wide
+    heat[25:35, 25:35] = 7.0  # a separate blob in the hole, hotter than the ring
+    heat[12, 30] = 4.0  # the ring's own hottest pixel
+    boxes, largest = defect_regions(heat, 1.0, max_boxes=10)
+    assert [(b.x, b.y, b.width, b.height) for b in boxes] == [(10, 10, 40, 40), (25, 25, 10, 10)]
+    assert boxes[0].peak == pytest.approx(4.0) and boxes[1].peak == pytest.approx(7.0)
+    assert largest == 40 * 40 - 32 * 32
+
+
 def test_min_defect_area_ignores_specks_but_not_real_defects():
     params = DecisionParams(threshold=1.0, min_defect_area=30)
     speck = decide(np.array([5.0]), heatmap_with((10, 10, 3, 3)), params)
