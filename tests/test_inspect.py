@@ -15,11 +15,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from edge_inspector.backends import create_backend
 from edge_inspector.cli import main as inspector_cli
 from edge_inspector.core.decision import DecisionParams
+from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.inspect import Inspector, Model
 from edge_inspector.core.tiling import Tiler
 from edge_inspector.core.wire import send_control
@@ -185,3 +187,32 @@ def test_maps_stitched_at_the_published_scale_keep_full_resolution_decisions(bun
         shrunk = cv2.resize(full.heatmap, half.heatmap.shape[::-1], interpolation=cv2.INTER_AREA)
         assert np.abs(shrunk - half.heatmap).max() <= 0.05 * max(float(full.heatmap.max()), 1e-6)
     assert "fail" in verdicts and "pass" in verdicts  # both branches (full map stitched or not) were taken
+
+
+def test_tiles_cut_ahead_give_the_same_inspection_and_a_reload_cuts_again(bundle):
+    """The capture stage cuts tiles ahead (Inspector.prepare); the verdict must not depend on who cut them."""
+    inspector = _inspector(bundle, min_defect_area=3)
+    frames, _ = conveyor_frames(np.random.default_rng(31), 4, [False, True, False, True])
+    for frame in frames:
+        tiles = inspector.prepare(frame)
+        assert tiles is not None and tiles.tiler is inspector.model.tiler
+        np.testing.assert_array_equal(tiles.tiles, inspector.model.tiler.split(frame))
+        ahead, alone = inspector.inspect(frame, 0.5, tiles), inspector.inspect(frame, 0.5)
+        assert ahead.decision == alone.decision
+        np.testing.assert_array_equal(ahead.heatmap, alone.heatmap)
+        assert ahead.timings["tiling"] == tiles.ms
+    # Tiles cut for the model before a reload are not fed to the new one (its tiler may cut differently).
+    stale = inspector.prepare(frames[1])
+    other = _inspector(bundle).model
+    inspector.swap(other, inspector.params)
+    poisoned = type(stale)(np.zeros_like(stale.tiles), stale.tiler, stale.ms)  # used, they would change the scores
+    assert inspector.inspect(frames[1], 1.0, poisoned).decision == inspector.inspect(frames[1]).decision
+    assert inspector.inspect(frames[1], 1.0, stale).verdict == "fail"  # the defective part, judged as such
+
+
+def test_a_frame_that_cannot_be_cut_ahead_still_reports_its_error(bundle):
+    inspector = _inspector(bundle)
+    narrow = np.zeros((64, 1, 3), np.uint8)  # cannot hold a 1 x LANES grid
+    assert inspector.prepare(narrow) is None
+    with pytest.raises(ConfigError, match="do not fit"):
+        inspector.inspect(narrow, 1.0, None)

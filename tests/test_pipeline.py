@@ -50,6 +50,28 @@ def build(bundle, source: str, sink, when_behind="wait", queue_size=2, stall=10.
                     stall_timeout_s=stall)
 
 
+class CountingEngine(InferenceEngine):
+    """The real inference stage, counting which frames the capture stage cut ahead (and which it did not)."""
+
+    def __init__(self, engine: InferenceEngine):
+        super().__init__(engine.inspector, engine.map_scale)
+        self.cut_ahead: list[int] = []
+        self.inferred_cut: list[bool] = []
+
+    def prepare(self, frame):
+        super().prepare(frame)
+        self.cut_ahead.append(frame.index)
+
+    def process(self, frame):
+        self.inferred_cut.append(frame.tiles is not None)
+        return super().process(frame)
+
+
+def counting(pipeline: Pipeline) -> CountingEngine:
+    pipeline.engine = CountingEngine(pipeline.engine)
+    return pipeline.engine
+
+
 def run_to_end(pipeline: Pipeline, timeout: float = 60.0) -> None:
     pipeline.start()
     assert pipeline.finished.wait(timeout), "pipeline did not finish"
@@ -63,8 +85,10 @@ def test_every_frame_yields_one_result_in_order_and_verdicts_match(bundle, tmp_p
     video = write_video(tmp_path / "line.avi", frames)
     sink = CollectingSink()
     pipeline = build(bundle, str(video), sink)
+    engine = counting(pipeline)
     run_to_end(pipeline)
     results = sink.results
+    assert engine.cut_ahead == list(range(len(frames))) and all(engine.inferred_cut)  # lossless: all cut ahead
     assert [r.sequence for r in results] == list(range(1, len(frames) + 1))
     assert [r.frame.index for r in results] == list(range(len(frames)))
     times = [r.frame.capture_time for r in results]
@@ -93,15 +117,32 @@ def test_freshest_frame_wins_and_drops_are_counted(bundle, tmp_path):
         cv2.imwrite(str(folder / f"{i:03d}.png"), frame)
     sink = CollectingSink(delay_s=0.05)  # a slow consumer: the model effectively falls behind the camera
     pipeline = build(bundle, str(folder) + "/", sink, when_behind="drop", queue_size=1)
+    engine = counting(pipeline)
     run_to_end(pipeline)
     stats = pipeline.stats
     assert stats.captured == 40
     assert stats.dropped > 0
+    # A camera outpacing the model: frames are not cut ahead only to be dropped (that CPU would come out of
+    # inference); the inference stage cuts the frames it gets itself.
+    inferred = {r.frame.index for r in sink.results}
+    wasted = [i for i in engine.cut_ahead if i not in inferred]
+    assert len(wasted) <= 2 and not all(engine.inferred_cut)
     assert stats.processed + stats.dropped == stats.captured
     assert len(sink.results) == stats.processed
     assert [r.sequence for r in sink.results] == list(range(1, stats.processed + 1))
     indexes = [r.frame.index for r in sink.results]
     assert indexes == sorted(set(indexes)) and indexes[-1] == 39  # the newest frame is never the one dropped
+
+
+def test_a_live_camera_the_model_keeps_up_with_has_its_frames_cut_ahead(bundle, tmp_path):
+    """when_behind drop, a camera slower than the model: tiles are cut on the capture thread, beside inference."""
+    frames, _ = conveyor_frames(np.random.default_rng(10), 6, 0.0)
+    sink = CollectingSink()
+    pipeline = build(bundle, str(write_video(tmp_path / "line.avi", frames)), sink, when_behind="drop", fps=5.0)
+    engine = counting(pipeline)
+    run_to_end(pipeline)
+    assert len(sink.results) + pipeline.stats.dropped == 6
+    assert sum(engine.inferred_cut) >= 3, engine.inferred_cut  # all 6 on a quiet machine
 
 
 def test_a_frame_that_cannot_be_inspected_becomes_an_error_result(bundle, tmp_path):

@@ -1,11 +1,14 @@
 """capture -> infer -> publish: three threads joined by bounded queues.
 
 Why three threads: a camera delivers frames on its own clock, the model takes as long as it takes, and a
-network send or PNG encode should not steal time from either. Why bounded queues: a line runs for months,
-so nothing may grow without limit. When the model falls behind a live camera the *oldest* waiting frame is
-dropped (the freshest frame wins: a verdict on a part that left the camera a second ago is worth less than
-one on the part under it now) and every drop is counted. For replayed media (`when_behind: wait`) capture
-waits instead, so no frame is lost.
+network send or PNG encode should not steal time from either. Only inference, stitching and the decision
+run on the inference thread: decoding and cutting the tiles run on the capture thread, the heatmap's 8-bit
+conversion and PNG encoding on the publish thread, each beside the inference of another frame (even on the
+2-core VM, the model's two ONNX Runtime threads leave them enough idle time: benchmarks/service_bench.py).
+Why bounded queues: a line runs for months, so nothing may grow without limit. When the model falls behind
+a live camera the *oldest* waiting frame is dropped (the freshest frame wins: a verdict on a part that left
+the camera a second ago is worth less than one on the part under it now) and every drop is counted. For
+replayed media (`when_behind: wait`) capture waits instead, so no frame is lost.
 
 Every frame that reaches inference yields exactly one Result - pass, fail, or error with the reason - with
 a strictly increasing sequence number, and every Result reaches the sink; nothing is lost silently.
@@ -122,6 +125,7 @@ class InferenceEngine:
 
     def process(self, frame: Frame) -> Result:
         self.sequence += 1
+        tiles, frame.tiles = frame.tiles, None  # the model inputs are not kept with the result
         model, params = self.inspector.settings()
         result = Result(sequence=self.sequence, frame=frame, verdict="error", model_id=model.model_id,
                         model_sha256=model.sha256, min_defect_area=params.min_defect_area)
@@ -133,7 +137,7 @@ class InferenceEngine:
             result.error = frame.error or "no image"
             return result
         try:
-            inspection = self.inspector.inspect(frame.image, self.map_scale)
+            inspection = self.inspector.inspect(frame.image, self.map_scale, tiles)
         except Exception as err:  # any failure must still produce a result, never a silent gap
             result.error = f"{type(err).__name__}: {err}".splitlines()[0]
             return result
@@ -145,6 +149,11 @@ class InferenceEngine:
         result.model_id, result.model_sha256 = inspection.model_id, inspection.model_sha256
         result.min_defect_area = inspection.decision.min_defect_area
         return result
+
+    def prepare(self, frame: Frame) -> None:
+        """Cut the frame's tiles ahead of inference (called by the capture stage; see Pipeline._capture)."""
+        if frame.image is not None and frame.error is None:
+            frame.tiles = self.inspector.prepare(frame.image)
 
 
 class ResultSink(Protocol):
@@ -285,8 +294,11 @@ class Pipeline:
                 stage.beat()
                 self.gate.wait(0.2)
             frames: Iterator[Frame] = self.camera.frames(self.stop_capture, stage.beat)
+            dropped = 0
             for frame in frames:
                 self.stats.captured += 1
+                if self._cut_ahead(dropped):
+                    self.engine.prepare(frame)
                 dropped = self.frames.put(frame, self.stop_capture, stage.beat)
                 if dropped:
                     self.stats.dropped += dropped
@@ -294,6 +306,17 @@ class Pipeline:
                 stage.beat()
         finally:
             self.frames.close()
+
+    def _cut_ahead(self, dropped_before: int) -> bool:
+        """Whether the capture stage should cut this frame's tiles now, beside the running inference.
+
+        Lossless (wait): always, every frame is inferred. Live (drop oldest): only while the model keeps up,
+        that is no frame waits and the previous one was queued without a drop. A camera outpacing the model
+        makes drops, and the frames it sends then are mostly dropped in turn: cutting them would only take
+        CPU from inference (with "queue empty" alone, 6 of 7 frames cut ahead in such a run were dropped).
+        The inference stage cuts any frame that arrives without tiles itself.
+        """
+        return not self.frames.drop_oldest or (dropped_before == 0 and len(self.frames) == 0)
 
     def _infer(self, stage: Stage) -> None:
         last_error: str | None = None

@@ -25,6 +25,7 @@ import numpy as np
 from edge_inspector.core.errors import ConfigError, ImageError, InspectorError
 from edge_inspector.core.imageheader import HeaderError, image_size
 from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images, to_bgr8
+from edge_inspector.core.inspect import Tiles
 from edge_inspector.service.config import CameraConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Frame:
     capture_ms: float  # time spent reading/decoding it
     source_file: str | None = None  # the image file it came from (folder sources)
     error: str | None = None  # why there is no image: becomes an `error` result, never a silent gap
+    tiles: Tiles | None = None  # model inputs cut by the capture stage ahead of inference (pipeline.py)
 
 
 def detect_kind(source: int | str) -> str:
