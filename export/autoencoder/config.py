@@ -68,6 +68,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # -- threshold --
     target_false_reject_rate: Annotated[float, Meta(gt=0, lt=1), expect("a rate in (0, 1), e.g. 0.005")] = 0.005
+    # Out-of-sample scores for the threshold: K >= 2 trains K fold models (each on the other folds, as the final
+    # model is trained) so every good image gets a score and 199 images certify 0.5%; it costs K more trainings
+    # (export.autoencoder.folds). 0 or 1: score only the val_fraction hold-out (needs ~1,000 images for 0.5%).
+    threshold_folds: Annotated[int, Meta(ge=0)] = 5
     defects_folder: Path | None = None  # optional defective images: adds the F1-optimal threshold
     use_f1_threshold: bool = False  # decide with the F1-optimal threshold instead of the conformal one
     # -- output --

@@ -2,11 +2,15 @@
 
 Patches are cut by `edge_inspector.core.tiling.Tiler`, the same code the edge service runs on live frames, so the
 model is trained on exactly what it will see. Good frames (not patches) are split into training and
-validation sets: the validation frames steer early stopping and, never having been trained on, give the
-out-of-sample scores the threshold is chosen from (same conformal rule as PaDiM; a frame's score is the
-maximum over its tiles, because a frame fails if any tile does). They pick the stopping epoch through one
-number (their mean error), which biases their scores only slightly low; the z-score statistics of the map
-come from the training patches so they do not touch the validation frames at all.
+validation sets: the validation frames steer early stopping; the z-score statistics of the map come from the
+training patches so they do not touch the validation frames at all.
+
+The threshold is chosen from out-of-sample good scores by the conformal rule (as PaDiM; a frame's score is
+the maximum over its tiles, because a frame fails if any tile does). By default (threshold_folds K >= 2) K
+fold models trained like the final one score every good image they never saw (export.autoencoder.folds), so
+a few hundred images certify 0.5%. With threshold_folds 0 only the validation frames are scored, as before:
+they pick the stopping epoch through one number (their mean error), which biases their scores only slightly
+low, and 20% of the images certify 0.5% only from about 1,000 good images.
 
 A run checkpoints after every epoch (`<out>.checkpoint/last.pt`, written atomically), so `--resume` continues
 an interrupted run from the last finished epoch with the same optimiser and random state. A loss that stops
@@ -29,12 +33,13 @@ import numpy as np
 import torch
 
 from edge_inspector.core.atomic import write_atomic_with
-from edge_inspector.core.bundle import Bundle, BundleMeta, TilingInfo, TrainingInfo, finalize_bundle
+from edge_inspector.core.bundle import Bundle, BundleMeta, ThresholdInfo, TilingInfo, TrainingInfo, finalize_bundle
 from edge_inspector.core.errors import ConfigError, DataError, InspectorError
 from edge_inspector.core.images import iter_readable, list_images, read_image, resize_to
 from edge_inspector.core.operating_point import f1_optimal_threshold
 from edge_inspector.core.progress import is_interactive, progress
 from export.autoencoder.config import TrainConfig, effective_input_size
+from export.autoencoder.folds import FoldStore, cross_fit_scores, fold_seed, resolve_folds
 from export.autoencoder.model import (
     AE_MEAN,
     AE_STD,
@@ -49,7 +54,7 @@ from export.autoencoder.model import (
 from export.graph import BgrToInput
 from export.onnx_export import export_onnx, onnx_reference_check
 from export.staging import staged_bundle_folder
-from export.threshold import apply_f1_rule, conformal_threshold, score_stats
+from export.threshold import apply_f1_rule, conformal_threshold, images_needed, score_stats
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +177,9 @@ def checkpoint_folder(out_dir: Path) -> Path:
 
 
 # May differ on --resume: how long to train, where to run, and what happens after training.
+# threshold_folds changes only what follows the final model (the fold scores are kept under their own key).
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "out", "device", "target_false_reject_rate", "defects_folder",
-                               "use_f1_threshold", "blur_sigma", "error_normalisation"})
+                               "use_f1_threshold", "blur_sigma", "error_normalisation", "threshold_folds"})
 
 
 def fingerprint(config: TrainConfig, kind: str, data: PatchSet) -> dict[str, Any]:
@@ -245,14 +251,17 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """One epoch at a time over uint8 patches, with the same preprocessing the exported graph applies."""
 
-    def __init__(self, net: ConvAutoencoder, config: TrainConfig, device: torch.device):
+    def __init__(self, net: ConvAutoencoder, config: TrainConfig, device: torch.device, seed: int | None = None,
+                 epochs: int | None = None, label: str = "epoch"):
         self.net = net.to(device)
         self.config = config
         self.device = device
         self.pre = BgrToInput(mean=AE_MEAN, std=AE_STD).to(device)
         self.error = ReconstructionError(config.ssim_weight).to(device)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
+        self.epochs = config.epochs if epochs is None else epochs  # for the batch bar's "epoch i/n" only
+        self.label = label
 
     def _inputs(self, patches: torch.Tensor, augment: bool) -> torch.Tensor:
         x = self.pre(patches.to(self.device, non_blocking=True))
@@ -270,7 +279,7 @@ class Trainer:
         if len(chunks) > 1 and len(chunks[-1]) == 1:
             chunks.pop()  # batch norm cannot learn statistics from a single patch
         total, seen = 0.0, 0
-        batches = progress(chunks, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch", leave=False)
+        batches = progress(chunks, desc=f"{self.label} {epoch + 1}/{self.epochs}", unit="batch", leave=False)
         for step, idx in enumerate(batches):
             x = self._inputs(patches[idx], self.config.flip_augment)
             recon, mu, logvar = self.net(x)
@@ -379,10 +388,12 @@ def load_defect_frames(config: TrainConfig, grid: FrameGrid) -> np.ndarray:
     return np.stack(frames)
 
 
-def choose_threshold(graph: ReconstructionGraph, config: TrainConfig, val_frames: np.ndarray, grid: FrameGrid):
-    """Conformal threshold on validation scores; plus the F1-optimal one when defective images are given."""
-    good = frame_scores(graph, val_frames)
+def choose_threshold(good: np.ndarray, graph: ReconstructionGraph, config: TrainConfig, grid: FrameGrid,
+                     source: str) -> ThresholdInfo:
+    """Conformal threshold on out-of-sample good scores (`source` says where they came from, for the note);
+    plus the F1-optimal one when defective images are given (scored by the final model)."""
     info = conformal_threshold(good, config.target_false_reject_rate)
+    info.note += f"; scores: {source}"
     if not info.certified:
         log.warning(info.note)
     if config.defects_folder is not None:
@@ -390,24 +401,110 @@ def choose_threshold(graph: ReconstructionGraph, config: TrainConfig, val_frames
         scores = np.concatenate([good, bad])
         labels = np.concatenate([np.zeros(good.size, bool), np.ones(bad.size, bool)])
         value, confusion = f1_optimal_threshold(scores, labels)
-        log.info("F1-optimal threshold %.6g on %d validation good + %d defective images: F1 %.3f", value,
+        log.info("F1-optimal threshold %.6g on %d out-of-sample good + %d defective images: F1 %.3f", value,
                  good.size, bad.size, confusion.f1)
         info = apply_f1_rule(info, value, config.use_f1_threshold)
-    return info, good
+    return info
 
 
-def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resume: bool = False) -> Bundle:
-    """Train an AE ('ae') or VAE ('vae') per config and write a verified bundle to out_dir."""
+# --------------------------------------------------------------------------------------------------
+# k-fold out-of-sample scores (export.autoencoder.folds says why this rule)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class FoldResult:
+    """What the k-fold pass gives the bundle: a score per good image and how it was made."""
+
+    scores: np.ndarray
+    folds: int
+    epochs: int
+    seconds: float
+
+
+def train_fold_graph(config: TrainConfig, kind: str, device: torch.device, data: PatchSet, train_idx: np.ndarray,
+                     epochs: int, fold: int, folds: int) -> ReconstructionGraph:
+    """Fold model `fold`: the final model's recipe on train_idx's frames for exactly `epochs` epochs (no
+    validation pass, no best-epoch selection), z-score statistics from its own patches. One bar per fold,
+    off when stderr is not a terminal; the trainer and its optimiser are gone before the graph is returned."""
+    seed = fold_seed(config.seed, fold)
+    torch.manual_seed(seed)  # weights and the VAE's sampling
+    label = f"fold {fold + 1}/{folds}"
+    trainer = Trainer(ConvAutoencoder(architecture(config, kind)), config, device, seed=seed, epochs=epochs,
+                      label=f"{label} epoch")
+    train = data.flat(train_idx)
+    bar = progress(range(epochs), desc=label, unit="epoch", leave=False)
+    for epoch in bar:
+        bar.set_postfix(loss=f"{trainer.train_epoch(train, epoch):.5f}")
+    bar.close()
+    net = trainer.net.cpu().eval()
+    del trainer
+    return build_graph(net, config, data.grid.input_size, train)
+
+
+def kfold_scores(config: TrainConfig, kind: str, device: torch.device, data: PatchSet, folds: int, epochs: int,
+                 store: FoldStore) -> FoldResult:
+    """Every good frame scored by the fold model that never saw it; one fold model in memory at a time."""
+    started = time.perf_counter()
+
+    def score_fold(fold: int, train_idx: np.ndarray, members: np.ndarray) -> np.ndarray:
+        begun = time.perf_counter()
+        graph = train_fold_graph(config, kind, device, data, train_idx, epochs, fold, folds)
+        scores = frame_scores(graph, data.patches[members])
+        log.info("fold %d/%d: %d epochs on %d images, scored the other %d (%.1f s)", fold + 1, folds, epochs,
+                 len(train_idx), len(members), time.perf_counter() - begun)
+        return scores
+
+    scores = cross_fit_scores(len(data.paths), folds, config.seed, score_fold, store)
+    return FoldResult(scores, folds, epochs, round(time.perf_counter() - started, 2))
+
+
+def log_plan(folds: int, images: int, n_val: int, config: TrainConfig) -> None:
+    """Say before training what the threshold will cost (k-fold) or why it may not certify (hold-out)."""
+    if folds:
+        log.info("threshold from %d-fold out-of-sample scores of all %d good images: trains %d models, the final "
+                 "one (early stopping on %d held-out images), then %d fold models of its best epoch count on about "
+                 "%d images each; up to %dx the training time of threshold_folds 0", folds, images, folds + 1,
+                 n_val, folds, images - images // folds, folds + 1)
+        return
+    needed = images_needed(config.target_false_reject_rate)
+    if n_val < needed:
+        log.info("threshold from the %d held-out good images: too few to certify %g (needs %d); threshold_folds "
+                 ">= 2 scores all %d", n_val, config.target_false_reject_rate, needed, images)
+
+
+def log_fold_estimate(folds: int, epochs: int, state: TrainState, n_train: int, images: int) -> None:
+    """After the final model: the fold models' epochs, and their time at the final model's pace."""
+    per_epoch = state.seconds / max(len(state.history), 1)
+    log.info("k-fold threshold: %d fold models x %d epochs (the final model's best epoch) on about %d images each; "
+             "about %.0f s at the final model's %.1f s per epoch", folds, epochs, images - images // folds,
+             folds * epochs * per_epoch * (images - images // folds) / max(n_train, 1), per_epoch)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------
+
+def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resume: bool = False,
+                      threshold_folds: int | None = None) -> Bundle:
+    """Train an AE ('ae') or VAE ('vae') per config and write a verified bundle to out_dir.
+
+    threshold_folds overrides config.threshold_folds (the CLI's --threshold-folds; errors name the option).
+    """
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    folds_name = "threshold_folds" if threshold_folds is None else "--threshold-folds"
+    requested = config.threshold_folds if threshold_folds is None else threshold_folds
+    resolve_folds(requested, None, folds_name)  # a negative count fails before any image is read
     arch = architecture(config, kind)
     device = resolve_device(config.device)
     data = load_patches(config)
+    folds = resolve_folds(requested, len(data.paths), folds_name)
     train_idx, val_idx = split_frames(len(data.paths), config.val_fraction, config.seed, str(data.folder))
     tiles = data.grid.tiles
     grid_text = data.grid.tiler.describe() if data.grid.tiler else f"whole frame -> {data.grid.input_size}"
     log.info("training %s on %d frames x %d tiles (%s) from %s, validating on %d frames; device %s", kind,
              len(train_idx), tiles, grid_text, data.folder, len(val_idx), device)
+    log_plan(folds, len(data.paths), len(val_idx), config)
     train, val = data.flat(train_idx), data.flat(val_idx)
 
     torch.manual_seed(config.seed)
@@ -424,6 +521,8 @@ def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resum
         log.warning("--resume: no checkpoint at %s; starting from scratch", checkpoint)
     elif checkpoint.is_file():
         log.warning("%s holds an interrupted run; starting from scratch (pass --resume to continue it)", checkpoint)
+    if not resume:
+        FoldStore(checkpoint.parent, {}).clear()  # fold scores of an earlier run are not this run's
     try:
         state = fit_network(trainer, train, val, state, checkpoint, mark)
     except KeyboardInterrupt:
@@ -434,15 +533,37 @@ def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resum
         raise TrainingError(f"{checkpoint}: no finished epoch to export (epochs {config.epochs} already done?)")
 
     net.load_state_dict(state.best_model)
+    del trainer  # its optimiser's moments; the final model waits on the CPU while the fold models train
     graph = build_graph(net.cpu().eval(), config, data.grid.input_size, train)
-    threshold, good = choose_threshold(graph, config, data.patches[val_idx], data.grid)
+    del train
+    held_out = frame_scores(graph, data.patches[val_idx])
+    fold_result = None
+    if folds:
+        log_fold_estimate(folds, state.best_epoch, state, len(train_idx), len(data.paths))
+        store = FoldStore(checkpoint.parent, {"fingerprint": mark, "folds": folds, "epochs": state.best_epoch,
+                                              "blur_sigma": config.blur_sigma,
+                                              "error_normalisation": config.error_normalisation})
+        try:
+            fold_result = kfold_scores(config, kind, device, data, folds, state.best_epoch, store)
+        except KeyboardInterrupt:
+            log.warning("interrupted: continue with --resume (finished folds are kept in %s)", checkpoint.parent)
+            raise
+        good = fold_result.scores
+        source = (f"{folds}-fold cross-fitting (threshold_folds {folds}): each of the {good.size} good images "
+                  f"scored by a model trained for {state.best_epoch} epochs on the other {folds - 1} folds")
+    else:
+        good = held_out
+        source = (f"the {good.size} held-out good images (val_fraction {config.val_fraction:g}, threshold_folds 0:"
+                  " hold-out)")
+    threshold = choose_threshold(good, graph, config, data.grid, source)
+    params = _model_params(arch, config, net, state, len(train_idx), len(val_idx))
+    params.update(_fold_params(fold_result, held_out, val_idx))
     meta = BundleMeta(
         model_kind=kind, input_size=data.grid.input_size, threshold=threshold, score_stats=score_stats(good),
         training=TrainingInfo(folder=str(data.folder.resolve()), image_count=len(data.paths),
                               file_list_sha256=data.file_list_sha256, skipped_files=data.skipped,
-                              seed=config.seed, folds=0, fit_seconds=0.0),
-        tiling=data.grid.tiling,
-        model_params=_model_params(arch, config, net, state, len(train_idx), len(val_idx)))
+                              seed=config.seed, folds=folds, fit_seconds=0.0),
+        tiling=data.grid.tiling, model_params=params)
     with staged_bundle_folder(out_dir) as staging:
         export_onnx(graph, staging, data.grid.input_size)
         rel = onnx_reference_check(graph, staging / "model.onnx", val[:4].numpy())
@@ -451,6 +572,16 @@ def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resum
         finalize_bundle(staging, meta)
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return Bundle.load(out_dir)
+
+
+def _fold_params(result: FoldResult | None, held_out: np.ndarray, val_idx: np.ndarray) -> dict[str, Any]:
+    """How the threshold's scores were made; with folds, the fold models' and the final model's median score on
+    the same held-out frames (near 1:1 when fold models are on the final model's scale)."""
+    if result is None:
+        return {"threshold_folds": 0}
+    return {"threshold_folds": result.folds, "fold_epochs": result.epochs, "fold_seconds": result.seconds,
+            "held_out_median_final": round(float(np.median(held_out)), 6),
+            "held_out_median_folds": round(float(np.median(result.scores[val_idx])), 6)}
 
 
 def _model_params(arch: Architecture, config: TrainConfig, net: ConvAutoencoder, state: TrainState,
