@@ -34,8 +34,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def _config(folder: Path, **overrides) -> TrainConfig:
+    # threshold_folds 0 (the hold-out): these tests are about training, tiling and resume, and one model each
+    # keeps them fast; the k-fold threshold is tests/test_ae_folds.py.
     values = dict(train_folder=str(folder), input_size=32, depth=2, base_channels=8, latent_channels=4,
-                  epochs=3, batch_size=8, patience=5, seed=0, device="cpu")
+                  epochs=3, batch_size=8, patience=5, seed=0, device="cpu", threshold_folds=0)
     values.update(overrides)
     return config_from_dict(values, "test")
 
@@ -149,7 +151,7 @@ def fabric(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fabric_ae(fabric, tmp_path_factory) -> Bundle:
     config = config_from_dict(dict(train_folder=str(fabric / "train" / "good"), input_size=128, epochs=6,
-                                   patience=6, seed=0, device="cpu",
+                                   patience=6, seed=0, device="cpu", threshold_folds=0,
                                    defects_folder=str(fabric / "test" / "scratch")), "test")
     return train_autoencoder(config, "ae", tmp_path_factory.mktemp("bundles") / "fabric_ae")
 
@@ -184,7 +186,7 @@ def test_ae_bundle_is_a_normal_bundle(fabric, fabric_ae):
     assert bundle.meta.tiling.rows == 1 and bundle.meta.tiling.cols == 1
     assert bundle.meta.threshold.rule == "conformal_false_reject_rate"
     assert bundle.meta.threshold.f1_optimal_value is not None  # defects_folder given
-    assert bundle.meta.score_stats.count == 6  # 20% of 30 good images held out
+    assert bundle.meta.score_stats.count == 6  # threshold_folds 0: 20% of 30 good images held out
     assert bundle.meta.score_stats.max < bundle.threshold  # no held-out good frame rejected
     assert not checkpoint_folder(bundle.path).exists()  # removed after a finished run
     good = np.stack([read_image(p) for p in sorted((fabric / "test" / "good").iterdir())])
@@ -200,7 +202,7 @@ def test_ae_bundle_is_a_normal_bundle(fabric, fabric_ae):
 @pytest.mark.slow
 def test_vae_trains_and_separates_defects(fabric, tmp_path):
     config = config_from_dict(dict(train_folder=str(fabric / "train" / "good"), input_size=128, epochs=6,
-                                   patience=6, seed=0, device="cpu", ssim_weight=0.2), "test")
+                                   patience=6, seed=0, device="cpu", ssim_weight=0.2, threshold_folds=0), "test")
     bundle = train_autoencoder(config, "vae", tmp_path / "fabric_vae")
     assert Bundle.load(bundle.path).meta.model_kind == "vae"
     assert bundle.meta.model_params["kl_weight"] > 0 and bundle.meta.model_params["ssim_weight"] == 0.2
@@ -372,7 +374,7 @@ BOTTLE = SHARED_DATA / "mvtec" / "bottle"
 def test_ae_on_mvtec_bottle(tmp_path):
     """A short CPU run on the real bottle images (measured: image 0.986, pixel 0.885; benchmarks/ae_bench.py)."""
     config = config_from_dict(dict(train_folder=str(BOTTLE / "train" / "good"), input_size=128, epochs=15,
-                                   patience=15, seed=0, device="cpu"), "test")
+                                   patience=15, seed=0, device="cpu", threshold_folds=0), "test")
     bundle = train_autoencoder(config, "ae", tmp_path / "bottle_ae")
     scores, labels, maps, masks = _score_test_set(bundle, BOTTLE)
     assert image_auroc(scores, labels) >= 0.9
