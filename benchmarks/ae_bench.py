@@ -3,6 +3,7 @@
     python benchmarks/ae_bench.py speed [--bundle AE_BUNDLE] [--padim PADIM_BUNDLE] [--size 256] [--ssim-weight 0]
     python benchmarks/ae_bench.py accuracy [--category ../shared/data/mvtec/bottle] [--kind ae --kind vae]
                                           [--size 256] [--epochs 20] [--ssim-weight 0] [--depth 5]
+                                          [--threshold-folds 5]
 
 `speed` times an AE bundle at batch 1 and 8 (a freshly trained one-epoch bundle on generated textures when
 --bundle is not given: latency does not depend on the weights) beside a PaDiM bundle when one is given, and
@@ -58,8 +59,8 @@ def quick_ae_bundle(work: Path, size: int, ssim_weight: float, epochs: int = 1) 
 
     category = write_texture_dataset(work, "fabric", train=20, test_good=0, test_per_defect=0, size=size)
     config = config_from_dict(dict(train_folder=str(category / "train" / "good"), input_size=size, epochs=epochs,
-                                   ssim_weight=ssim_weight, device="cpu"), "bench")
-    return train_autoencoder(config, "ae", work / "ae_bundle")
+                                   ssim_weight=ssim_weight, device="cpu", threshold_folds=0), "bench")
+    return train_autoencoder(config, "ae", work / "ae_bundle")  # latency only: one model, hold-out threshold
 
 
 def epoch_seconds(size: int, images: int, batch_size: int, kind: str, ssim_weight: float, epochs: int = 2) -> float:
@@ -129,12 +130,12 @@ def accuracy(args: argparse.Namespace) -> None:
         sys.exit(f"error: {category}: not an MVTec AD category (no train/good)")
     print(f"{category.name}: MVTec AD test set, replayed through the bundle with ONNX Runtime (2 threads)")
     print(f"{'model':<5} {'input':>5} {'ssim':>5} {'epochs':>9} {'train s':>8} {'s/epoch':>8} {'img AUROC':>10} "
-          f"{'px AUROC':>9} {'AUPRO':>7} {'false rej':>10} {'escape':>7}")
+          f"{'px AUROC':>9} {'AUPRO':>7} {'false rej':>10} {'escape':>7} {'folds':>5} {'certified':>9}")
     for kind in args.kind or ["ae"]:
         config = config_from_dict(dict(train_folder=str(category / "train" / "good"), input_size=args.size,
                                        epochs=args.epochs, patience=args.patience, seed=args.seed, device="cpu",
                                        ssim_weight=args.ssim_weight, error_normalisation=args.normalisation,
-                                       depth=args.depth), "bench")
+                                       depth=args.depth, threshold_folds=args.threshold_folds), "bench")
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             bundle = train_autoencoder(config, kind, Path(tmp) / kind)
@@ -144,8 +145,8 @@ def accuracy(args: argparse.Namespace) -> None:
         epochs = f"{params['epochs_run']} (b{params['best_epoch']})"
         print(f"{kind:<5} {args.size:>5} {args.ssim_weight:>5g} {epochs:>9} {seconds:>8.0f} "
               f"{params['epoch_seconds']:>8.1f} {report.image_auroc:>10.3f} {report.pixel_auroc:>9.3f} "
-              f"{report.aupro:>7.3f} {report.confusion.false_reject_rate:>10.1%} {report.confusion.escape_rate:>7.1%}",
-              flush=True)
+              f"{report.aupro:>7.3f} {report.confusion.false_reject_rate:>10.1%} {report.confusion.escape_rate:>7.1%}"
+              f" {bundle.meta.training.folds:>5} {str(bundle.meta.threshold.certified):>9}", flush=True)
 
 
 def main() -> None:
@@ -169,6 +170,7 @@ def main() -> None:
     p_acc.add_argument("--ssim-weight", type=float, default=0.0)
     p_acc.add_argument("--normalisation", default="zscore", choices=["zscore", "none"])
     p_acc.add_argument("--depth", type=int, default=5)
+    p_acc.add_argument("--threshold-folds", type=int, default=5, help="0: hold-out threshold (train s: K+1 models)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     speed(args) if args.mode == "speed" else accuracy(args)
