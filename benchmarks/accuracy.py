@@ -107,7 +107,8 @@ def fit_in_child(kind: str, train: Path, out: Path, settings: dict[str, Any], th
 
 
 def latency_ms(bundle, image: np.ndarray, threads: int, repeat: int = 30) -> float:
-    """Median ms of one batch-1 inference of the bundle's graph (ONNX Runtime, `threads` intra-op threads)."""
+    """Median ms of one batch-1 inference of the bundle's graph (ONNX Runtime, `threads` intra-op threads);
+    for per-tile bundles, of one frame's tiles."""
     import onnxruntime as ort
 
     from edge_inspector.core.images import resize_to
@@ -116,7 +117,10 @@ def latency_ms(bundle, image: np.ndarray, threads: int, repeat: int = 30) -> flo
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(bundle.onnx_path), options, providers=["CPUExecutionProvider"])
-    batch = resize_to(image, bundle.input_size)[None]
+    # Per-tile statistics need a whole frame's tiles in one batch (N a multiple of K): time one frame then.
+    tiling = bundle.meta.tiling
+    tiles = tiling.rows * tiling.cols if tiling.mode == "per_tile" else 1
+    batch = np.repeat(resize_to(image, bundle.input_size)[None], tiles, axis=0)
     session.run(None, {"image": batch})
     times = []
     for _ in range(repeat):
