@@ -1,21 +1,26 @@
 """End-to-end speed and memory of the edge service, beside bare bundle inference on the same tile batch.
 
-    python benchmarks/service_bench.py                 # ~2-3 min: 2x2 and 4x4 grids, 0.5 min RSS run
-    python benchmarks/service_bench.py --minutes 10    # the 10-minute RSS-flatness run
+    python benchmarks/service_bench.py --minutes 0                 # ~4 min: 2x2 and 4x4 grids (and two fits)
+    python benchmarks/service_bench.py --heatmap-scale 0.5 --minutes 0
+    python benchmarks/service_bench.py --minutes 10                # adds the 10-minute RSS-flatness run
 
-For 1280x1024 frames (an MJPG video, decoded by OpenCV like a camera stream) tiled 2x2 and 4x4, each tile
-resized to the bundle's 256x256 input, ONNX Runtime on 2 CPU threads:
+For 1280x1024 frames (an MJPG video, decoded by OpenCV like a camera stream, one part in four with a
+defect) tiled 2x2 and 4x4, each tile resized to the bundle's 256x256 input, ONNX Runtime on 2 CPU threads:
 
-* bare inference: `backend.infer` on the frame's tile batch, nothing else;
+* bare inference: `backend.infer` on the frame's tile batch, nothing else, one frame after the other;
 * throughput: the whole service (decode -> tile -> infer -> stitch -> decide -> PNG -> ZeroMQ) in lossless
   mode, as fast as it goes, results counted by a ZeroMQ subscriber in this process;
+* pipeline overhead: what the whole service costs on top of bare inference, from the two rates:
+  (bare frames/s / service frames/s) - 1. Decoding, tiling and PNG encoding run on their own threads beside
+  inference, so they cost only what they take from it;
 * latency: the service fed at ~70% of that throughput (a camera the model keeps up with), capture ->
   message received by the subscriber, p50/p99;
-* pipeline overhead: decode + tiling + stitch/decision + heatmap encoding per frame (from the result
-  headers' latency_ms), as a share of inference time;
+* per-stage milliseconds from the result headers' latency_ms (the paced run), and each step timed alone on
+  one thread (what the steps cost the CPU, overlapped or not);
 * RSS of this process sampled while the service runs for --minutes.
 
-The PaDiM bundle is fit in a child process (torch stays out of this process, so RSS is the device's).
+One PaDiM bundle per grid (PaDiM's defaults, fit on 8 generated parts at that grid) is fit in a child
+process (torch stays out of this process, so RSS is the device's) and cached in --work.
 """
 
 from __future__ import annotations
@@ -51,12 +56,12 @@ import sys, cv2, numpy as np
 from pathlib import Path
 from export.synthetic import make_part
 from export.padim.fit import PadimOptions, fit_padim
-train, out = Path(sys.argv[1]), Path(sys.argv[2])
+train, out, grid = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 train.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
 for i in range(8):
     cv2.imwrite(str(train / f"{i:02d}.png"), make_part(rng, (1024, 1280))[0])
-fit_padim(train, out, PadimOptions(input_size=(256, 256), feature_dim=100, folds=2, rows=2, cols=2))
+fit_padim(train, out, PadimOptions(input_size=(256, 256), folds=2, rows=grid, cols=grid))
 """
 
 
@@ -76,14 +81,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_bundle(work: Path) -> Path:
-    folder = work / "bundle-2x2-256"
+def ensure_bundle(work: Path, grid: int) -> Path:
+    """A PaDiM bundle with the package's default options, fit on the grid it will be run at."""
+    folder = work / f"bundle-padim-{grid}x{grid}-256"
     if not (folder / "bundle.yaml").is_file():
-        print(f"fitting a PaDiM bundle (efficientnet-lite0, 256x256, d=100, 2x2 tiles) into {folder} ...", flush=True)
+        print(f"fitting a PaDiM bundle (default options, 256x256, {grid}x{grid} tiles) into {folder} ...", flush=True)
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        subprocess.run([sys.executable, "-c", FIT_SCRIPT, str(work / "train"), str(folder)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-c", FIT_SCRIPT, str(work / "train"), str(folder), str(grid)], check=True,
+                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return folder
+
+
+def describe_bundle(bundle: Bundle) -> str:
+    meta = bundle.meta
+    params = meta.model_params or {}
+    return (f"{meta.model_kind} {bundle.model_id}: {meta.backbone}, d={meta.feature_dim}, "
+            f"{params.get('projection', '?')} projection, stride {params.get('grid_stride', '?')}")
 
 
 def ensure_video(work: Path, frames: int = 16) -> Path:
@@ -197,40 +210,54 @@ def run_service(bundle: Path, video: Path, grid: int, threads: int, seconds: flo
     latency = [(a - h["capture_time"]) * 1000 for a, h in zip(arrivals, headers)]
     stages = {k: [h["latency_ms"].get(k, 0.0) for h in headers] for k in
               ("capture", "queue", "tiling", "inference", "decision", "encode", "total")}
+    verdicts = {v: sum(h["verdict"] == v for h in headers) for v in ("pass", "fail", "error")}
     return {"fps": (len(headers) - 1) / span if span > 0 else 0.0, "count": len(headers), "latency": latency,
-            "stages": stages, "dropped": service.stats.dropped, "rss": rss}
+            "stages": stages, "dropped": service.stats.dropped, "rss": rss, "verdicts": verdicts}
+
+
+TABLE_HEAD = ("| grid | bare inference of the tile batch | service throughput | pipeline overhead | latency p50 / p99 "
+              "(capture -> subscriber) | steps alone: decode / tiling / stitch+decision / publish (% of inference) "
+              "| load |\n|---|---|---|---|---|---|---|")
 
 
 def report_grid(bundle_path: Path, video: Path, grid: int, threads: int, seconds: float,
-                heatmap_scale: float = 1.0) -> None:
+                heatmap_scale: float = 1.0) -> str:
+    """Print one grid's figures; return its README table row."""
     bundle = Bundle.load(bundle_path)
     capture = cv2.VideoCapture(str(video))
     frame = capture.read()[1]
     capture.release()
+    load = os.getloadavg()[0]
     bare = bare_inference(bundle, grid, frame, threads, seconds / 2)
     throughput = run_service(bundle_path, video, grid, threads, seconds, fps=None, heatmap_scale=heatmap_scale)
     paced_fps = max(0.2, 0.7 * throughput["fps"])
     paced = run_service(bundle_path, video, grid, threads, seconds, fps=paced_fps, heatmap_scale=heatmap_scale)
     stages = {k: float(np.mean(v)) for k, v in paced["stages"].items()}
-    overhead = stages["capture"] + stages["tiling"] + stages["decision"] + stages["encode"]
     alone = isolated_overhead(bundle_path, video, grid, threads, heatmap_scale)
-    alone_overhead = alone["decode"] + alone["tiling"] + alone["decision"] + alone["publish"]
+    steps = alone["decode"] + alone["tiling"] + alone["decision"] + alone["publish"]
+    bare_fps = 1000 / pct(bare, 50)
+    overhead = 100 * (bare_fps / throughput["fps"] - 1) if throughput["fps"] > 0 else float("nan")
+    verdicts = paced["verdicts"]
     print(f"\n== 1280x1024 frames, {grid}x{grid} tiles -> {grid * grid} x 256x256, ONNX Runtime {threads} threads, "
-          f"heatmap_scale {heatmap_scale:g} ==")
+          f"heatmap_scale {heatmap_scale:g}; load average {load:.1f} -> {os.getloadavg()[0]:.1f} ==")
+    print(f"bundle: {describe_bundle(bundle)}")
     print(f"bare inference, {grid * grid}-tile batch : p50 {pct(bare, 50):7.1f} ms  p99 {pct(bare, 99):7.1f} ms  "
-          f"-> {1000 / pct(bare, 50):5.2f} frames/s")
-    print(f"service throughput (lossless)   : {throughput['fps']:5.2f} frames/s "
-          f"({throughput['fps'] * pct(bare, 50) / 10:.0f}% of bare), {throughput['count']} results")
+          f"-> {bare_fps:5.2f} frames/s")
+    print(f"service throughput (lossless)   : {throughput['fps']:5.2f} frames/s, {throughput['count']} results")
+    print(f"pipeline overhead               : {overhead:.1f}% (bare frames/s / service frames/s - 1)")
     print(f"service latency at {paced_fps:4.2f} fps     : p50 {pct(paced['latency'], 50):7.1f} ms  "
           f"p99 {pct(paced['latency'], 99):7.1f} ms  (capture -> received by subscriber), "
-          f"{paced['dropped']} dropped")
-    print("per-frame stage means (paced run): " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
-    print(f"pipeline overhead in service (wall time, sharing the cores with inference): decode + tiling + "
-          f"stitch/decision + PNG encode = {overhead:.1f} ms = "
-          f"{100 * overhead / stages['inference']:.1f}% of inference")
-    print("pipeline steps one at a time (medians): " + ", ".join(f"{k} {v:.1f} ms" for k, v in alone.items()))
-    print(f"pipeline overhead, steps alone: decode + tiling + stitch/decision + PNG/JSON/ZeroMQ publish = "
-          f"{alone_overhead:.1f} ms = {100 * alone_overhead / alone['inference']:.1f}% of inference")
+          f"{paced['dropped']} dropped, verdicts {verdicts}")
+    print("per-frame stage means (paced run, wall time beside inference): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
+    print("each step alone, one thread (medians): " + ", ".join(f"{k} {v:.1f} ms" for k, v in alone.items()))
+    print(f"CPU cost of the steps around inference: decode + tiling + stitch/decision + PNG/JSON/ZeroMQ publish = "
+          f"{steps:.1f} ms = {100 * steps / alone['inference']:.1f}% of inference (decode, tiling and publish "
+          f"overlap inference in the service)")
+    return (f"| {grid}x{grid} | {pct(bare, 50):.1f} ms ({bare_fps:.1f} frames/s) | {throughput['fps']:.2f} frames/s "
+            f"| {overhead:.1f}% | {pct(paced['latency'], 50):.1f} / {pct(paced['latency'], 99):.1f} ms at "
+            f"{paced_fps:.1f} fps | {alone['decode']:.1f} / {alone['tiling']:.1f} / {alone['decision']:.1f} / "
+            f"{alone['publish']:.1f} ms ({100 * steps / alone['inference']:.0f}%) | {load:.1f} |")
 
 
 def report_rss(bundle_path: Path, video: Path, threads: int, minutes: float) -> None:
@@ -260,18 +287,20 @@ def main() -> None:
     parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    bundle = args.bundle or ensure_bundle(args.work)
+    grids = [int(g) for g in args.grids.split(",")]
     video = ensure_video(args.work)
     if args.rss_only:
-        report_rss(bundle, video, args.threads, args.minutes)
+        report_rss(args.bundle or ensure_bundle(args.work, 2), video, args.threads, args.minutes)
         return
-    print(f"bundle {Bundle.load(bundle).model_id}; video {video}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    for grid in (int(g) for g in args.grids.split(",")):
-        report_grid(bundle, video, grid, args.threads, args.seconds, args.heatmap_scale)
+    bundles = {grid: args.bundle or ensure_bundle(args.work, grid) for grid in grids}
+    print(f"video {video}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    rows = [report_grid(bundles[grid], video, grid, args.threads, args.seconds, args.heatmap_scale) for grid in grids]
+    print(f"\nheatmap_scale {args.heatmap_scale:g}, ONNX Runtime {args.threads} threads:\n{TABLE_HEAD}")
+    print("\n".join(rows))
     if args.minutes > 0:  # a fresh process, so the RSS is one service's, not this run's leftovers
-        subprocess.run([sys.executable, __file__, "--rss-only", "--work", str(args.work), "--bundle", str(bundle),
-                        "--threads", str(args.threads), "--minutes", str(args.minutes)], check=True)
+        subprocess.run([sys.executable, __file__, "--rss-only", "--work", str(args.work), "--bundle",
+                        str(bundles.get(2) or ensure_bundle(args.work, 2)), "--threads", str(args.threads),
+                        "--minutes", str(args.minutes)], check=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (figures scale with it on a shared machine)")
 
 

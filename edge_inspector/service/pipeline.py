@@ -3,8 +3,10 @@
 Why three threads: a camera delivers frames on its own clock, the model takes as long as it takes, and a
 network send or PNG encode should not steal time from either. Only inference, stitching and the decision
 run on the inference thread: decoding and cutting the tiles run on the capture thread, the heatmap's 8-bit
-conversion and PNG encoding on the publish thread, each beside the inference of another frame (even on the
-2-core VM, the model's two ONNX Runtime threads leave them enough idle time: benchmarks/service_bench.py).
+conversion and PNG encoding on the publish thread, each beside the inference of another frame. That hides
+them where inference leaves a core free (a GPU; on the 2-core VM, ONNX Runtime on 1 thread: service within
+10-12% of bare inference at 2x2 and 4x4 tiles). With ONNX Runtime on every core they slow inference by
+about what they cost instead (benchmarks/service_bench.py; the README has the figures).
 Why bounded queues: a line runs for months, so nothing may grow without limit. When the model falls behind
 a live camera the *oldest* waiting frame is dropped (the freshest frame wins: a verdict on a part that left
 the camera a second ago is worth less than one on the part under it now) and every drop is counted. For
