@@ -34,6 +34,15 @@ from edge_inspector.core.operating_point import (  # noqa: F401
 )
 
 
+def fold_ids(count: int, folds: int, seed: int) -> np.ndarray:
+    """Fold of each image for the out-of-sample scores: a seeded permutation dealt round-robin, so fold sizes
+    differ by at most one. One rule for every model kind (PaDiM, patchcore, autoencoder)."""
+    order = np.random.default_rng(seed).permutation(count)
+    ids = np.empty(count, dtype=np.int64)
+    ids[order] = np.arange(count) % folds
+    return ids
+
+
 def images_needed(alpha: float) -> int:
     """Smallest n for which the conformal quantile at rate alpha exists."""
     return int(math.ceil((1.0 - alpha) / alpha - 1e-9))

@@ -42,6 +42,7 @@ import numpy as np
 
 from edge_inspector.core.atomic import write_atomic
 from edge_inspector.core.errors import ConfigError
+from export.threshold import fold_ids
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,6 @@ def resolve_folds(requested: int, images: int | None, name: str = "threshold_fol
         raise ConfigError(f"{name}: expected 0 or 1 (score the val_fraction hold-out) or a fold count from 2 to "
                           f"{limit}, got {requested}")
     return 0 if requested < 2 else requested
-
-
-def fold_ids(count: int, folds: int, seed: int) -> np.ndarray:
-    """Fold of each image: a seeded permutation dealt round-robin, so fold sizes differ by at most one."""
-    order = np.random.default_rng(seed).permutation(count)
-    ids = np.empty(count, dtype=np.int64)
-    ids[order] = np.arange(count) % folds
-    return ids
 
 
 def fold_seed(seed: int, fold: int) -> int:

@@ -34,6 +34,7 @@ from export.padim.model import Mahalanobis, PadimModel, UpsampleBlurHead
 from export.padim.statistics import ChannelCovariance, GaussianSums, available_memory_bytes, fit_memory_bytes, set_bytes
 from export.staging import staged_bundle_folder
 from export.threshold import conformal_threshold, score_stats
+from export.threshold import fold_ids as threshold_fold_ids
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,6 @@ class TrainingImages:
             yield chunk, np.concatenate([self.tiles_of(self.paths[i]) for i in chunk])
 
 
-def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
-    order = np.random.default_rng(seed).permutation(n)
-    ids = np.empty(n, dtype=np.int64)
-    ids[order] = np.arange(n) % folds
-    return ids
-
-
 def fold_count(n: int, requested: int) -> int:
     """The requested folds, fewer when there are fewer images (memory no longer depends on the fold size)."""
     return min(n, requested)
@@ -228,7 +222,7 @@ def feature_pass(data: TrainingImages, embedding: FastEmbedding, options: PadimO
         batches = _fit_whitening(data, embedding, options, indices)
     else:
         batches = _embed(embedding, data, indices, "fit: features")
-    fold_ids = _fold_ids(n, max(1, fold_count(n, options.folds)), options.seed)
+    fold_ids = threshold_fold_ids(n, max(1, fold_count(n, options.folds)), options.seed)
     result: PassResult | None = None
     for chunk, emb in batches:
         if result is None:

@@ -28,7 +28,6 @@ from export.onnx_export import export_onnx, onnx_reference_check
 from export.padim.features import PadimFeatures
 from export.padim.fit import (
     TrainingImages,
-    _fold_ids,
     _report_outliers,
     tiling_info,
 )
@@ -36,6 +35,7 @@ from export.patchcore.coreset import greedy_coreset, random_projection, selectio
 from export.patchcore.model import BankDistance, PatchcoreModel, ProjectedFeatures
 from export.staging import staged_bundle_folder
 from export.threshold import conformal_threshold, score_stats
+from export.threshold import fold_ids as threshold_fold_ids
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def out_of_sample_scores(pool: PatchPool, frames: int, bank_rows: torch.Tensor, 
     oos = np.full(frames, np.nan)
     if folds < 2:
         return oos
-    fold_ids = _fold_ids(frames, folds, options.seed)
+    fold_ids = threshold_fold_ids(frames, folds, options.seed)
     frame_of_row = bank_rows // pool.rows_per_frame
     for fold in range(folds):
         held = np.flatnonzero(fold_ids == fold)
