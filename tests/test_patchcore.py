@@ -122,6 +122,43 @@ def test_fit_command_fits_patchcore(synthetic_dataset, tmp_path):
     assert result.anomaly_maps.shape == (2, 64, 96)
 
 
+def test_position_offset_shifts_every_map_by_one_fixed_pattern(patchcore_bundle, synthetic_dataset, tmp_path):
+    """The offset bundle's map is the plain bundle's map less one fixed pattern (same bank, same seed), the
+    pattern is what good parts score per position (mean about 0, not flat), and defects still separate."""
+    from edge_inspector.core.images import list_images, read_image, resize_to
+    from export.cli import main
+
+    out = tmp_path / "offset"
+    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
+                                       "--input-size", "128", "--folds", "3", "--target-frr", "0.05",
+                                       "--bank-fraction", "0.1", "--seed", "1", "--position-offset"])
+    assert result.exit_code == 0, result.output
+    shifted = Bundle.load(out)
+    assert shifted.meta.model_params["position_offset"] is True
+    assert patchcore_bundle.meta.model_params["position_offset"] is False
+    offsets = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(shifted.onnx_path)).graph.initializer
+               if t.name.endswith("offset")]
+    assert len(offsets) == 1 and offsets[0].shape == (1, 1, 16, 16)
+    assert abs(float(offsets[0].mean())) < 1e-4 and float(offsets[0].std()) > 1e-3
+    images = np.stack([resize_to(read_image(p), (128, 128)) for p in list_images(synthetic_dataset / "test")[:4]])
+    plain = create_backend(patchcore_bundle, "onnxruntime", threads=1).infer(images).anomaly_maps
+    moved = create_backend(shifted, "onnxruntime", threads=1).infer(images).anomaly_maps
+    pattern = plain - moved
+    assert float(pattern[0].std()) > 1e-3
+    for other in pattern[1:]:
+        np.testing.assert_allclose(other, pattern[0], atol=1e-3)
+    report = replay_folder(synthetic_dataset, shifted, create_backend(shifted, "onnxruntime", threads=1)).report
+    assert report.image_auroc >= 0.95
+
+
+def test_position_offset_is_a_patchcore_option(synthetic_dataset, tmp_path):
+    from export.cli import main
+
+    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out",
+                                       str(tmp_path / "b"), "--model", "padim", "--position-offset"])
+    assert result.exit_code != 0 and "--position-offset is a patchcore option" in result.output
+
+
 @pytest.mark.parametrize("change, message", [
     ({"tile_mode": "per_tile"}, "tile_mode"),
     ({"bank_fraction": 0.0}, "bank_fraction"),

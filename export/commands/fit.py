@@ -78,6 +78,9 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--feature-stride", type=click.Choice(["4", "8", "16"]), default=None,
               help="Grid of the bank search (patchcore: 4, 8 or 16) or of the statistics (PaDiM: 4 or 8), in "
                    "input pixels [default 8].")
+@click.option("--position-offset", is_flag=True, default=False,
+              help="patchcore: subtract what good parts typically score at each map position (ranks defects "
+                   "on varied surfaces better; README's yardstick says when it helps).")
 @click.option("--target-escape", type=float, default=None,
               help="With --validation and --threshold-rule escape: the share of validation defects "
                    "allowed to pass; the threshold is the highest one that keeps to it.")
@@ -87,7 +90,7 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
                 validation_labels: Path | None, threshold_rule: str, seed: int,
                 batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
-                target_escape: float | None, projection: str | None) -> None:
+                target_escape: float | None, projection: str | None, position_offset: bool) -> None:
     """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
     check_output_folder(out_dir, force)
     if threshold_rule in ("f1", "escape") and validation is None:
@@ -98,7 +101,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
     if target_escape is not None and not 0 <= target_escape < 1:
         raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
     patchcore_only: dict[str, Any] = {
-        "bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim}
+        "bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
+        "position_offset": position_offset or None}
     stride_option: dict[str, Any] = {} if feature_stride is None else {"feature_stride": int(feature_stride)}
     # What both kinds share: the backbone, the input, the tiling the service will cut, the threshold rule.
     common: dict[str, Any] = dict(

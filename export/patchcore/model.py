@@ -74,15 +74,42 @@ class BankDistance(nn.Module):
         return dist.reshape(n, 1, *self.grid)
 
 
+class PositionOffset(nn.Module):
+    """Distance map (N, 1, h, w) minus what good parts typically score at each position (the `position_offset`
+    option).
+
+    Where good parts vary (a snack's surface, an edge) every part scores high, and a defect there must beat that;
+    where they do not (background) a small speck wins. Subtracting each position's mean out-of-sample distance
+    (less the mean over all positions, so the map keeps its units) ranks the two fairly. Measured on VisA fryum
+    (README): image AUROC 0.962 -> 0.991.
+    """
+
+    offset: torch.Tensor
+
+    def __init__(self, offset: torch.Tensor):
+        super().__init__()
+        self.register_buffer("offset", offset.to(torch.float32).reshape(1, 1, *offset.shape[-2:]))
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        return distance - self.offset
+
+
+def position_offset(maps: torch.Tensor) -> torch.Tensor:
+    """Low-resolution maps (n, 1, h, w) of good parts -> (1, 1, h, w): each position's mean minus the overall mean."""
+    mean = maps.mean(dim=0, keepdim=True)
+    return mean - mean.mean()
+
+
 class PatchcoreModel(nn.Module):
     """The exported graph: uint8 BGR (N, H, W, 3) -> anomaly_map (N, H, W), score (N)."""
 
     def __init__(self, features: ProjectedFeatures, bank: torch.Tensor, input_size: tuple[int, int],
-                 feature_stride: int, blur_sigma: float):
+                 feature_stride: int, blur_sigma: float, offset: torch.Tensor | None = None):
         super().__init__()
         self.features = features
         self.bank = BankDistance(bank, (input_size[0] // feature_stride, input_size[1] // feature_stride))
+        self.offset: nn.Module = nn.Identity() if offset is None else PositionOffset(offset)
         self.head = MapToAnswer(input_size, blur_sigma)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.bank(self.features(image)))
+        return self.head(self.offset(self.bank(self.features(image))))
