@@ -32,7 +32,7 @@ from export.padim.fit import (
     tiling_info,
 )
 from export.patchcore.coreset import greedy_coreset, random_projection, selection_device
-from export.patchcore.model import BankDistance, PatchcoreModel, ProjectedFeatures, position_offset
+from export.patchcore.model import BankDistance, PatchcoreModel, ProjectedFeatures, offset_step, position_offset
 from export.staging import staged_bundle_folder
 from export.threshold import conformal_threshold, score_stats
 from export.threshold import fold_ids as threshold_fold_ids
@@ -95,6 +95,11 @@ class PatchcoreOptions:
         return self.input_size[0] // self.feature_stride, self.input_size[1] // self.feature_stride
 
 
+def rows_of(frames: np.ndarray, per_frame: int) -> torch.Tensor:
+    """Rows of the given frames in a stack that keeps per_frame consecutive rows (patches, tiles) per frame."""
+    return (torch.as_tensor(frames, dtype=torch.int64)[:, None] * per_frame + torch.arange(per_frame)).reshape(-1)
+
+
 class PatchPool:
     """Projected features of every training patch (float16) and their selection-space copy (float32)."""
 
@@ -114,8 +119,7 @@ class PatchPool:
 
     def rows_of(self, frames: np.ndarray) -> torch.Tensor:
         """Row indices of the given frames' patches."""
-        index = torch.as_tensor(frames, dtype=torch.int64)
-        return (index[:, None] * self.rows_per_frame + torch.arange(self.rows_per_frame)).reshape(-1)
+        return rows_of(frames, self.rows_per_frame)
 
     @property
     def nbytes(self) -> int:
@@ -148,13 +152,18 @@ def select_rows(pool: PatchPool, rows: torch.Tensor | None, size: int, seed: int
     return picked if rows is None else rows[picked]
 
 
+def tiles_per_chunk(options: PatchcoreOptions) -> int:
+    """Tiles scored at once: bounds the (rows x bank) distance block and the full-size maps of the head."""
+    return max(1, SCORE_ROWS // (options.grid[0] * options.grid[1]))
+
+
 @torch.no_grad()
 def pool_maps(pool: PatchPool, frames: np.ndarray, bank: torch.Tensor, options: PatchcoreOptions) -> torch.Tensor:
     """Low-resolution distance maps (frames x tiles, 1, h, w) of pool frames against a bank, as the graph does."""
     distance = BankDistance(bank, options.grid)
     tiles = options.rows * options.cols
     p = options.grid[0] * options.grid[1]
-    per_chunk = max(1, SCORE_ROWS // p)  # tiles per chunk
+    per_chunk = tiles_per_chunk(options)
     emb = pool.features[pool.rows_of(frames)].reshape(len(frames) * tiles, p, -1)
     return torch.cat([distance(emb[start:start + per_chunk].float()) for start in range(0, emb.shape[0], per_chunk)])
 
@@ -162,11 +171,10 @@ def pool_maps(pool: PatchPool, frames: np.ndarray, bank: torch.Tensor, options: 
 @torch.no_grad()
 def frame_scores(maps: torch.Tensor, offset: torch.Tensor | None, options: PatchcoreOptions) -> np.ndarray:
     """Frame scores (max over tiles of the blurred map's max) of low-resolution maps, as the graph does."""
-    head = MapToAnswer(options.input_size, options.blur_sigma)
+    shift, head = offset_step(offset), MapToAnswer(options.input_size, options.blur_sigma)
     tiles = options.rows * options.cols
-    per_chunk = max(1, SCORE_ROWS // (options.grid[0] * options.grid[1]))
-    shift = 0.0 if offset is None else offset
-    scores = [head(maps[start:start + per_chunk] - shift)[1] for start in range(0, maps.shape[0], per_chunk)]
+    per_chunk = tiles_per_chunk(options)
+    scores = [head(shift(maps[start:start + per_chunk]))[1] for start in range(0, maps.shape[0], per_chunk)]
     return torch.cat(scores).numpy().reshape(-1, tiles).max(axis=1)
 
 
@@ -196,13 +204,8 @@ def out_of_sample_maps(pool: PatchPool, frames: int, bank_rows: torch.Tensor, op
         initial = (slot * pool.rows_per_frame + survivors % pool.rows_per_frame).numpy()
         rows = select_rows(pool, kept_rows, len(bank_rows), options.seed, f"fit: fold {fold + 1}/{folds} coreset",
                            initial=initial)
-        maps[_tile_rows(held, tiles)] = pool_maps(pool, held, pool.features[rows].float(), options)
+        maps[rows_of(held, tiles)] = pool_maps(pool, held, pool.features[rows].float(), options)
     return maps, fold_ids
-
-
-def _tile_rows(frames: np.ndarray, tiles: int) -> torch.Tensor:
-    """Rows of the given frames' tiles in a (frames x tiles, ...) stack."""
-    return (torch.as_tensor(frames, dtype=torch.int64)[:, None] * tiles + torch.arange(tiles)).reshape(-1)
 
 
 def out_of_sample_scores(found: tuple[torch.Tensor, np.ndarray] | None, frames: int, options: PatchcoreOptions
@@ -222,8 +225,8 @@ def out_of_sample_scores(found: tuple[torch.Tensor, np.ndarray] | None, frames: 
     oos = np.empty(frames)
     for fold in np.unique(fold_ids):
         held = np.flatnonzero(fold_ids == fold)
-        others = _tile_rows(np.flatnonzero(fold_ids != fold), tiles)
-        oos[held] = frame_scores(maps[_tile_rows(held, tiles)], position_offset(maps[others]), options)
+        others = rows_of(np.flatnonzero(fold_ids != fold), tiles)
+        oos[held] = frame_scores(maps[rows_of(held, tiles)], position_offset(maps[others]), options)
     return oos, position_offset(maps)
 
 

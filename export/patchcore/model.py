@@ -94,6 +94,11 @@ class PositionOffset(nn.Module):
         return distance - self.offset
 
 
+def offset_step(offset: torch.Tensor | None) -> nn.Module:
+    """The step between distance and head: the offset's subtraction, or nothing when the option is off."""
+    return nn.Identity() if offset is None else PositionOffset(offset)
+
+
 def position_offset(maps: torch.Tensor) -> torch.Tensor:
     """Low-resolution maps (n, 1, h, w) of good parts -> (1, 1, h, w): each position's mean minus the overall mean."""
     mean = maps.mean(dim=0, keepdim=True)
@@ -108,7 +113,7 @@ class PatchcoreModel(nn.Module):
         super().__init__()
         self.features = features
         self.bank = BankDistance(bank, (input_size[0] // feature_stride, input_size[1] // feature_stride))
-        self.offset: nn.Module = nn.Identity() if offset is None else PositionOffset(offset)
+        self.offset = offset_step(offset)
         self.head = MapToAnswer(input_size, blur_sigma)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
