@@ -1,7 +1,7 @@
 """End-to-end speed and memory of the edge service, beside bare bundle inference on the same tile batch.
 
     python benchmarks/service_bench.py --minutes 0                 # ~4 min: 2x2 and 4x4 grids (and two fits)
-    python benchmarks/service_bench.py --heatmap-scale 0.5 --minutes 0
+    python benchmarks/service_bench.py --heatmap-scale 1 --minutes 0   # full-size heatmaps (default: auto)
     python benchmarks/service_bench.py --minutes 10                # adds the 10-minute RSS-flatness run
 
 For 1280x1024 frames (an MJPG video, decoded by OpenCV like a camera stream, one part in four with a
@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from edge_inspector.backends import create_backend  # noqa: E402
 from edge_inspector.core.bundle import Bundle  # noqa: E402
+from edge_inspector.core.inspect import MapScale  # noqa: E402
 from edge_inspector.core.tiling import Tiler  # noqa: E402
 from edge_inspector.service.app import Service  # noqa: E402
 from edge_inspector.service.config import parse_config  # noqa: E402
@@ -63,6 +64,11 @@ for i in range(8):
     cv2.imwrite(str(train / f"{i:02d}.png"), make_part(rng, (1024, 1280))[0])
 fit_padim(train, out, PadimOptions(input_size=(256, 256), folds=2, rows=grid, cols=grid))
 """
+
+
+def map_scale(text: str) -> MapScale:
+    """--heatmap-scale: "auto" or a number (the service's config checks the range)."""
+    return "auto" if text == "auto" else float(text)
 
 
 def rss_mb() -> float:
@@ -128,7 +134,7 @@ def bare_inference(bundle: Bundle, grid: int, frame: np.ndarray, threads: int, s
     return times
 
 
-def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, heatmap_scale: float = 1.0,
+def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, heatmap_scale: MapScale = "auto",
                       frames: int = 12) -> dict[str, float]:
     """Each pipeline step timed one after the other on one thread (no stage competing with inference)."""
     from edge_inspector.core.decision import DecisionParams
@@ -143,8 +149,8 @@ def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, h
                            "model": {"bundle": str(bundle_path), "backend": "onnxruntime", "threads": threads}})
     model = load_model(config)
     engine = InferenceEngine(Inspector(model, DecisionParams(threshold=model.bundle.threshold)), heatmap_scale)
-    publisher = Publisher(PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", control_endpoint=None,
-                                        heatmap_scale=heatmap_scale), "bench", health=dict)
+    publisher = Publisher(PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", control_endpoint=None),
+                          "bench", health=dict)
     times: dict[str, list[float]] = {k: [] for k in ("decode", "tiling", "inference", "decision", "publish")}
     with Subscriber(publisher.endpoint, ("inspection.",)) as subscriber:
         capture = cv2.VideoCapture(str(video))
@@ -173,7 +179,7 @@ def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, h
 
 
 def run_service(bundle: Path, video: Path, grid: int, threads: int, seconds: float, fps: float | None,
-                rss_every: float = 0.0, heatmap_scale: float = 1.0) -> dict:
+                rss_every: float = 0.0, heatmap_scale: MapScale = "auto") -> dict:
     """Run the service in-process on the looping video; collect headers and arrival times over ZeroMQ."""
     data = {"camera": {"id": "bench", "source": str(video), "loop": True, "fps": fps},
             "tiling": {"rows": grid, "cols": grid},
@@ -221,7 +227,7 @@ TABLE_HEAD = ("| grid | bare inference of the tile batch | service throughput | 
 
 
 def report_grid(bundle_path: Path, video: Path, grid: int, threads: int, seconds: float,
-                heatmap_scale: float = 1.0) -> str:
+                heatmap_scale: MapScale = "auto") -> str:
     """Print one grid's figures; return its README table row."""
     bundle = Bundle.load(bundle_path)
     capture = cv2.VideoCapture(str(video))
@@ -239,7 +245,7 @@ def report_grid(bundle_path: Path, video: Path, grid: int, threads: int, seconds
     overhead = 100 * (bare_fps / throughput["fps"] - 1) if throughput["fps"] > 0 else float("nan")
     verdicts = paced["verdicts"]
     print(f"\n== 1280x1024 frames, {grid}x{grid} tiles -> {grid * grid} x 256x256, ONNX Runtime {threads} threads, "
-          f"heatmap_scale {heatmap_scale:g}; load average {load:.1f} -> {os.getloadavg()[0]:.1f} ==")
+          f"heatmap_scale {heatmap_scale}; load average {load:.1f} -> {os.getloadavg()[0]:.1f} ==")
     print(f"bundle: {describe_bundle(bundle)}")
     print(f"bare inference, {grid * grid}-tile batch : p50 {pct(bare, 50):7.1f} ms  p99 {pct(bare, 99):7.1f} ms  "
           f"-> {bare_fps:5.2f} frames/s")
@@ -283,7 +289,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per run")
     parser.add_argument("--minutes", type=float, default=0.5, help="length of the RSS run (0: skip)")
-    parser.add_argument("--heatmap-scale", type=float, default=1.0, help="publish.heatmap_scale")
+    parser.add_argument("--heatmap-scale", type=map_scale, default="auto", help="publish.heatmap_scale: 0.05-1 or auto")
     parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -295,7 +301,7 @@ def main() -> None:
     bundles = {grid: args.bundle or ensure_bundle(args.work, grid) for grid in grids}
     print(f"video {video}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     rows = [report_grid(bundles[grid], video, grid, args.threads, args.seconds, args.heatmap_scale) for grid in grids]
-    print(f"\nheatmap_scale {args.heatmap_scale:g}, ONNX Runtime {args.threads} threads:\n{TABLE_HEAD}")
+    print(f"\nheatmap_scale {args.heatmap_scale}, ONNX Runtime {args.threads} threads:\n{TABLE_HEAD}")
     print("\n".join(rows))
     if args.minutes > 0:  # a fresh process, so the RSS is one service's, not this run's leftovers
         subprocess.run([sys.executable, __file__, "--rss-only", "--work", str(args.work), "--bundle",

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 import zmq
@@ -102,14 +103,34 @@ def test_jpeg_overlay_and_no_heatmap(engine):
 
 def test_heatmap_scale_shrinks_the_image_not_the_boxes(engine):
     frames, _ = conveyor_frames(np.random.default_rng(14), 1, [True])
-    result = engine.process(frame_of(frames[0]))
-    message, = publish_and_receive([result], heatmap_scale=0.5)
+    result = InferenceEngine(engine.inspector, 0.5).process(frame_of(frames[0]))
+    message, = publish_and_receive([result])
     header = message.header
     assert message.heatmap_image().shape == (PART // 2, PART * LANES // 2)
     assert (header["heatmap"]["width"], header["heatmap"]["height"]) == (PART * LANES // 2, PART // 2)
     assert header["frame"] == {"width": PART * LANES, "height": PART}
     box = result.decision.boxes[0]
     assert header["defects"][0]["x"] == box.x and header["defects"][0]["width"] == box.width
+
+
+def test_auto_heatmap_scale_publishes_the_models_own_detail(engine):
+    """heatmap_scale auto (the default): a frame twice the model's tile input is sent at half size; boxes,
+    areas and the frame's size stay in frame pixels; a frame at the input's size is sent whole."""
+    assert PublishConfig().heatmap_scale == "auto"
+    frames, _ = conveyor_frames(np.random.default_rng(15), 1, [True])
+    big = cv2.resize(frames[0], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    auto = InferenceEngine(engine.inspector, "auto")
+    large, small = auto.process(frame_of(big)), auto.process(frame_of(frames[0]))
+    assert (large.heatmap_scale, small.heatmap_scale) == (0.5, 1.0)
+    assert large.verdict == "fail" and large.decision.boxes
+    message, whole = publish_and_receive([large, small])
+    header = message.header
+    assert message.heatmap_image().shape == (PART, PART * LANES)
+    assert (header["heatmap"]["width"], header["heatmap"]["height"]) == (PART * LANES, PART)
+    assert header["frame"] == {"width": 2 * PART * LANES, "height": 2 * PART}
+    assert header["defects"][0]["area"] == large.decision.boxes[0].area  # decided on the full-size map
+    assert whole.heatmap_image().shape == (PART, PART * LANES)
+    assert whole.header["frame"] == {"width": PART * LANES, "height": PART}
 
 
 def test_error_results_are_published_with_the_reason(engine):

@@ -110,6 +110,22 @@ def test_boxes_follow_the_frame_size():
     assert tiler.boxes((200, 100))[-1] == (50, 100, 50, 100)
 
 
+@pytest.mark.parametrize("rows, tile_size, frame, expected", [
+    (2, None, (1024, 1280), 0.5),        # 512 model pixels down 1024 frame rows (and 512 across 1280)
+    (1, None, (1024, 1280), 0.25),       # one whole-frame tile
+    (4, None, (1024, 1280), 1.0),        # 256x320 tiles: upscaled rows, so the frame's own size
+    (2, None, (200, 200), 1.0),          # tiles smaller than the input: never above 1
+    (1, None, (20000, 20000), 0.05),     # never below the config's floor
+    (3, (640, 640), (1024, 1280), 0.4),  # overlapping tiles of a set size: their own shrink factor
+])
+def test_detail_scale_is_one_map_pixel_per_model_pixel(rows, tile_size, frame, expected):
+    tiler = Tiler(rows, rows, (256, 256), tile_size=tile_size)
+    assert tiler.detail_scale(frame) == pytest.approx(expected)
+    maps = np.ones((rows * rows, 256, 256), np.float32)
+    heatmap = tiler.stitch(maps, frame, expected)
+    assert heatmap.shape == (round(frame[0] * expected), round(frame[1] * expected))
+
+
 @pytest.mark.parametrize("kwargs, shape, message", [
     ({"roi": (50, 50, 100, 100)}, (120, 120), "tiling.roi"),
     ({"tile_size": (20, 20)}, (100, 100), "leave gaps"),

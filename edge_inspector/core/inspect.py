@@ -18,13 +18,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.decision import Decision, DecisionParams, decide
 from edge_inspector.core.tiling import Box, Tiler
+
+MapScale = float | Literal["auto"]  # "auto": the model's own detail (Tiler.detail_scale)
 
 if TYPE_CHECKING:  # backends build on core; core only needs the interface's name for its type hints
     from edge_inspector.backends.base import Backend
@@ -139,14 +141,16 @@ class Inspector:
             return None
         return Tiles(tiles, tiler, (time.monotonic() - start) * 1000.0)
 
-    def inspect(self, image: np.ndarray, map_scale: float = 1.0, tiles: Tiles | None = None) -> Inspection:
+    def inspect(self, image: np.ndarray, map_scale: MapScale = 1.0, tiles: Tiles | None = None) -> Inspection:
         """Tile, infer, stitch and decide one uint8 BGR frame. Errors propagate to the caller.
 
         The returned map is stitched at `map_scale` of the frame's size (the service passes the published
-        heatmap's scale). The decision always sees the full-resolution map, so defect areas and boxes are in
-        frame pixels whatever the scale; below the threshold it never looks at the map, so on a line where
-        most parts pass, the full-size map is stitched only for the few that do not. `tiles` from `prepare`
-        are used when they were cut by the current model's tiler (a reload in between cuts them again).
+        heatmap's scale; "auto" is the model's own detail, resolved per frame since a reload can change the
+        grid; `Inspection.map_scale` says which scale was used). The decision always sees the
+        full-resolution map, so defect areas and boxes are in frame pixels whatever the scale; below the
+        threshold it never looks at the map, so on a line where most parts pass, the full-size map is
+        stitched only for the few that do not. `tiles` from `prepare` are used when they were cut by the
+        current model's tiler (a reload in between cuts them again).
         """
         self._close_retired()
         model, params = self.settings()
@@ -159,15 +163,16 @@ class Inspector:
         t1 = time.monotonic()
         output = model.backend.infer(batch)
         t2 = time.monotonic()
-        heatmap = model.tiler.stitch(output.anomaly_maps, image.shape, map_scale)
+        scale = model.tiler.detail_scale(image.shape) if map_scale == "auto" else float(map_scale)
+        heatmap = model.tiler.stitch(output.anomaly_maps, image.shape, scale)
         over = output.scores.size > 0 and float(np.max(output.scores)) > params.threshold
-        full = model.tiler.stitch(output.anomaly_maps, image.shape) if over and map_scale != 1.0 else heatmap
+        full = model.tiler.stitch(output.anomaly_maps, image.shape) if over and scale != 1.0 else heatmap
         decision = decide(output.scores, full, params)
         t3 = time.monotonic()
         return Inspection(decision=decision, heatmap=heatmap, tile_boxes=model.tiler.boxes(image.shape),
                           model_id=model.model_id, model_sha256=model.sha256,
                           timings={"tiling": tiling_ms, "inference": (t2 - t1) * 1000.0,
-                                   "decision": (t3 - t2) * 1000.0}, map_scale=map_scale)
+                                   "decision": (t3 - t2) * 1000.0}, map_scale=scale)
 
     def _close_retired(self) -> None:
         """Close replaced backends here, on the judging thread: no frame is using them any more."""

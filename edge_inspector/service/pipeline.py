@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_inspector.core.decision import Decision
-from edge_inspector.core.inspect import Inspector
+from edge_inspector.core.inspect import Inspector, MapScale
 from edge_inspector.service.queues import FrameQueue, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
 
@@ -51,7 +51,8 @@ class Result:
     model_id: str
     model_sha256: str
     decision: Decision | None = None
-    heatmap: np.ndarray | None = None  # float32 HxW, raw score scale
+    heatmap: np.ndarray | None = None  # float32, raw score scale, heatmap_scale x the frame's size
+    heatmap_scale: float = 1.0  # the scale the map was stitched at, so published at (publish.heatmap_scale)
     tile_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
@@ -120,7 +121,7 @@ class InferenceEngine:
     becomes verdict 'error' carrying the reason, never a silent gap.
     """
 
-    def __init__(self, inspector: Inspector, map_scale: float = 1.0):
+    def __init__(self, inspector: Inspector, map_scale: MapScale = 1.0):
         self.inspector = inspector
         self.map_scale = map_scale  # publish.heatmap_scale: maps are stitched at the size they are sent
         self.sequence = 0
@@ -146,7 +147,7 @@ class InferenceEngine:
         timings.update(inspection.timings)
         result.verdict = inspection.verdict
         result.decision = inspection.decision
-        result.heatmap = inspection.heatmap
+        result.heatmap, result.heatmap_scale = inspection.heatmap, inspection.map_scale
         result.tile_boxes = inspection.tile_boxes
         result.model_id, result.model_sha256 = inspection.model_id, inspection.model_sha256
         result.min_defect_area = inspection.decision.min_defect_area

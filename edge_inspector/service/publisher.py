@@ -48,12 +48,17 @@ def _round(value: float | None, digits: int = 6) -> float | None:
 
 
 
-def encode_heatmap(result: Result, mode: str, full_scale: float, jpeg_quality: int, scale: float = 1.0) -> bytes:
-    """The message's third part: 8-bit PNG heatmap, JPEG overlay on the frame, or nothing."""
+def encode_heatmap(result: Result, mode: str, full_scale: float, jpeg_quality: int) -> bytes:
+    """The message's third part: 8-bit PNG heatmap, JPEG overlay on the frame, or nothing.
+
+    Sent at the result's `heatmap_scale` (the scale its map was stitched at: publish.heatmap_scale, "auto"
+    resolved by the inference stage).
+    """
     frame = result.frame.image
     if mode == "none" or result.heatmap is None or result.decision is None or frame is None:
         return b""
     heat8 = heatmap_to_u8(result.heatmap, result.decision.threshold, full_scale)
+    scale = result.heatmap_scale
     if scale < 1.0:
         size = heatmap_size(frame.shape, scale)
         if heat8.shape[::-1] != size:  # maps stitched at the published scale already have its size
@@ -73,8 +78,7 @@ def _iso(timestamp: float) -> str:
     return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def result_header(result: Result, camera_id: str, heatmap_mode: str, full_scale: float,
-                  heatmap_scale: float = 1.0) -> dict[str, Any]:
+def result_header(result: Result, camera_id: str, heatmap_mode: str, full_scale: float) -> dict[str, Any]:
     """The JSON header of a result message (docs/wire-format.md, schema_version 1).
 
     Threshold and min_defect_area come from the result's own decision, never from the live settings: a
@@ -84,7 +88,7 @@ def result_header(result: Result, camera_id: str, heatmap_mode: str, full_scale:
     decision = result.decision
     height, width = frame.image.shape[:2] if frame.image is not None else (0, 0)
     has_heatmap = heatmap_mode != "none" and result.heatmap is not None and decision is not None and height > 0
-    heat_width, heat_height = heatmap_size((height, width), heatmap_scale) if has_heatmap else (0, 0)
+    heat_width, heat_height = heatmap_size((height, width), result.heatmap_scale) if has_heatmap else (0, 0)
     return {
         "schema_version": SCHEMA_VERSION,
         "type": "inspection",
@@ -193,7 +197,7 @@ class Publisher:
         start = time.monotonic()
         try:
             heatmap = encode_heatmap(result, self.config.heatmap, self.config.heatmap_full_scale,
-                                     self.config.jpeg_quality, self.config.heatmap_scale)
+                                     self.config.jpeg_quality)
         except Exception as err:  # the verdict still goes out; the missing picture is explained in the header
             heatmap = b""
             result.error = result.error or f"heatmap encoding failed: {err}"
@@ -203,7 +207,7 @@ class Publisher:
         # capture_mono is taken when the read returned: add the read itself, so total covers it too.
         result.timings["total"] = (done - result.frame.capture_mono) * 1000.0 + result.frame.capture_ms
         header = result_header(result, self.camera_id, self.config.heatmap if heatmap else "none",
-                               self.config.heatmap_full_scale, self.config.heatmap_scale)
+                               self.config.heatmap_full_scale)
         self.socket.send_multipart([self.result_topic, dumps_strict(header), heatmap], copy=False)
         if self.archive is not None:
             self.archive.submit(result, header)
