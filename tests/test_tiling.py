@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.images import resize_to
 from edge_inspector.core.tiling import Tiler
 
 
@@ -32,8 +33,40 @@ def test_split_returns_each_tile_resized_in_order():
     tiles = tiler.split(frame)
     assert tiles.shape == (4, 50, 75, 3) and tiles.dtype == np.uint8
     for tile, (x, y, w, h) in zip(tiles, tiler.boxes(frame.shape)):
-        expected = cv2.resize(frame[y:y + h, x:x + w], (75, 50), interpolation=cv2.INTER_AREA)
+        expected = cv2.resize(frame[y:y + h, x:x + w], (75, 50), interpolation=cv2.INTER_AREA)  # whole factors
         assert np.array_equal(tile, expected)
+        assert np.array_equal(tile, resize_to(frame[y:y + h, x:x + w], (50, 75)))  # what fit feeds the model
+
+
+def smooth_frame_with_noise(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A camera-like frame: smooth shading, a few sharp-edged shapes and sensor noise (sigma 6 levels)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    frame = 90 + 60 * np.sin(xx / 97.0) * np.cos(yy / 71.0)
+    for _ in range(12):
+        x, y, r = rng.integers(0, shape[1]), rng.integers(0, shape[0]), rng.integers(5, 80)
+        frame[(xx - x) ** 2 + (yy - y) ** 2 < r * r] += rng.uniform(-60, 60)
+    frame += rng.normal(0, 6, shape)
+    return np.repeat(np.clip(frame, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+@pytest.mark.parametrize("shape, size", [((512, 640), (256, 256)), ((1024, 1280), (256, 256)),
+                                         ((900, 900), (256, 256)), ((341, 427), (256, 256)), ((600, 100), (256, 256))])
+def test_resize_to_is_an_area_average_close_to_one_area_resize(shape, size):
+    """Shrinks of 2x or more go through whole-number blocks first (OpenCV's fast area path): the model's
+    input stays within camera noise of a single area resize, and is exactly it where no such step is needed."""
+    frame = smooth_frame_with_noise(shape)
+    fast = resize_to(frame, size)
+    one_step = cv2.resize(frame, size[::-1], interpolation=cv2.INTER_AREA)
+    assert fast.shape == one_step.shape == (*size, 3) and fast.dtype == np.uint8
+    diff = np.abs(fast.astype(np.int16) - one_step)
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))
+    whole = shape[0] % size[0] == 0 and shape[1] % size[1] == 0
+    one_axis_grows = shape[0] < size[0] or shape[1] < size[1]
+    if whole or one_axis_grows or max(shape[0] // size[0], shape[1] // size[1]) < 2:
+        assert diff.max() == 0
+    out = np.empty_like(fast)
+    assert resize_to(frame, size, dst=out) is out and np.array_equal(out, fast)
 
 
 def test_stitch_places_each_map_in_its_tile():

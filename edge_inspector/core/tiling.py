@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.images import resize_to
 
 Box = tuple[int, int, int, int]  # x, y, width, height
 MIN_MAP_SCALE = 0.05  # publish.heatmap_scale's lower bound: below it a heatmap is a handful of pixels
@@ -126,13 +127,7 @@ class Tiler:
         height, width = self.input_size
         out = np.empty((len(boxes), height, width, 3), np.uint8)
         for i, (x, y, w, h) in enumerate(boxes):
-            crop = frame[y:y + h, x:x + w]
-            if (h, w) == (height, width):
-                out[i] = crop
-            else:
-                shrinking = h > height or w > width
-                cv2.resize(crop, (width, height), dst=out[i],
-                           interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+            resize_to(frame[y:y + h, x:x + w], (height, width), dst=out[i])
         return out
 
     def stitch(self, maps: np.ndarray, frame_shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
