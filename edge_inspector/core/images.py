@@ -79,6 +79,14 @@ def list_non_images(folder: str | Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def _placed(image: np.ndarray, dst: np.ndarray | None) -> np.ndarray:
+    """`image` itself, or copied into `dst` when the caller gave one."""
+    if dst is None:
+        return image
+    dst[...] = image
+    return dst
+
+
 def resize_to(image: np.ndarray, size: tuple[int, int], dst: np.ndarray | None = None) -> np.ndarray:
     """Resize uint8 BGR to size=(height, width): area averaging when shrinking, linear when growing.
 
@@ -94,10 +102,7 @@ def resize_to(image: np.ndarray, size: tuple[int, int], dst: np.ndarray | None =
     height, width = size
     rows, cols = image.shape[:2]
     if (rows, cols) == (height, width):
-        if dst is None:
-            return image
-        dst[...] = image
-        return dst
+        return _placed(image, dst)
     if rows <= height and cols <= width:
         return cv2.resize(image, (width, height), dst=dst, interpolation=cv2.INTER_LINEAR)
     ky, kx = max(1, rows // height), max(1, cols // width)
@@ -107,10 +112,7 @@ def resize_to(image: np.ndarray, size: tuple[int, int], dst: np.ndarray | None =
         rows, cols = rows - rows % ky, cols - cols % kx
         image = cv2.resize(image[:rows, :cols], (cols // kx, rows // ky), interpolation=cv2.INTER_AREA)
         if image.shape[:2] == (height, width):
-            if dst is None:
-                return image
-            dst[...] = image
-            return dst
+            return _placed(image, dst)
     return cv2.resize(image, (width, height), dst=dst, interpolation=cv2.INTER_AREA)
 
 
