@@ -62,6 +62,15 @@ def test_out_of_range_value(tmp_path):
     assert "publish.health_interval_s" in message and "got -1" in message
 
 
+@pytest.mark.parametrize("value, shown", [("0.01", "0.01"), ("1.5", "1.5"), ("big", "'big'"), ("true", "True")])
+def test_heatmap_scale_is_a_number_in_range_or_auto(tmp_path, value, shown):
+    message = error_of(tmp_path, f"model: {{bundle: b}}\npublish: {{heatmap_scale: {value}}}\n")
+    assert f"publish.heatmap_scale: expected a number in [0.05, 1] or one of auto, got {shown}" in message
+    assert load_config(write(tmp_path, "model: {bundle: b}\n")).publish.heatmap_scale == "auto"
+    half = load_config(write(tmp_path, "model: {bundle: b}\npublish: {heatmap_scale: 0.5}\n"))
+    assert half.publish.heatmap_scale == 0.5
+
+
 def test_unknown_keys_at_every_level(tmp_path):
     assert "tilling: unknown key" in error_of(tmp_path, "model: {bundle: b}\ntilling: {rows: 2}\n")
     message = error_of(tmp_path, "model: {bundle: b, treads: 2}\n")

@@ -126,8 +126,8 @@ class Inspector:
     def prepare(self, image: np.ndarray) -> Tiles | None:
         """Cut a frame into the current model's tiles ahead of `inspect`, on another thread than inference.
 
-        The service's capture stage calls this, so resizing the tiles (INTER_AREA; for a 1280x1024 frame on
-        the 2-core VM 4-7 ms at 2x2 tiles, 8-10 ms at 4x4) runs beside the previous frame's inference
+        The service's capture stage calls this, so resizing the tiles (`resize_to`; for a 1280x1024 frame on
+        the 2-core VM 2-3.5 ms at 2x2 tiles, 8-10 ms at 4x4) runs beside the previous frame's inference
         instead of before this one's.
         The tiles are the very ones `inspect` would cut itself (same Tiler, same call), so verdicts do not
         depend on which thread cut them. None when the frame cannot be cut: `inspect` then cuts it again and

@@ -21,6 +21,7 @@ from msgspec import Meta
 from edge_inspector.core import schema
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.schema import NON_BLANK, Pair, Rect, Text, expect, internal
+from edge_inspector.core.tiling import MIN_MAP_SCALE
 
 Source = Annotated[Annotated[int, Meta(ge=0)] | Annotated[str, Meta(pattern=NON_BLANK)],
                    expect("a device index (integer >= 0) or a path, URL or GStreamer pipeline")]
@@ -108,7 +109,7 @@ class PublishConfig:
     heatmap: Annotated[Literal["png", "jpeg_overlay", "none"], doc("third message part")] = "png"
     heatmap_full_scale: Annotated[float, Meta(gt=0.0, le=1000.0),
                                   doc("normalised score that maps to 255 in the 8-bit heatmap")] = 2.0
-    heatmap_scale: Annotated[Annotated[float, Meta(ge=0.05, le=1.0)] | Literal["auto"],
+    heatmap_scale: Annotated[Annotated[float, Meta(ge=MIN_MAP_SCALE, le=1.0)] | Literal["auto"],
                              doc("heatmap size relative to the frame (0.05-1), or auto: the model's own detail, "
                                  "one heatmap pixel per model-input pixel (0.5 for 2x2 tiles of 1280x1024 at "
                                  "256x256, 0.25 for one tile)")] = "auto"
