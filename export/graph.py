@@ -75,6 +75,7 @@ class GaussianBlur(nn.Module):
     def __init__(self, sigma: float, size: tuple[int, int]):
         super().__init__()
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.sigma = float(sigma) if sigma > 0 else 0.0  # recorded in bundle.yaml (map_blur_sigma)
         self.radius = (kernel.numel() - 1) // 2
         if self.radius >= min(size):
             raise ValueError(f"blur sigma {sigma} too large for a {size[0]}x{size[1]} map")
@@ -94,6 +95,11 @@ class MapToAnswer(nn.Module):
         super().__init__()
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.blur = GaussianBlur(sigma, self.input_size)
+
+    @property
+    def sigma(self) -> float:
+        """The blur actually applied (bundle.yaml's map_blur_sigma)."""
+        return self.blur.sigma
 
     def forward(self, low_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(low_res.shape[-2:]) != self.input_size:

@@ -206,6 +206,7 @@ def test_vae_trains_and_separates_defects(fabric, tmp_path):
     bundle = train_autoencoder(config, "vae", tmp_path / "fabric_vae")
     assert Bundle.load(bundle.path).meta.model_kind == "vae"
     assert bundle.meta.model_params["kl_weight"] > 0 and bundle.meta.model_params["ssim_weight"] == 0.2
+    assert bundle.meta.map_blur_sigma == 4.0  # the graph's blur, so the service sends the map at its detail
     scores, labels, _, _ = _score_test_set(bundle, fabric)
     assert image_auroc(scores, labels) >= 0.9
 

@@ -59,6 +59,23 @@ def test_a_one_byte_threshold_edit_is_refused_and_a_re_digested_one_changes_the_
     assert edited.model_id.rsplit("-", 1)[0] == bundle.model_id.rsplit("-", 1)[0]
 
 
+def test_a_format_2_bundle_loads_without_map_blur_sigma(copy):
+    """Bundles from before map_blur_sigma (format 2) still load: their map counts as unblurred (auto then
+    sends one heatmap pixel per model pixel, as it did); a newer format is refused with one line."""
+    assert Bundle.load(copy).meta.map_blur_sigma == 4.0
+    def downgrade(data):
+        del data["map_blur_sigma"]
+        data["format_version"] = 2
+    edit_yaml(copy, downgrade, keep_digest=False)
+    assert Bundle.load(copy).meta.map_blur_sigma == 0.0
+    edit_yaml(copy, lambda d: d.__setitem__("map_blur_sigma", -1), keep_digest=False)
+    with pytest.raises(BundleError, match="map_blur_sigma: expected a number >= 0, got -1"):
+        Bundle.load(copy)
+    edit_yaml(copy, lambda d: d.__setitem__("format_version", 4), keep_digest=False)
+    with pytest.raises(BundleError, match="format_version 4 is newer than this runtime supports"):
+        Bundle.load(copy)
+
+
 def test_a_missing_digest_is_refused(copy):
     edit_yaml(copy, lambda d: d.pop("meta_sha256"))
     with pytest.raises(BundleError, match="meta_sha256 missing"):

@@ -69,6 +69,7 @@ def patchcore_bundle(synthetic_dataset, tmp_path_factory) -> Bundle:
 def test_bundle_keeps_the_contract(patchcore_bundle):
     meta = patchcore_bundle.meta
     assert meta.model_kind == "patchcore" and tuple(meta.input_size) == (128, 128)
+    assert meta.map_blur_sigma == 4.0  # the graph's blur, so the service sends the map at its detail
     assert meta.model_params["bank_size"] == round(0.1 * 24 * 16 * 16)
     assert meta.threshold.value > 0 and meta.score_stats.count == 24
     model = onnx.load(str(patchcore_bundle.onnx_path))

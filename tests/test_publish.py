@@ -114,22 +114,24 @@ def test_heatmap_scale_shrinks_the_image_not_the_boxes(engine):
 
 
 def test_auto_heatmap_scale_publishes_the_models_own_detail(engine):
-    """heatmap_scale auto (the default): a frame twice the model's tile input is sent at half size; boxes,
-    areas and the frame's size stay in frame pixels; a frame at the input's size is sent whole."""
+    """heatmap_scale auto (the default): one heatmap pixel per 2 model pixels (the bundle's map is blurred with
+    sigma 4), so a frame twice the model's tile input is sent at a quarter, one at the input's size at half;
+    boxes, areas and the frame's size stay in frame pixels."""
     assert PublishConfig().heatmap_scale == "auto"
     frames, _ = conveyor_frames(np.random.default_rng(15), 1, [True])
     big = cv2.resize(frames[0], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
     auto = InferenceEngine(engine.inspector, "auto")
     large, small = auto.process(frame_of(big)), auto.process(frame_of(frames[0]))
-    assert (large.heatmap_scale, small.heatmap_scale) == (0.5, 1.0)
+    assert engine.inspector.model.bundle.meta.map_blur_sigma == 4.0
+    assert (large.heatmap_scale, small.heatmap_scale) == (0.25, 0.5)
     assert large.verdict == "fail" and large.decision.boxes
     message, whole = publish_and_receive([large, small])
     header = message.header
-    assert message.heatmap_image().shape == (PART, PART * LANES)
-    assert (header["heatmap"]["width"], header["heatmap"]["height"]) == (PART * LANES, PART)
+    assert message.heatmap_image().shape == (PART // 2, PART * LANES // 2)
+    assert (header["heatmap"]["width"], header["heatmap"]["height"]) == (PART * LANES // 2, PART // 2)
     assert header["frame"] == {"width": 2 * PART * LANES, "height": 2 * PART}
     assert header["defects"][0]["area"] == large.decision.boxes[0].area  # decided on the full-size map
-    assert whole.heatmap_image().shape == (PART, PART * LANES)
+    assert whole.heatmap_image().shape == (PART // 2, PART * LANES // 2)
     assert whole.header["frame"] == {"width": PART * LANES, "height": PART}
 
 

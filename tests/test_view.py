@@ -174,9 +174,12 @@ def test_page_events_pictures_and_counters(bundle, tmp_path):
     # The failed part's picture is still served (the strip keeps them), exactly as published: a PNG heatmap.
     assert code == 200 and headers_png["Content-Type"] == "image/png" and "immutable" in headers_png["Cache-Control"]
     heat = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
-    assert heat.shape == (PART, PART * LANES)
-    box = kept["header"]["defects"][0]
-    inside = heat[box["y"]:box["y"] + box["height"], box["x"]:box["x"] + box["width"]]
+    header = kept["header"]
+    assert heat.shape == (header["heatmap"]["height"], header["heatmap"]["width"])  # auto: half the frame here
+    assert heat.shape == (PART // 2, PART * LANES // 2) and header["frame"]["width"] == PART * LANES
+    box, k = header["defects"][0], heat.shape[1] / header["frame"]["width"]  # boxes are in frame pixels
+    inside = heat[int(box["y"] * k):int((box["y"] + box["height"]) * k) + 1,
+                  int(box["x"] * k):int((box["x"] + box["width"]) * k) + 1]
     assert inside.max() > 127  # over the threshold (127.5 at full_scale 2) where the defect box is
 
 

@@ -82,7 +82,7 @@ def test_operator_page_in_chromium(bundle, tmp_path, page):  # noqa: F811 (the i
         page.wait_for_function(f"document.querySelector('canvas.overlay').dataset.itemId === '{item_id}'")
         canvas = tile.locator("canvas.overlay")
         size = canvas.evaluate("c => [c.width, c.height, c.dataset.format]")
-        assert size == [256, 128, "png"]
+        assert size == [128, 64, "png"]  # the PNG as sent (auto: half the 256x128 frame here), scaled by CSS
         assert canvas.evaluate(RED_PIXELS) > 20  # JET-coloured over-threshold heat where the defect is
         assert tile.locator("svg .defect-box").count() >= 1
         assert tile.locator(".review-banner").is_visible()

@@ -45,7 +45,9 @@ from edge_inspector.core.schema import Real, shown
 
 # 2: bundle.yaml carries meta_sha256 (a digest of its own metadata). A format-1 runtime meeting a format-2
 # bundle says "newer than this runtime supports" instead of tripping over the unknown key.
-FORMAT_VERSION = 2
+# 3: map_blur_sigma (how smooth the graph's map is, so the service can send it at the detail it holds);
+# format-2 bundles load with 0 (unknown: sent at one pixel per model-input pixel, as before).
+FORMAT_VERSION = 3
 BUNDLE_FILE = "bundle.yaml"
 MODEL_FILE = "model.onnx"
 META_DIGEST_KEY = "meta_sha256"
@@ -58,6 +60,7 @@ READ_ACCESS = "the service user needs read access to the bundle folder and its f
 PositiveReal = Annotated[int, Meta(gt=0)] | Annotated[float, Meta(gt=0)]
 Rate = Annotated[int, Meta(ge=0, le=1)] | Annotated[float, Meta(ge=0, le=1)]
 Count = Annotated[int, Meta(ge=0)]
+NonNegativeReal = Annotated[int, Meta(ge=0)] | Annotated[float, Meta(ge=0)]
 
 
 @dataclass
@@ -153,6 +156,9 @@ class BundleMeta:
     created: str = ""
     package_version: str = __version__
     model_params: dict[str, Any] = field(default_factory=dict)  # kind-specific numbers, informative only
+    # The Gaussian sigma (model-input pixels) the graph blurs its anomaly map with; 0 = none or not known.
+    # A map that smooth holds no detail finer than sigma / 2 pixels (Tiler.detail_scale uses it).
+    map_blur_sigma: NonNegativeReal = 0.0
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     meta_sha256: str = ""  # sha256 of the canonical JSON of everything above (set by write_meta)
 

@@ -26,7 +26,7 @@ from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.decision import Decision, DecisionParams, decide
 from edge_inspector.core.tiling import Box, Tiler
 
-MapScale = float | Literal["auto"]  # "auto": the model's own detail (Tiler.detail_scale)
+MapScale = float | Literal["auto"]  # "auto": the detail the model's map holds (Tiler.detail_scale)
 
 if TYPE_CHECKING:  # backends build on core; core only needs the interface's name for its type hints
     from edge_inspector.backends.base import Backend
@@ -163,7 +163,8 @@ class Inspector:
         t1 = time.monotonic()
         output = model.backend.infer(batch)
         t2 = time.monotonic()
-        scale = model.tiler.detail_scale(image.shape) if map_scale == "auto" else float(map_scale)
+        scale = (model.tiler.detail_scale(image.shape, model.bundle.meta.map_blur_sigma) if map_scale == "auto"
+                 else float(map_scale))
         heatmap = model.tiler.stitch(output.anomaly_maps, image.shape, scale)
         over = output.scores.size > 0 and float(np.max(output.scores)) > params.threshold
         full = model.tiler.stitch(output.anomaly_maps, image.shape) if over and scale != 1.0 else heatmap

@@ -110,9 +110,9 @@ class PublishConfig:
     heatmap_full_scale: Annotated[float, Meta(gt=0.0, le=1000.0),
                                   doc("normalised score that maps to 255 in the 8-bit heatmap")] = 2.0
     heatmap_scale: Annotated[Annotated[float, Meta(ge=MIN_MAP_SCALE, le=1.0)] | Literal["auto"],
-                             doc("heatmap size relative to the frame (0.05-1), or auto: the model's own detail, "
-                                 "one heatmap pixel per model-input pixel (0.5 for 2x2 tiles of 1280x1024 at "
-                                 "256x256, 0.25 for one tile)")] = "auto"
+                             doc("heatmap size relative to the frame (0.05-1), or auto: the detail the model's map "
+                                 "holds, one heatmap pixel per sigma/2 model-input pixels of its blur (sigma 4: "
+                                 "0.25 for 2x2 tiles of 1280x1024 at 256x256, 0.125 for one tile)")] = "auto"
     jpeg_quality: Annotated[int, Meta(ge=1, le=100), doc("quality of jpeg_overlay")] = 85
     health_interval_s: Annotated[float, Meta(ge=0.05, le=3600.0), doc("seconds between health messages")] = 5.0
     sndhwm: Annotated[int, Meta(ge=1, le=100000), doc("messages queued per slow subscriber before dropping")] = 20

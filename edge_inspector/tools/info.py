@@ -34,6 +34,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "feature_dim": meta.feature_dim,
         "input_size": list(bundle.input_size),
         "color_order": meta.color_order,
+        "map_blur_sigma": meta.map_blur_sigma,
         "tiling": {"rows": tiling.rows, "cols": tiling.cols, "mode": tiling.mode, "tile_size": tiling.tile_size,
                    "stride": tiling.stride, "roi": tiling.roi},
         "threshold": {"value": t.value, "rule": t.rule, "target_false_reject_rate": t.target_false_reject_rate,
@@ -83,7 +84,8 @@ def format_info(facts: dict[str, Any]) -> str:
         f"model id    {facts['model_id']}",
         f"kind        {facts['model_kind']}" + (f", backbone {facts['backbone']}" if facts["backbone"] else "")
         + (f" ({', '.join(facts['layers'])}), d={facts['feature_dim']}" if facts["layers"] else ""),
-        f"input       {facts['input_size'][0]}x{facts['input_size'][1]} {facts['color_order']} uint8",
+        f"input       {facts['input_size'][0]}x{facts['input_size'][1]} {facts['color_order']} uint8"
+        + (f"; map blurred with sigma {facts['map_blur_sigma']:g} px" if facts["map_blur_sigma"] else ""),
         f"tiling      {_tiling_line(facts['tiling'])}",
         f"threshold   {_threshold_line(facts['threshold'])}",
     ]

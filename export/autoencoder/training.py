@@ -563,7 +563,7 @@ def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resum
         training=TrainingInfo(folder=str(data.folder.resolve()), image_count=len(data.paths),
                               file_list_sha256=data.file_list_sha256, skipped_files=data.skipped,
                               seed=config.seed, folds=folds, fit_seconds=0.0),
-        tiling=data.grid.tiling, model_params=params)
+        tiling=data.grid.tiling, model_params=params, map_blur_sigma=graph.answer.sigma)
     with staged_bundle_folder(out_dir) as staging:
         export_onnx(graph, staging, data.grid.input_size)
         rel = onnx_reference_check(graph, staging / "model.onnx", val[:4].numpy())

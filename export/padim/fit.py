@@ -398,7 +398,8 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
         model_params={"epsilon": options.epsilon, "blur_sigma": options.blur_sigma,
                       "grid_stride": options.grid_stride, "projection": options.projection,
                       "neighbourhood": options.neighbourhood,
-                      "statistics_sets": k, "constants_bytes": int(k * p * d * (d + 1) * 4)})
+                      "statistics_sets": k, "constants_bytes": int(k * p * d * (d + 1) * 4)},
+        map_blur_sigma=model.head.sigma)
     with staged_bundle_folder(Path(out_dir)) as staging:
         export_onnx(model, staging, options.input_size, constant_bytes=set_bytes(k, p, d), trace_batch=2 * k)
         check = data.tiles_of(data.paths[0])[: max(1, k)]

@@ -64,6 +64,7 @@ class UpsampleBlurHead(nn.Module):
         kernel = gaussian_kernel1d(sigma).double() if sigma > 0 else torch.ones(1, dtype=torch.float64)
         if (kernel.numel() - 1) // 2 >= min(h, w):
             raise ValueError(f"blur sigma {sigma} too large for a {h}x{w} map")
+        self.sigma = float(sigma) if sigma > 0 else 0.0  # recorded in bundle.yaml (map_blur_sigma)
         rows = blur_matrix(h, kernel).double().t() @ upsample_matrix(int(grid[0]), h)  # (H, h)
         cols = upsample_matrix(int(grid[1]), w).t() @ blur_matrix(w, kernel).double()  # (w, W)
         self.register_buffer("rows", rows.to(torch.float32), persistent=False)

@@ -282,7 +282,8 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
                       "selection_dim": options.selection_dim, "neighbourhood": options.neighbourhood,
                       "blur_sigma": options.blur_sigma, "coreset_seconds": round(coreset_seconds, 2),
                       "position_offset": offset is not None,
-                      "constants_bytes": int(bank.numel() * 4 + features.dim * features.features.dim * 4)})
+                      "constants_bytes": int(bank.numel() * 4 + features.dim * features.features.dim * 4)},
+        map_blur_sigma=model.head.sigma)
     with staged_bundle_folder(Path(out_dir)) as staging:
         export_onnx(model, staging, options.input_size)
         check = data.tiles_of(data.paths[0])[:1]
