@@ -135,6 +135,19 @@ def test_auto_heatmap_scale_publishes_the_models_own_detail(engine):
     assert whole.header["frame"] == {"width": PART * LANES, "height": PART}
 
 
+def test_auto_keeps_the_frames_detail_in_a_jpeg_overlay(engine):
+    """jpeg_overlay blends the map on the frame, whose detail the map's blur does not limit: auto keeps one
+    pixel per model-input pixel there (the frame at the input's size: whole; twice that: half)."""
+    frames, _ = conveyor_frames(np.random.default_rng(16), 1, [True])
+    big = cv2.resize(frames[0], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    overlay = InferenceEngine(engine.inspector, "auto", picture_of_frame=True)
+    large, small = overlay.process(frame_of(big)), overlay.process(frame_of(frames[0]))
+    assert (large.heatmap_scale, small.heatmap_scale) == (0.5, 1.0)
+    message, = publish_and_receive([large], heatmap="jpeg_overlay")
+    assert message.heatmap_image().shape == (PART, PART * LANES, 3)
+    assert (message.header["heatmap"]["width"], message.header["heatmap"]["height"]) == (PART * LANES, PART)
+
+
 def test_error_results_are_published_with_the_reason(engine):
     result = engine.process(frame_of(np.zeros((10, 1, 3), np.uint8)))
     message, = publish_and_receive([result])

@@ -141,7 +141,8 @@ class Inspector:
             return None
         return Tiles(tiles, tiler, (time.monotonic() - start) * 1000.0)
 
-    def inspect(self, image: np.ndarray, map_scale: MapScale = 1.0, tiles: Tiles | None = None) -> Inspection:
+    def inspect(self, image: np.ndarray, map_scale: MapScale = 1.0, tiles: Tiles | None = None,
+                picture_of_frame: bool = False) -> Inspection:
         """Tile, infer, stitch and decide one uint8 BGR frame. Errors propagate to the caller.
 
         The returned map is stitched at `map_scale` of the frame's size (the service passes the published
@@ -150,7 +151,9 @@ class Inspector:
         full-resolution map, so defect areas and boxes are in frame pixels whatever the scale; below the
         threshold it never looks at the map, so on a line where most parts pass, the full-size map is
         stitched only for the few that do not. `tiles` from `prepare` are used when they were cut by the
-        current model's tiler (a reload in between cuts them again).
+        current model's tiler (a reload in between cuts them again). `picture_of_frame`: the map is sent
+        blended on the frame (jpeg_overlay), whose detail the map's blur does not limit, so "auto" keeps one
+        pixel per model-input pixel there.
         """
         self._close_retired()
         model, params = self.settings()
@@ -163,8 +166,8 @@ class Inspector:
         t1 = time.monotonic()
         output = model.backend.infer(batch)
         t2 = time.monotonic()
-        scale = (model.tiler.detail_scale(image.shape, model.bundle.meta.map_blur_sigma) if map_scale == "auto"
-                 else float(map_scale))
+        blur = 0.0 if picture_of_frame else model.bundle.meta.map_blur_sigma
+        scale = model.tiler.detail_scale(image.shape, blur) if map_scale == "auto" else float(map_scale)
         heatmap = model.tiler.stitch(output.anomaly_maps, image.shape, scale)
         over = output.scores.size > 0 and float(np.max(output.scores)) > params.threshold
         full = model.tiler.stitch(output.anomaly_maps, image.shape) if over and scale != 1.0 else heatmap

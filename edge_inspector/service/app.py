@@ -173,7 +173,8 @@ class Service:
         if when_behind == "auto":
             unpaced_media = source.kind in ("file", "folder") and not config.camera.fps
             when_behind = "wait" if unpaced_media else "drop"
-        engine = InferenceEngine(self.inspector, config.publish.heatmap_scale)
+        engine = InferenceEngine(self.inspector, config.publish.heatmap_scale,
+                                 picture_of_frame=config.publish.heatmap == "jpeg_overlay")
         self.pipeline = Pipeline(self.camera, engine, self.publisher, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats)

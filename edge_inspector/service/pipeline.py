@@ -121,9 +121,10 @@ class InferenceEngine:
     becomes verdict 'error' carrying the reason, never a silent gap.
     """
 
-    def __init__(self, inspector: Inspector, map_scale: MapScale = 1.0):
+    def __init__(self, inspector: Inspector, map_scale: MapScale = 1.0, picture_of_frame: bool = False):
         self.inspector = inspector
         self.map_scale = map_scale  # publish.heatmap_scale: maps are stitched at the size they are sent
+        self.picture_of_frame = picture_of_frame  # publish.heatmap jpeg_overlay: the frame is in the picture
         self.sequence = 0
 
     def process(self, frame: Frame) -> Result:
@@ -140,7 +141,7 @@ class InferenceEngine:
             result.error = frame.error or "no image"
             return result
         try:
-            inspection = self.inspector.inspect(frame.image, self.map_scale, tiles)
+            inspection = self.inspector.inspect(frame.image, self.map_scale, tiles, self.picture_of_frame)
         except Exception as err:  # any failure must still produce a result, never a silent gap
             result.error = f"{type(err).__name__}: {err}".splitlines()[0]
             return result
