@@ -66,6 +66,8 @@ def find_categories(data: Path) -> dict[str, Path]:
 
 
 def _parse_value(text: str) -> Any:
+    if "," in text:  # layers=expand3,expand5,expand8 -> a tuple
+        return tuple(_parse_value(part) for part in text.split(",") if part)
     for cast in (int, float):
         try:
             return cast(text)

@@ -69,7 +69,10 @@ def test_a_format_2_bundle_loads_without_map_blur_sigma(copy):
     edit_yaml(copy, downgrade, keep_digest=False)
     assert Bundle.load(copy).meta.map_blur_sigma == 0.0
     edit_yaml(copy, lambda d: d.__setitem__("map_blur_sigma", -1), keep_digest=False)
-    with pytest.raises(BundleError, match="map_blur_sigma: expected a number >= 0, got -1"):
+    with pytest.raises(BundleError, match=r"map_blur_sigma: expected a number in \[0, 1024\], got -1"):
+        Bundle.load(copy)
+    edit_yaml(copy, lambda d: d.__setitem__("map_blur_sigma", float("inf")), keep_digest=False)
+    with pytest.raises(BundleError, match=r"map_blur_sigma: expected a number in \[0, 1024\], got inf"):
         Bundle.load(copy)
     edit_yaml(copy, lambda d: d.__setitem__("format_version", 4), keep_digest=False)
     with pytest.raises(BundleError, match="format_version 4 is newer than this runtime supports"):

@@ -216,3 +216,41 @@ def test_a_frame_that_cannot_be_cut_ahead_still_reports_its_error(bundle):
     assert inspector.prepare(narrow) is None
     with pytest.raises(ConfigError, match="do not fit"):
         inspector.inspect(narrow, 1.0, None)
+
+
+def test_a_replaced_backend_is_closed_only_once_no_frame_uses_it(bundle):
+    """Several inference workers: a frame that started before a reload keeps using the old backend, so the
+    old one may be closed (TensorRT frees GPU buffers) only when no frame is being judged, not by the first
+    worker that starts a frame with the new model."""
+    inspector = _inspector(bundle)
+    old = inspector.model.backend
+    entered, release, closed = threading.Event(), threading.Event(), []
+    real_infer = old.infer
+
+    def slow_infer(images):
+        entered.set()
+        assert release.wait(10)
+        assert not closed, "the backend was closed while a frame was inside it"
+        return real_infer(images)
+
+    old.infer, old.close = slow_infer, lambda: closed.append(True)
+    frames, _ = conveyor_frames(np.random.default_rng(12), 2, [False, False])
+    errors: list[BaseException] = []
+
+    def judge_with_old():
+        try:
+            inspector.inspect(frames[0])
+        except BaseException as err:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(err)
+
+    worker = threading.Thread(target=judge_with_old)
+    worker.start()
+    assert entered.wait(10)
+    inspector.swap(_inspector(bundle).model, DecisionParams(threshold=bundle.threshold))
+    assert inspector.inspect(frames[1]).verdict == "pass"  # another worker, new model, old one still busy
+    assert not closed
+    release.set()
+    worker.join(10)
+    assert not errors and not closed
+    inspector.inspect(frames[1])  # the next frame with no other in flight closes the old backend
+    assert closed == [True]

@@ -324,10 +324,12 @@ def test_cli_fit_then_replay_with_metrics(synthetic_dataset, tmp_path):
     out = tmp_path / "bundle"
     result = runner.invoke(exporter, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
                                       "--model", "padim", "--input-size", "64", "--feature-dim", "20", "--folds", "2",
-                                      "--validation", str(synthetic_dataset)])
+                                      "--validation", str(synthetic_dataset), "--layers", "expand3, expand5,expand8"])
     assert result.exit_code == 0, result.output
     assert "model constants" in result.output and "F1-optimal" in result.output
-    assert Bundle.load(out).meta.threshold.f1_optimal_value is not None
+    meta = Bundle.load(out).meta
+    assert meta.threshold.f1_optimal_value is not None
+    assert meta.layers == ["expand3", "expand5", "expand8"]  # the faster taps (README's trade-off table)
 
     test_dir = tmp_path / "test"
     shutil.copytree(synthetic_dataset, test_dir)
@@ -449,6 +451,11 @@ def test_padim_option_errors(tmp_path):
     result = CliRunner().invoke(exporter, ["fit", str(folder), "--out", str(tmp_path / "c"), "--projection",
                                            "subset"])
     assert result.exit_code == 2 and "--projection is a PaDiM option" in result.output
+    for layers, message in (("expand3,expand3", "--layers: expand3 is named twice in 'expand3,expand3'"),
+                            ("expand3,expand99", "unknown EfficientNet-Lite0 layer 'expand99'"),
+                            (" , ", "--layers: expected comma-separated layer names, got ' , '")):
+        result = CliRunner().invoke(exporter, ["fit", str(folder), "--out", str(tmp_path / "c"), "--layers", layers])
+        assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 

@@ -14,7 +14,7 @@ from edge_inspector.core.inspect import Inspector
 from edge_inspector.service.app import load_model
 from edge_inspector.service.config import parse_config
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Result
-from edge_inspector.service.queues import FrameQueue, QueueClosed
+from edge_inspector.service.queues import FrameQueue, InOrder, QueueClosed
 from edge_inspector.service.sources import Camera, create_source
 from service_helpers import LANES, PART, conveyor_frames, write_video
 
@@ -39,15 +39,16 @@ class CollectingSink:
             raise RuntimeError("sink broke")
 
 
-def build(bundle, source: str, sink, when_behind="wait", queue_size=2, stall=10.0, **camera):
+def build(bundle, source: str, sink, when_behind="wait", queue_size=2, stall=10.0, workers=1, **camera):
     config = parse_config({"camera": {"source": source, **camera}, "tiling": {"rows": 1, "cols": LANES},
-                           "model": {"bundle": str(bundle.path), "backend": "onnxruntime", "threads": 2},
+                           "model": {"bundle": str(bundle.path), "backend": "onnxruntime",
+                                     "threads": 2 if workers == 1 else 1, "workers": workers},
                            "pipeline": {"queue_size": queue_size, "when_behind": when_behind}})
     model = load_model(config)
     engine = InferenceEngine(Inspector(model, DecisionParams(threshold=bundle.threshold)))
     camera_obj = Camera(create_source(config.camera), config.camera)
     return Pipeline(camera_obj, engine, sink, queue_size=queue_size, drop_when_behind=when_behind == "drop",
-                    stall_timeout_s=stall)
+                    stall_timeout_s=stall, workers=config.model.workers)
 
 
 class CountingEngine(InferenceEngine):
@@ -62,9 +63,9 @@ class CountingEngine(InferenceEngine):
         super().prepare(frame)
         self.cut_ahead.append(frame.index)
 
-    def process(self, frame):
+    def process(self, frame, sequence=None):
         self.inferred_cut.append(frame.tiles is not None)
-        return super().process(frame)
+        return super().process(frame, sequence)
 
 
 def counting(pipeline: Pipeline) -> CountingEngine:
@@ -78,13 +79,17 @@ def run_to_end(pipeline: Pipeline, timeout: float = 60.0) -> None:
     assert pipeline.join(5.0)
 
 
-def test_every_frame_yields_one_result_in_order_and_verdicts_match(bundle, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_every_frame_yields_one_result_in_order_and_verdicts_match(bundle, tmp_path, workers):
+    """With several inference workers (model.workers) frames are judged at once, yet results still leave in
+    frame order with sequence numbers rising one by one, and each verdict is the one a single worker gives."""
     rng = np.random.default_rng(7)
     truth = [False, True, False, False, True, False, True, False, False, True, False, False]
     frames, truth = conveyor_frames(rng, len(truth), truth)
     video = write_video(tmp_path / "line.avi", frames)
     sink = CollectingSink()
-    pipeline = build(bundle, str(video), sink)
+    pipeline = build(bundle, str(video), sink, workers=workers)
+    assert sum(stage.name.startswith("inference") for stage in pipeline.stages) == workers
     engine = counting(pipeline)
     run_to_end(pipeline)
     results = sink.results
@@ -218,6 +223,63 @@ def test_a_crashed_stage_is_reported(bundle, tmp_path):
     assert pipeline.finished.wait(20)
     assert any("publish crashed (RuntimeError: sink broke)" in p for p in pipeline.problems())
     pipeline.stop()
+
+
+def test_in_order_gives_results_back_in_ticket_order():
+    """Workers finish out of order; the publisher gets tickets 0, 1, 2, ... A worker far ahead of the next
+    ticket out waits (bounded, nothing dropped); a ticket that never comes is skipped once all workers closed."""
+    results = InOrder(2, producers=2)
+    results.put(1, "b")
+    assert results.get(0.05) is None  # ticket 0 is still being judged
+    results.put(0, "a")
+    assert [results.get(0.1), results.get(0.1)] == ["a", "b"]
+    done = threading.Event()
+    threading.Thread(target=lambda: (results.put(4, "e"), done.set())).start()
+    assert not done.wait(0.3)  # ticket 4 is 2 ahead of the next one out (2): it waits
+    results.put(2, "c")
+    assert results.get(0.1) == "c" and done.wait(2)  # next is 3 now: ticket 4 fits
+    results.close()
+    assert results.get(0.05) is None  # one worker still open: ticket 3 may still come
+    results.close()
+    assert results.get(0.1) == "e"  # every worker closed: ticket 3 never came, skipped
+    with pytest.raises(QueueClosed):
+        results.get(0.01)
+
+
+def test_frame_queue_tickets_count_items_taken():
+    queue = FrameQueue(4, drop_oldest=True)
+    for item in "abc":
+        queue.put(item)
+    assert [queue.take(0.1), queue.get(0.1), queue.take(0.1)] == [(0, "a"), "b", (2, "c")]
+
+
+def test_a_backend_that_is_not_thread_safe_is_entered_one_frame_at_a_time(bundle, tmp_path):
+    """Three workers on a backend without `thread_safe` (TensorRT's execution context is one such): every
+    frame is still judged, and never two inside the backend at once."""
+    frames, _ = conveyor_frames(np.random.default_rng(11), 9, 0.0)
+    sink = CollectingSink()
+    pipeline = build(bundle, str(write_video(tmp_path / "line.avi", frames)), sink, workers=3)
+    model = pipeline.engine.inspector.model
+    inside, most = [0], [0]
+    guard = threading.Lock()
+    real_infer = model.backend.infer
+
+    def watched(images):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.01)  # long enough for another worker to try to enter
+            return real_infer(images)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    model.backend.thread_safe = False
+    model.backend.infer = watched
+    run_to_end(pipeline)
+    assert [r.sequence for r in sink.results] == list(range(1, 10))
+    assert all(r.verdict == "pass" for r in sink.results) and most[0] == 1
 
 
 def test_frame_queue_drop_oldest_and_wait_modes():

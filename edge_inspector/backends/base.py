@@ -26,9 +26,12 @@ class InferenceResult:
 
 
 class Backend(ABC):
-    """Runs a bundle's graph. Implementations are not required to be thread-safe: one backend per thread."""
+    """Runs a bundle's graph. Implementations are not required to be thread-safe: those that are say so with
+    `thread_safe`, and the service's inference workers (model.workers) then call `infer` at once; the others
+    are called one frame at a time (`core.inspect.Model.infer`)."""
 
     name: str = "abstract"
+    thread_safe: bool = False
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> InferenceResult:

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called from several threads at once (ORT's documented contract)
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None):
         try:

@@ -60,7 +60,9 @@ READ_ACCESS = "the service user needs read access to the bundle folder and its f
 PositiveReal = Annotated[int, Meta(gt=0)] | Annotated[float, Meta(gt=0)]
 Rate = Annotated[int, Meta(ge=0, le=1)] | Annotated[float, Meta(ge=0, le=1)]
 Count = Annotated[int, Meta(ge=0)]
-NonNegativeReal = Annotated[int, Meta(ge=0)] | Annotated[float, Meta(ge=0)]
+# A blur wider than any model input is a damaged file, not a smoother map (and .inf would shrink the heatmap
+# to its floor without a word): bounded, so it is refused with one line.
+BlurSigma = Annotated[int, Meta(ge=0, le=1024)] | Annotated[float, Meta(ge=0, le=1024)]
 
 
 @dataclass
@@ -158,7 +160,7 @@ class BundleMeta:
     model_params: dict[str, Any] = field(default_factory=dict)  # kind-specific numbers, informative only
     # The Gaussian sigma (model-input pixels) the graph blurs its anomaly map with; 0 = none or not known.
     # A map that smooth holds no detail finer than sigma / 2 pixels (Tiler.detail_scale uses it).
-    map_blur_sigma: NonNegativeReal = 0.0
+    map_blur_sigma: BlurSigma = 0.0
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     meta_sha256: str = ""  # sha256 of the canonical JSON of everything above (set by write_meta)
 

@@ -29,7 +29,7 @@ from edge_inspector.core.tiling import Box, Tiler
 MapScale = float | Literal["auto"]  # "auto": the detail the model's map holds (Tiler.detail_scale)
 
 if TYPE_CHECKING:  # backends build on core; core only needs the interface's name for its type hints
-    from edge_inspector.backends.base import Backend
+    from edge_inspector.backends.base import Backend, InferenceResult
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class Model:
     bundle: Bundle
     backend: Backend
     tiler: Tiler
+    _one_at_a_time: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def infer(self, batch: np.ndarray) -> InferenceResult:
+        """The backend's answer for a tile batch; a backend that is not thread-safe is entered by one thread
+        at a time (several inference workers then overlap only the steps around it)."""
+        if self.backend.thread_safe:
+            return self.backend.infer(batch)
+        with self._one_at_a_time:
+            return self.backend.infer(batch)
 
     @property
     def model_id(self) -> str:
@@ -93,7 +102,8 @@ class Inspector:
         self._model = model
         self._params = params
         self._lock = threading.Lock()
-        self._retired: list[Backend] = []  # replaced backends, closed by the judging thread once idle
+        self._retired: list[Backend] = []  # replaced backends, closed by a judging thread once none is busy
+        self._busy = 0  # frames being judged now (the service may run several inference workers)
 
     @property
     def model(self) -> Model:
@@ -155,8 +165,15 @@ class Inspector:
         blended on the frame (jpeg_overlay), whose detail the map's blur does not limit, so "auto" keeps one
         pixel per model-input pixel there.
         """
-        self._close_retired()
-        model, params = self.settings()
+        model, params = self._begin()
+        try:
+            return self._inspect(model, params, image, map_scale, tiles, picture_of_frame)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _inspect(self, model: Model, params: DecisionParams, image: np.ndarray, map_scale: MapScale,
+                 tiles: Tiles | None, picture_of_frame: bool) -> Inspection:
         t0 = time.monotonic()
         if tiles is not None and tiles.tiler is model.tiler:
             batch, tiling_ms = tiles.tiles, tiles.ms
@@ -164,7 +181,7 @@ class Inspector:
             batch = model.tiler.split(image)
             tiling_ms = (time.monotonic() - t0) * 1000.0
         t1 = time.monotonic()
-        output = model.backend.infer(batch)
+        output = model.infer(batch)
         t2 = time.monotonic()
         blur = 0.0 if picture_of_frame else model.bundle.meta.map_blur_sigma
         scale = model.tiler.detail_scale(image.shape, blur) if map_scale == "auto" else float(map_scale)
@@ -178,8 +195,21 @@ class Inspector:
                           timings={"tiling": tiling_ms, "inference": (t2 - t1) * 1000.0,
                                    "decision": (t3 - t2) * 1000.0}, map_scale=scale)
 
+    def _begin(self) -> tuple[Model, DecisionParams]:
+        """Count this frame as busy and take its settings, in one step; close replaced backends if no frame
+        is being judged (a frame that started before a swap may still be using the old backend)."""
+        with self._lock:
+            retired: list[Backend] = []
+            if self._busy == 0:
+                retired, self._retired = self._retired, []
+            self._busy += 1
+            model, params = self._model, self._params
+        for backend in retired:
+            backend.close()
+        return model, params
+
     def _close_retired(self) -> None:
-        """Close replaced backends here, on the judging thread: no frame is using them any more."""
+        """Close replaced backends (at shutdown: no frame is being judged any more)."""
         with self._lock:
             retired, self._retired = self._retired, []
         for backend in retired:

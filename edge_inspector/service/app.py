@@ -165,6 +165,9 @@ class Service:
                                          curve=self.curve)
         with extending_start(self.notifier, "loading the model (a TensorRT engine build takes minutes)"):
             model = load_model(config)
+        if config.model.workers > 1 and not model.backend.thread_safe:
+            log.warning("model.workers %d: %s is not thread-safe, so frames enter it one at a time (the workers "
+                        "overlap only the steps around inference)", config.model.workers, model.backend.describe())
         self.threshold_bounds = bundle_range(config, model.bundle)
         self.threshold_source = "config" if config.decision.threshold is not None else "bundle"
         self.inspector = Inspector(model, self._decision_params(model.bundle))
@@ -177,11 +180,13 @@ class Service:
                                  picture_of_frame=config.publish.heatmap == "jpeg_overlay")
         self.pipeline = Pipeline(self.camera, engine, self.publisher, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
-                                 stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats)
+                                 stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats,
+                                 workers=config.model.workers)
         if config.publish.wait_for_subscriber_s > 0:
             self.pipeline.gate.clear()
-        log.info("camera %s: %s; %s; when behind: %s; results on %s%s%s", config.camera.id, source.describe(),
-                 model.tiler.describe(), when_behind, self.publisher.endpoint,
+        log.info("camera %s: %s; %s; when behind: %s; %d inference worker(s); results on %s%s%s",
+                 config.camera.id, source.describe(), model.tiler.describe(), when_behind, config.model.workers,
+                 self.publisher.endpoint,
                  f", control on {self.control.endpoint}" if self.control else "",
                  "" if self.curve else " (no CURVE: anyone who reaches these endpoints is served)")
         if self.control:  # first: the pipeline's first health message must not find it "not running"

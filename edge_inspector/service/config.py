@@ -75,6 +75,10 @@ class ModelConfig:
     backend: Annotated[Literal["auto", "onnxruntime", "tensorrt"], doc("inference runtime")] = "auto"
     threads: Annotated[Annotated[int, Meta(ge=1, le=256)] | None,
                        doc("CPU threads for ONNX Runtime (null: runtime default)")] = None
+    workers: Annotated[int, Meta(ge=1, le=16),
+                       doc("frames judged at once, each on its own thread (CPU: with threads 1, one per core gives "
+                           "more frames/s, each frame slower; a backend that is not thread-safe runs one at a "
+                           "time)")] = 1
 
 
 @dataclass

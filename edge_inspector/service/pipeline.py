@@ -1,4 +1,4 @@
-"""capture -> infer -> publish: three threads joined by bounded queues.
+"""capture -> infer -> publish: threads joined by bounded queues.
 
 Why three threads: a camera delivers frames on its own clock, the model takes as long as it takes, and a
 network send or PNG encode should not steal time from either. Only inference, stitching and the decision
@@ -7,13 +7,18 @@ conversion and PNG encoding on the publish thread, each beside the inference of 
 them where inference leaves a core free (a GPU; on the 2-core VM, ONNX Runtime on 1 thread: service within
 10-12% of bare inference at 2x2 and 4x4 tiles). With ONNX Runtime on every core they slow inference by
 about what they cost instead (benchmarks/service_bench.py; the README has the figures).
+Why several inference workers (`model.workers`): on a CPU, ONNX Runtime spreads one small batch over its
+threads with waits in between; two frames judged at once, each on one thread, keep the cores busier (2-core
+VM, 2x2 tiles, bare: 26-29.5 vs 24.5-25.5 frames/s), at the cost of each frame taking longer. Workers share
+the frame queue and hand results back in the order frames were taken (queues.InOrder).
 Why bounded queues: a line runs for months, so nothing may grow without limit. When the model falls behind
 a live camera the *oldest* waiting frame is dropped (the freshest frame wins: a verdict on a part that left
 the camera a second ago is worth less than one on the part under it now) and every drop is counted. For
 replayed media (`when_behind: wait`) capture waits instead, so no frame is lost.
 
 Every frame that reaches inference yields exactly one Result - pass, fail, or error with the reason - with
-a strictly increasing sequence number, and every Result reaches the sink; nothing is lost silently.
+a sequence number one above the last one's, and every Result reaches the sink in that order; nothing is
+lost silently.
 Stop drains: capture stops first, then every frame already captured is inferred and published.
 """
 
@@ -31,7 +36,7 @@ import numpy as np
 
 from edge_inspector.core.decision import Decision
 from edge_inspector.core.inspect import Inspector, MapScale
-from edge_inspector.service.queues import FrameQueue, QueueClosed
+from edge_inspector.service.queues import FrameQueue, InOrder, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
 
 log = logging.getLogger(__name__)
@@ -127,11 +132,15 @@ class InferenceEngine:
         self.picture_of_frame = picture_of_frame  # publish.heatmap jpeg_overlay: the frame is in the picture
         self.sequence = 0
 
-    def process(self, frame: Frame) -> Result:
-        self.sequence += 1
+    def process(self, frame: Frame, sequence: int | None = None) -> Result:
+        """Judge one frame. `sequence`: its number on the wire, given by the pipeline when several workers
+        judge frames at once (the order frames were taken); None: the next of this engine's own count."""
+        if sequence is None:
+            self.sequence += 1
+            sequence = self.sequence
         tiles, frame.tiles = frame.tiles, None  # the model inputs are not kept with the result
         model, params = self.inspector.settings()
-        result = Result(sequence=self.sequence, frame=frame, verdict="error", model_id=model.model_id,
+        result = Result(sequence=sequence, frame=frame, verdict="error", model_id=model.model_id,
                         model_sha256=model.sha256, min_defect_area=params.min_defect_area)
         timings = result.timings
         timings.update(dict.fromkeys(LATENCY_KEYS, 0.0))
@@ -207,24 +216,28 @@ class Stage:
 
 
 class Pipeline:
-    """Owns the three stage threads and the queues between them."""
+    """Owns the stage threads (capture, one or more inference workers, publish) and the queues between them."""
 
     def __init__(self, camera: Camera, engine: InferenceEngine, sink: ResultSink, queue_size: int = 2,
-                 drop_when_behind: bool = True, stall_timeout_s: float = 10.0, stats: Stats | None = None):
+                 drop_when_behind: bool = True, stall_timeout_s: float = 10.0, stats: Stats | None = None,
+                 workers: int = 1):
         self.camera = camera
         self.engine = engine
         self.sink = sink
         self.stats = stats or Stats()
         self.stall_timeout_s = stall_timeout_s
         self.frames = FrameQueue(queue_size, drop_oldest=drop_when_behind)
-        # Results are never dropped; this bound only makes inference wait if publishing ever stalls.
-        self.results = FrameQueue(max(4, queue_size * 2), drop_oldest=False)
+        # Results are never dropped; this bound only makes inference wait if publishing ever stalls. With
+        # several workers they leave in the order the frames were taken (sequence numbers rise one by one).
+        self.results = InOrder(max(4, queue_size * 2, 2 * workers), producers=workers)
+        self._counting = threading.Lock()  # workers update the shared stats
         self.stop_capture = threading.Event()
         self.gate = threading.Event()  # capture starts when set (see publish.wait_for_subscriber_s)
         self.gate.set()
         self.finished = threading.Event()
-        self.stages = [Stage("capture", self._capture), Stage("inference", self._infer),
-                       Stage("publish", self._publish)]
+        inference = [Stage("inference" if workers == 1 else f"inference-{i + 1}", self._infer)
+                     for i in range(workers)]
+        self.stages = [Stage("capture", self._capture), *inference, Stage("publish", self._publish)]
         self.last_tick: float | None = None  # None: no supervisor ticks (pause detection off)
         self.resumed_at = 0.0
 
@@ -323,34 +336,43 @@ class Pipeline:
         return not self.frames.drop_oldest or (dropped_before == 0 and len(self.frames) == 0)
 
     def _infer(self, stage: Stage) -> None:
+        """One inference worker (model.workers of them share the frame queue)."""
         last_error: str | None = None
         try:
             while True:
                 stage.beat()
                 try:
-                    frame = self.frames.get(0.2)
+                    taken = self.frames.take(0.2)
                 except QueueClosed:
                     return
-                if frame is None:
+                if taken is None:
                     continue
-                result = self.engine.process(frame)
+                ticket, frame = taken
+                result = self.engine.process(frame, sequence=ticket + 1)
                 stage.beat()
-                self.stats.processed += 1
-                self.stats.last_sequence = result.sequence
-                if result.verdict == "fail":
-                    self.stats.fails += 1
-                elif result.verdict == "pass":
-                    self.stats.passes += 1
-                else:
-                    self.stats.errors += 1
-                    # A bad ROI fails every frame: log each new reason, then every 100th repeat.
-                    if result.error != last_error or self.stats.errors % 100 == 1:
-                        log.warning("frame %d (sequence %d): %s (%d error results so far)", frame.index,
-                                    result.sequence, result.error, self.stats.errors)
-                    last_error = result.error
-                self.results.put(result, None, stage.beat)
+                last_error = self._count(result, last_error)
+                self.results.put(ticket, result, stage.beat)
         finally:
             self.results.close()
+
+    def _count(self, result: Result, last_error: str | None) -> str | None:
+        """Add a result to the stats; log error results (a bad ROI fails every frame: each new reason, then
+        every 100th repeat). Returns the error last logged by this worker."""
+        with self._counting:
+            stats = self.stats
+            stats.processed += 1
+            stats.last_sequence = max(stats.last_sequence, result.sequence)
+            if result.verdict == "fail":
+                stats.fails += 1
+            elif result.verdict == "pass":
+                stats.passes += 1
+            else:
+                stats.errors += 1
+                if result.error != last_error or stats.errors % 100 == 1:
+                    log.warning("frame %d (sequence %d): %s (%d error results so far)", result.frame.index,
+                                result.sequence, result.error, stats.errors)
+                return result.error
+        return last_error
 
     def _publish(self, stage: Stage) -> None:
         try:

@@ -24,6 +24,17 @@ def _ints(text: str, count: int, option: str) -> tuple[int, ...]:
     return parts
 
 
+def _names(text: str, option: str) -> tuple[str, ...]:
+    """'expand3, expand5,expand8' -> ('expand3', 'expand5', 'expand8'); the backbone checks each name."""
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        raise DataError(f"{option}: expected comma-separated layer names, got {text!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{option}: {twice[0]} is named twice in {text!r}")
+    return names
+
+
 DEFAULT_MODEL = "patchcore"  # chosen from the yardstick (README, "Accuracy across data sets")
 
 
@@ -42,6 +53,9 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
               help="efficientnet-lite0 (built in), resnet18 or wide_resnet50_2 (need --weights).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="torchvision-compatible state_dict file for resnet backbones.")
+@click.option("--layers", default=None,
+              help="Backbone tap points, comma-separated (EfficientNet-Lite0: blockN / expandN; default "
+                   "expand3,expand5,expand11; expand3,expand5,expand8 skips 3 blocks: faster, maps less sharp).")
 @click.option("--input-size", default="256", show_default=True, help="Model input, N or HxW (multiples of 16).")
 @click.option("--feature-dim", type=click.IntRange(min=0), default=None,
               help="PaDiM: embedding size d (0 = all channels, with --projection subset) [default 64].")
@@ -84,7 +98,8 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--target-escape", type=float, default=None,
               help="With --validation and --threshold-rule escape: the share of validation defects "
                    "allowed to pass; the threshold is the highest one that keeps to it.")
-def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, input_size: str,
+def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, layers: str | None,
+                input_size: str,
                 feature_dim: int | None, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
                 tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None,
                 validation_labels: Path | None, threshold_rule: str, seed: int,
@@ -106,7 +121,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
     stride_option: dict[str, Any] = {} if feature_stride is None else {"feature_stride": int(feature_stride)}
     # What both kinds share: the backbone, the input, the tiling the service will cut, the threshold rule.
     common: dict[str, Any] = dict(
-        backbone=backbone, weights=weights, input_size=_size(input_size), seed=seed, folds=folds,
+        backbone=backbone, weights=weights, layers=_names(layers, "--layers") if layers else None,
+        input_size=_size(input_size), seed=seed, folds=folds,
         target_false_reject_rate=target_frr, rows=rows, cols=cols,
         tile_size=_size(tile_size, "--tile-size") if tile_size else None,
         stride=_size(stride, "--stride") if stride else None,
