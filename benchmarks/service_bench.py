@@ -3,6 +3,7 @@
     python benchmarks/service_bench.py --minutes 0                 # ~4 min: 2x2 and 4x4 grids (and two fits)
     python benchmarks/service_bench.py --heatmap-scale 1 --minutes 0   # full-size heatmaps (default: auto)
     python benchmarks/service_bench.py --minutes 10                # adds the 10-minute RSS-flatness run
+    python benchmarks/service_bench.py --threads 1 --workers 2 --minutes 0   # two frames at once, 1 thread each
 
 For 1280x1024 frames (an MJPG video, decoded by OpenCV like a camera stream, one part in four with a
 defect) tiled 2x2 and 4x4, each tile resized to the bundle's 256x256 input, ONNX Runtime on 2 CPU threads:
@@ -129,18 +130,31 @@ def pct(values, q) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else float("nan")
 
 
-def bare_inference(bundle: Bundle, grid: int, frame: np.ndarray, threads: int, seconds: float) -> list[float]:
+def bare_inference(bundle: Bundle, grid: int, frame: np.ndarray, threads: int, seconds: float,
+                   workers: int = 1) -> tuple[list[float], float]:
+    """ms of each `backend.infer` call on the frame's tile batch, and frames/s: with one worker, 1000 / the
+    median call; with several (model.workers), that many threads calling one backend at once, calls / s."""
     backend = create_backend(bundle, "onnxruntime", threads)
     tiles = Tiler(grid, grid, bundle.input_size).split(frame)
     backend.infer(tiles)
-    times = []
+    times: list[float] = []
     end = time.monotonic() + seconds
-    while time.monotonic() < end or len(times) < 5:
-        start = time.perf_counter()
-        backend.infer(tiles)
-        times.append((time.perf_counter() - start) * 1000)
+
+    def calls() -> None:
+        while time.monotonic() < end or len(times) < 5:
+            start = time.perf_counter()
+            backend.infer(tiles)
+            times.append((time.perf_counter() - start) * 1000)
+
+    began = time.monotonic()
+    threads_ = [threading.Thread(target=calls) for _ in range(workers)]
+    for thread in threads_:
+        thread.start()
+    for thread in threads_:
+        thread.join()
+    elapsed = time.monotonic() - began
     backend.close()
-    return times
+    return times, (1000 / pct(times, 50) if workers == 1 else len(times) / elapsed)
 
 
 def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, heatmap_scale: MapScale = "auto",
@@ -188,11 +202,11 @@ def isolated_overhead(bundle_path: Path, video: Path, grid: int, threads: int, h
 
 
 def run_service(bundle: Path, video: Path, grid: int, threads: int, seconds: float, fps: float | None,
-                rss_every: float = 0.0, heatmap_scale: MapScale = "auto") -> dict:
+                rss_every: float = 0.0, heatmap_scale: MapScale = "auto", workers: int = 1) -> dict:
     """Run the service in-process on the looping video; collect headers and arrival times over ZeroMQ."""
     data = {"camera": {"id": "bench", "source": str(video), "loop": True, "fps": fps},
             "tiling": {"rows": grid, "cols": grid},
-            "model": {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads},
+            "model": {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads, "workers": workers},
             "pipeline": {"when_behind": "wait" if fps is None else "drop", "queue_size": 2},
             "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "control_endpoint": None,
                         "health_interval_s": 5.0, "wait_for_subscriber_s": 30.0, "heatmap_scale": heatmap_scale},
@@ -236,7 +250,7 @@ TABLE_HEAD = ("| grid | bare inference of the tile batch | service throughput | 
 
 
 def report_grid(bundle_path: Path, video: Path, grid: int, threads: int, seconds: float,
-                heatmap_scale: MapScale = "auto") -> str:
+                heatmap_scale: MapScale = "auto", workers: int = 1) -> str:
     """Print one grid's figures; return its README table row."""
     bundle = Bundle.load(bundle_path)
     capture = cv2.VideoCapture(str(video))
@@ -245,24 +259,33 @@ def report_grid(bundle_path: Path, video: Path, grid: int, threads: int, seconds
     load = os.getloadavg()[0]
     # Bare inference right before and right after the throughput run, pooled: on a shared VM one block alone
     # moved by 25% between runs (38.0 vs 49.5 ms at 2x2) and with it the overhead figure.
-    before = bare_inference(bundle, grid, frame, threads, seconds / 4)
-    throughput = run_service(bundle_path, video, grid, threads, seconds, fps=None, heatmap_scale=heatmap_scale)
-    after = bare_inference(bundle, grid, frame, threads, seconds / 4)
+    before, before_fps = bare_inference(bundle, grid, frame, threads, seconds / 4, workers)
+    throughput = run_service(bundle_path, video, grid, threads, seconds, fps=None, heatmap_scale=heatmap_scale,
+                             workers=workers)
+    after, after_fps = bare_inference(bundle, grid, frame, threads, seconds / 4, workers)
     bare = before + after
     paced_fps = max(0.2, 0.7 * throughput["fps"])
-    paced = run_service(bundle_path, video, grid, threads, seconds, fps=paced_fps, heatmap_scale=heatmap_scale)
+    paced = run_service(bundle_path, video, grid, threads, seconds, fps=paced_fps, heatmap_scale=heatmap_scale,
+                        workers=workers)
     stages = {k: float(np.mean(v)) for k, v in paced["stages"].items()}
     alone = isolated_overhead(bundle_path, video, grid, threads, heatmap_scale)
     steps = alone["decode"] + alone["tiling"] + alone["decision"] + alone["publish"]
-    bare_fps = 1000 / pct(bare, 50)
+    bare_fps = 1000 / pct(bare, 50) if workers == 1 else (before_fps + after_fps) / 2
+    one_stream = ""
+    if workers > 1:  # the other way to use the cores: one worker on all of them
+        cores = os.cpu_count() or 1
+        single = bare_inference(bundle, grid, frame, cores, seconds / 4)[1]
+        one_stream = (f"; one worker on {cores} threads, bare: {single:.2f} frames/s (overhead against "
+                      f"{100 * (single / throughput['fps'] - 1):.1f}%)")
     overhead = 100 * (bare_fps / throughput["fps"] - 1) if throughput["fps"] > 0 else float("nan")
     verdicts = paced["verdicts"]
-    print(f"\n== 1280x1024 frames, {grid}x{grid} tiles -> {grid * grid} x 256x256, ONNX Runtime {threads} threads, "
+    print(f"\n== 1280x1024 frames, {grid}x{grid} tiles -> {grid * grid} x 256x256, ONNX Runtime {threads} threads "
+          f"x {workers} worker(s), "
           f"heatmap_scale {heatmap_scale}; load average {load:.1f} -> {os.getloadavg()[0]:.1f} ==")
     print(f"bundle: {describe_bundle(bundle)}")
     print(f"bare inference, {grid * grid}-tile batch : p50 {pct(bare, 50):7.1f} ms  p99 {pct(bare, 99):7.1f} ms  "
           f"-> {bare_fps:5.2f} frames/s (medians before / after the service run: {pct(before, 50):.1f} / "
-          f"{pct(after, 50):.1f} ms)")
+          f"{pct(after, 50):.1f} ms; frames/s before / after {before_fps:.2f} / {after_fps:.2f}{one_stream})")
     print(f"service throughput (lossless)   : {throughput['fps']:5.2f} frames/s, {throughput['count']} results")
     print(f"pipeline overhead               : {overhead:.1f}% (bare frames/s / service frames/s - 1)")
     print(f"service latency at {paced_fps:4.2f} fps     : p50 {pct(paced['latency'], 50):7.1f} ms  "
@@ -301,6 +324,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=None, help="use this bundle instead of fitting one")
     parser.add_argument("--grids", default="2,4", help="comma-separated n for n x n tile grids")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="model.workers: frames judged at once")
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per run")
     parser.add_argument("--minutes", type=float, default=0.5, help="length of the RSS run (0: skip)")
     parser.add_argument("--heatmap-scale", type=map_scale, default="auto", help="publish.heatmap_scale: 0.05-1 or auto")
@@ -314,8 +338,10 @@ def main() -> None:
         return
     bundles = {grid: args.bundle or ensure_bundle(args.work, grid) for grid in grids}
     print(f"video {video}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    rows = [report_grid(bundles[grid], video, grid, args.threads, args.seconds, args.heatmap_scale) for grid in grids]
-    print(f"\nheatmap_scale {args.heatmap_scale}, ONNX Runtime {args.threads} threads:\n{TABLE_HEAD}")
+    rows = [report_grid(bundles[grid], video, grid, args.threads, args.seconds, args.heatmap_scale, args.workers)
+            for grid in grids]
+    print(f"\nheatmap_scale {args.heatmap_scale}, ONNX Runtime {args.threads} threads x {args.workers} worker(s):"
+          f"\n{TABLE_HEAD}")
     print("\n".join(rows))
     if args.minutes > 0:  # a fresh process, so the RSS is one service's, not this run's leftovers
         subprocess.run([sys.executable, __file__, "--rss-only", "--work", str(args.work), "--bundle",

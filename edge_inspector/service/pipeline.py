@@ -1,6 +1,6 @@
 """capture -> infer -> publish: threads joined by bounded queues.
 
-Why three threads: a camera delivers frames on its own clock, the model takes as long as it takes, and a
+Why separate threads: a camera delivers frames on its own clock, the model takes as long as it takes, and a
 network send or PNG encode should not steal time from either. Only inference, stitching and the decision
 run on the inference thread: decoding and cutting the tiles run on the capture thread, the heatmap's 8-bit
 conversion and PNG encoding on the publish thread, each beside the inference of another frame. That hides
