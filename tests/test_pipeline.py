@@ -166,11 +166,13 @@ def test_a_frame_that_cannot_be_inspected_becomes_an_error_result(bundle, tmp_pa
     assert pipeline.stats.errors == 1
 
 
-def test_stop_finishes_frames_in_flight(bundle, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_finishes_frames_in_flight(bundle, tmp_path, workers):
     frames, _ = conveyor_frames(np.random.default_rng(5), 10, 0.0)
     video = write_video(tmp_path / "line.avi", frames)
     sink = CollectingSink(delay_s=0.02)
-    pipeline = build(bundle, str(video), sink, when_behind="drop", queue_size=3, loop=True, fps=100.0)
+    pipeline = build(bundle, str(video), sink, when_behind="drop", queue_size=3, loop=True, fps=100.0,
+                     workers=workers)
     pipeline.start()
     deadline = time.monotonic() + 30
     while len(sink.results) < 5 and time.monotonic() < deadline:

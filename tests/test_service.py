@@ -140,11 +140,13 @@ def test_stream_lost_mid_way_is_reconnected_and_reported(bundle, tmp_path):
     assert [r["sequence"] for r in results] == list(range(1, len(results) + 1))
 
 
-def test_control_socket_threshold_and_reload_without_stopping(bundle, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_control_socket_threshold_and_reload_without_stopping(bundle, tmp_path, workers):
+    """Also with two inference workers (model.workers): a reload while frames are judged at once."""
     frames, _ = conveyor_frames(np.random.default_rng(23), 6, [True] * 6)
     video = write_video(tmp_path / "line.avi", frames)
     data = config_data(str(video), bundle.path, camera={"fps": 10.0, "loop": True},
-                       publish={"wait_for_subscriber_s": 30.0})
+                       publish={"wait_for_subscriber_s": 30.0}, model={"workers": workers})
     control = data["publish"]["control_endpoint"]
     # A second bundle: the same graph re-issued with another threshold (as after a re-fit on the line).
     other = tmp_path / "bundle-b"
@@ -172,8 +174,9 @@ def test_control_socket_threshold_and_reload_without_stopping(bundle, tmp_path):
 
         def applied_from() -> int:
             """Results after this sequence were certainly judged with what the last command set: the swap
-            happens before the next frame, and at most one frame was being inferred when it was asked for."""
-            return send_control(control, {"command": "stats"})["stats"]["last_sequence"] + 1
+            happens before the next frame, and at most one frame per worker was being inferred when it was
+            asked for."""
+            return send_control(control, {"command": "stats"})["stats"]["last_sequence"] + workers
 
         try:
             assert all(h["verdict"] == "fail" for h in take(3))
