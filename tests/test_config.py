@@ -60,6 +60,20 @@ def test_out_of_range_value(tmp_path):
     assert "tiling.cols: expected an integer in [1, 64], got 0" in message
     message = error_of(tmp_path, "model: {bundle: b}\npublish: {health_interval_s: -1}\n")
     assert "publish.health_interval_s" in message and "got -1" in message
+    for workers in (0, 17):
+        message = error_of(tmp_path, f"model: {{bundle: b, workers: {workers}}}\n")
+        assert f"model.workers: expected an integer in [1, 16], got {workers}" in message
+
+
+def test_workers_that_would_fight_over_the_cores_are_named():
+    """Several CPU inference workers each run an ONNX Runtime session of model.threads threads."""
+    from edge_inspector.service.app import oversubscribed
+
+    assert oversubscribed(1, None, 2) is None and oversubscribed(2, 1, 2) is None and oversubscribed(4, 2, 8) is None
+    assert oversubscribed(2, None, 2) == ("model.workers 2 x model.threads null (= 2) asks for 4 inference threads "
+                                          "on 2 cores; set model.threads to 1")
+    assert oversubscribed(3, 2, 4) == ("model.workers 3 x model.threads 2 asks for 6 inference threads on 4 cores; "
+                                       "set model.threads to 1")
 
 
 @pytest.mark.parametrize("value, shown", [("0.01", "0.01"), ("1.5", "1.5"), ("big", "'big'"), ("true", "True")])

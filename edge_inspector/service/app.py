@@ -19,6 +19,7 @@ of memory, a failed engine build). Worst case from a real stage hang to a restar
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -92,6 +93,20 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
              bundle.model_id, backend.describe(), bundle.threshold, tiler.tiles,
              (time.monotonic() - started) * 1000)
     return Model(bundle=bundle, backend=backend, tiler=tiler)
+
+
+def oversubscribed(workers: int, threads: int | None, cores: int) -> str | None:
+    """Why several CPU inference workers would fight over the cores, or None. Each worker's ONNX Runtime
+    session uses `threads` threads (null: one per core), so workers x threads above the cores only adds
+    switching (measured gain on 2 cores came from 2 workers x 1 thread)."""
+    if workers <= 1:
+        return None
+    per_worker = threads or cores
+    if workers * per_worker <= cores:
+        return None
+    return (f"model.workers {workers} x model.threads {threads if threads else f'null (= {cores})'} asks for "
+            f"{workers * per_worker} inference threads on {cores} cores; set model.threads to "
+            f"{max(1, cores // workers)}")
 
 
 def bundle_range(config: ServiceConfig, bundle: Bundle) -> tuple[float, float]:
@@ -168,6 +183,9 @@ class Service:
         if config.model.workers > 1 and not model.backend.thread_safe:
             log.warning("model.workers %d: %s is not thread-safe, so frames enter it one at a time (the workers "
                         "overlap only the steps around inference)", config.model.workers, model.backend.describe())
+        crowded = oversubscribed(config.model.workers, config.model.threads, os.cpu_count() or 1)
+        if crowded and model.backend.name == "onnxruntime-cpu":
+            log.warning(crowded)
         self.threshold_bounds = bundle_range(config, model.bundle)
         self.threshold_source = "config" if config.decision.threshold is not None else "bundle"
         self.inspector = Inspector(model, self._decision_params(model.bundle))
