@@ -87,9 +87,9 @@ class InOrder:
     """Items put by ticket (0, 1, 2, ... from FrameQueue.take), given out strictly in ticket order.
 
     Bounded without dropping: a producer whose ticket is `maxsize` or more ahead of the next one out waits
-    (the publisher is behind). `close(producers)` is called once by each producer as it finishes; when the last
-    has, what is left goes out in ticket order, skipping any ticket that never came (a producer that died:
-    the watchdog reports it), then QueueClosed.
+    (the publisher is behind). `close()` is called once by each producer as it finishes; when the last has,
+    what is left goes out in ticket order, skipping any ticket that never came (a producer that died: the
+    watchdog reports it), then QueueClosed.
     """
 
     def __init__(self, maxsize: int, producers: int = 1):
@@ -101,7 +101,7 @@ class InOrder:
 
     def put(self, ticket: int, item: Any, beat: Callable[[], None] | None = None) -> None:
         with self.cond:
-            while ticket - self.next >= self.maxsize and self.open_producers > 0:
+            while ticket - self.next >= self.maxsize:
                 self.cond.wait(0.2)
                 if beat:
                     beat()
@@ -130,6 +130,3 @@ class InOrder:
         with self.cond:
             self.open_producers = max(0, self.open_producers - 1)
             self.cond.notify_all()
-
-    def __len__(self) -> int:
-        return len(self.items)
