@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,20 @@ OPSET = 17
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
+@contextlib.contextmanager
+def quiet_trace() -> Iterator[None]:
+    """Silence torch's TracerWarnings while tracing a graph of fixed spatial size.
+
+    They say that shapes read during tracing become constants, which is the contract here: height, width
+    and the feature grid are fixed per bundle and only the batch stays dynamic (traced at one batch size,
+    checked at another by `onnx_reference_check`). Printed to a user on every fit, five multi-line warnings
+    that end "might cause the trace to be incorrect" looked like a failed export; other warnings still show.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
 def export_onnx(module: nn.Module, folder: Path, input_size: tuple[int, int], constant_bytes: int = 0,
                 trace_batch: int = 2) -> Path:
     """Write folder/model.onnx with input `image` uint8 (N,H,W,3) and outputs anomaly_map, score; batch dynamic.
@@ -31,7 +48,7 @@ def export_onnx(module: nn.Module, folder: Path, input_size: tuple[int, int], co
     path = folder / MODEL_FILE
     module = module.eval()
     dummy = torch.zeros((trace_batch, input_size[0], input_size[1], 3), dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_trace():
         torch.onnx.export(
             module, (dummy,), str(path), input_names=["image"], output_names=["anomaly_map", "score"],
             dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from edge_inspector.core.bundle import Bundle
 from export.threshold import (
+    format_tradeoff,
     operating_point,
     threshold_for_escape,
     threshold_for_false_reject,
@@ -46,6 +47,16 @@ def test_tradeoff_table_runs_from_no_false_rejects_to_more_and_escapes_fall():
     assert [p.false_reject_rate for p in table] == pytest.approx([0.0, 0.1, 0.2, 0.5])
     escapes = [p.escape_rate for p in table]
     assert escapes == sorted(escapes, reverse=True) and escapes[0] == pytest.approx(3 / 8)
+
+
+def test_tradeoff_printout_shows_each_threshold_once():
+    """Targets that land on one threshold (few good images) print one row, not a run of identical ones."""
+    good = np.array([1.0, 2.0, 3.0])  # 0, 0.5, 1 and 2% of three images all allow no rejection
+    table = tradeoff_table(good, DEFECTS, (0.0, 0.005, 0.01, 0.02, 0.5))
+    chosen = operating_point(good, DEFECTS, 3.0)
+    rows = format_tradeoff(table, chosen).splitlines()[1:]
+    assert len(rows) == 2 and rows[0].endswith("<- bundle threshold")
+    assert float(rows[1].split()[0]) == pytest.approx(2.0)
 
 
 def test_fit_validation_records_escape_rate_and_curve_and_target_escape_rule(small_padim_bundle, synthetic_dataset,

@@ -63,8 +63,17 @@ def tradeoff_table(good: np.ndarray, defects: np.ndarray,
 
 
 def format_tradeoff(points: list[OperatingPoint], chosen: OperatingPoint | None = None) -> str:
+    """One row per distinct threshold, the chosen one first and marked.
+
+    Several false-reject targets often land on the same threshold (on fryum's 26 test good images, 0, 0.5, 1
+    and 2% all allow no rejection): printed once, since four identical rows read like four different choices.
+    """
     lines = [f"{'threshold':>12}{'false reject':>14}{'escape':>9}"]
+    shown: set[float] = set()
     for point in ([chosen] if chosen else []) + points:
+        if point.threshold in shown:
+            continue
+        shown.add(point.threshold)
         mark = "  <- bundle threshold" if point is chosen else ""
         lines.append(f"{point.threshold:>12.6g}{100 * point.false_reject_rate:>13.1f}%"
                      f"{100 * point.escape_rate:>8.1f}%{mark}")

@@ -19,6 +19,7 @@ from torch import nn
 from edge_inspector.core.errors import DataError
 from export.backbones import create_backbone
 from export.graph import BgrToInput
+from export.onnx_export import quiet_trace
 
 
 class FeatureOptions(Protocol):
@@ -182,7 +183,7 @@ class FastEmbedding:
 
         buffer = io.BytesIO()
         dummy = torch.zeros((1, *self.input_size, 3), dtype=torch.uint8)
-        with torch.no_grad():
+        with torch.no_grad(), quiet_trace():
             torch.onnx.export(self.features.eval(), (dummy,), buffer,  # type: ignore[arg-type]
                               input_names=["image"], output_names=["embedding"],
                               dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},

@@ -378,9 +378,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
     mean, inv = passed.totals.gaussian(options.epsilon)
     del passed, embedding
     k, p, d = inv.shape[0], inv.shape[1], inv.shape[2]
-    message = describe_constants(k, p, d)
-    log.info(message)
-    print(message)
+    print(describe_constants(k, p, d))  # once: a log line as well printed it twice under the CLI's INFO logging
     model = PadimModel(features, mean, inv, options.input_size, options.blur_sigma, head).eval()
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
     _report_outliers(data, oos, threshold.value)
