@@ -473,3 +473,33 @@ def test_folded_head_equals_upsampling_then_blur(grid, size, sigma):
     assert maps.shape == (3, *size)
     torch.testing.assert_close(maps, expected_maps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_threshold_set_alone_names_the_image_far_above_the_rest():
+    from export.threshold import threshold_set_alone
+
+    bulk = np.linspace(5.0, 7.8, 30)
+    with_foreign = np.append(bulk, 19.1)
+    assert threshold_set_alone(with_foreign, float(np.nextafter(np.float32(19.1), np.float32(np.inf)))) == 30
+    assert threshold_set_alone(bulk, 7.8) is None  # the top of a continuous bulk
+    bottle = np.append(np.linspace(3.0, 7.2, 29), [8.13, 10.39])  # PaDiM's bottle fit: median 5.1, 8.13, 10.39
+    assert threshold_set_alone(bottle, 10.39) is None  # its odd image stands 5.3 above the median, the next 3.0
+    assert threshold_set_alone(with_foreign, 7.8) is None  # the threshold is below the foreign image: it did not set it
+
+
+def test_fit_warns_when_a_foreign_image_sets_the_threshold(synthetic_dataset, tmp_path, caplog):
+    """A picture of something else among the good parts (here a washer turned into noise) is named in a WARNING."""
+    import logging
+    import shutil
+
+    from export.padim.fit import PadimOptions, fit_padim
+
+    good = tmp_path / "good"
+    shutil.copytree(synthetic_dataset / "train" / "good", good)
+    first = sorted(good.iterdir())[0]
+    noise = np.random.default_rng(0).integers(0, 256, cv2.imread(str(first)).shape, dtype=np.uint8)
+    cv2.imwrite(str(good / "zz_not_a_washer.png"), noise)
+    options = PadimOptions(input_size=(64, 64), feature_dim=20, folds=2, seed=1)
+    with caplog.at_level(logging.WARNING, logger="export.threshold"):
+        fit_padim(good, tmp_path / "bundle", options)
+    assert any("sets the threshold: zz_not_a_washer.png" in r.getMessage() for r in caplog.records), caplog.text

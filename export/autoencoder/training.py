@@ -54,7 +54,7 @@ from export.autoencoder.model import (
 from export.graph import BgrToInput
 from export.onnx_export import export_onnx, onnx_reference_check
 from export.staging import staged_bundle_folder
-from export.threshold import apply_f1_rule, conformal_threshold, images_needed, score_stats
+from export.threshold import apply_f1_rule, conformal_threshold, images_needed, report_outliers, score_stats
 
 log = logging.getLogger(__name__)
 
@@ -549,13 +549,16 @@ def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resum
             log.warning("interrupted: continue with --resume (finished folds are kept in %s)", checkpoint.parent)
             raise
         good = fold_result.scores
+        names = [p.name for p in data.paths]
         source = (f"{folds}-fold cross-fitting (threshold_folds {folds}): each of the {good.size} good images "
                   f"scored by a model trained for {state.best_epoch} epochs on the other {folds - 1} folds")
     else:
         good = held_out
+        names = [data.paths[i].name for i in val_idx]
         source = (f"the {good.size} held-out good images (val_fraction {config.val_fraction:g}, threshold_folds 0:"
                   " hold-out)")
     threshold = choose_threshold(good, graph, config, data.grid, source)
+    report_outliers(names, good, threshold.conformal_value or threshold.value)
     params = _model_params(arch, config, net, state, len(train_idx), len(val_idx))
     params.update(_fold_params(fold_result, held_out, val_idx))
     meta = BundleMeta(

@@ -33,7 +33,7 @@ from export.padim.features import FastEmbedding, PadimFeatures, semi_orthogonal,
 from export.padim.model import Mahalanobis, PadimModel, UpsampleBlurHead
 from export.padim.statistics import ChannelCovariance, GaussianSums, available_memory_bytes, fit_memory_bytes, set_bytes
 from export.staging import staged_bundle_folder
-from export.threshold import conformal_threshold, score_stats
+from export.threshold import conformal_threshold, report_outliers, score_stats
 from export.threshold import fold_ids as threshold_fold_ids
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
     print(describe_constants(k, p, d))  # once: a log line as well printed it twice under the CLI's INFO logging
     model = PadimModel(features, mean, inv, options.input_size, options.blur_sigma, head).eval()
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
-    _report_outliers(data, oos, threshold.value)
+    report_outliers([p.name for p in data.paths], oos, threshold.value)
     if not threshold.certified:
         log.warning(threshold.note)
     meta = BundleMeta(
@@ -407,15 +407,6 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
         meta.training.fit_seconds = round(time.perf_counter() - started, 2)
         finalize_bundle(staging, meta)
     return Bundle.load(out_dir)
-
-
-def _report_outliers(data: TrainingImages, oos: np.ndarray, threshold: float, count: int = 3) -> None:
-    """Name the training images that score highest out of sample: a defective part among the "good" ones
-    or an odd capture there raises the threshold for every part after it, so the engineer should look."""
-    order = np.argsort(oos)[::-1][:count]
-    listing = ", ".join(f"{data.paths[i].name} ({oos[i]:.4g})" for i in order)
-    log.info("highest out-of-sample training scores (check these are really good parts): %s; "
-             "median %.4g, threshold %.4g", listing, float(np.median(oos)), threshold)
 
 
 def _check_options(options: PadimOptions) -> None:

@@ -28,13 +28,12 @@ from export.onnx_export import export_onnx, onnx_reference_check
 from export.padim.features import PadimFeatures
 from export.padim.fit import (
     TrainingImages,
-    _report_outliers,
     tiling_info,
 )
 from export.patchcore.coreset import greedy_coreset, random_projection, selection_device
 from export.patchcore.model import BankDistance, PatchcoreModel, ProjectedFeatures, offset_step, position_offset
 from export.staging import staged_bundle_folder
-from export.threshold import conformal_threshold, score_stats
+from export.threshold import conformal_threshold, report_outliers, score_stats
 from export.threshold import fold_ids as threshold_fold_ids
 
 log = logging.getLogger(__name__)
@@ -259,7 +258,7 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
                                        len(data.paths), options)
     del pool
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
-    _report_outliers(data, oos, threshold.value)
+    report_outliers([p.name for p in data.paths], oos, threshold.value)
     if not threshold.certified:
         log.warning(threshold.note)
     model = PatchcoreModel(features, bank, options.input_size, options.feature_stride, options.blur_sigma,
