@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config, parse_config
 from service_helpers import REPO
@@ -74,6 +75,17 @@ def test_workers_that_would_fight_over_the_cores_are_named():
                                           "on 2 cores; set model.threads to 1")
     assert oversubscribed(3, 2, 4) == ("model.workers 3 x model.threads 2 asks for 6 inference threads on 4 cores; "
                                        "set model.threads to 1")
+
+
+def test_the_cpu_runtime_says_its_threads_are_the_cores(bundle):
+    """The oversubscription warning asks the backend, not its name: ONNX Runtime on the CPU provider does."""
+    from edge_inspector.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(Bundle.load(bundle.path), threads=1)
+    try:
+        assert backend.runs_on_cpu_cores and backend.providers[0] == "CPUExecutionProvider"
+    finally:
+        backend.close()
 
 
 @pytest.mark.parametrize("value, shown", [("0.01", "0.01"), ("1.5", "1.5"), ("big", "'big'"), ("true", "True")])

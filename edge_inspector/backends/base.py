@@ -32,6 +32,9 @@ class Backend(ABC):
 
     name: str = "abstract"
     thread_safe: bool = False
+    # True when `infer` computes on the CPU's cores with its own thread pool (model.threads), so several
+    # workers' pools can crowd the cores (service.app.oversubscribed); False for GPU runtimes.
+    runs_on_cpu_cores: bool = False
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> InferenceResult:

@@ -42,6 +42,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{bundle.onnx_path}: outputs are {self.output_names}, expected "
                                "[anomaly_map, score]")
         self.name = "onnxruntime-cuda" if self.providers[0] == "CUDAExecutionProvider" else "onnxruntime-cpu"
+        self.runs_on_cpu_cores = self.providers[0] == "CPUExecutionProvider"
 
     def infer(self, images: np.ndarray) -> InferenceResult:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:

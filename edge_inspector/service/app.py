@@ -184,7 +184,7 @@ class Service:
             log.warning("model.workers %d: %s is not thread-safe, so frames enter it one at a time (the workers "
                         "overlap only the steps around inference)", config.model.workers, model.backend.describe())
         crowded = oversubscribed(config.model.workers, config.model.threads, os.cpu_count() or 1)
-        if crowded and model.backend.name == "onnxruntime-cpu":
+        if crowded and model.backend.runs_on_cpu_cores:
             log.warning(crowded)
         self.threshold_bounds = bundle_range(config, model.bundle)
         self.threshold_source = "config" if config.decision.threshold is not None else "bundle"
