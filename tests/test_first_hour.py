@@ -163,11 +163,17 @@ def test_overlay_carries_the_verdict_banner(tmp_path):
     image = np.full((200, 200, 3), 128, np.uint8)
     heatmap = np.zeros((200, 200), np.float32)
     heatmap[100:150, 100:150] = 5.0
+    heatmap[0:20, 0:30] = 5.0  # a region in the corner, where the banner once hid it
     failed = overlay_image(image, heatmap, threshold=2.0, score=5.0)
     passed = overlay_image(image, np.zeros_like(heatmap), threshold=2.0, score=0.5)
     assert tuple(int(v) for v in failed[1, 1]) == VERDICT_COLOURS["fail"]
     assert tuple(int(v) for v in passed[1, 1]) == VERDICT_COLOURS["pass"]
-    assert (failed[100, 100:150] == 255).all(axis=1).any()  # the white outline of the over-threshold region
+    strip = failed.shape[0] - 200
+    assert passed.shape == failed.shape  # one strip height whatever the text
+    assert strip > 0 and failed.shape[1:] == (200, 3)  # the banner is a strip above the picture
+    assert np.array_equal(failed[strip:], overlay_image(image, heatmap, threshold=2.0))  # all of it, unchanged
+    assert (failed[strip + 100, 100:150] == 255).all(axis=1).any()  # the white outline of the over-threshold region
+    assert (failed[strip + 19, 0:30] == 255).all(axis=1).any()  # and the corner region's outline shows
 
 
 def test_info_says_what_a_bundle_is(small_padim_bundle):
