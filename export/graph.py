@@ -61,6 +61,16 @@ def blur_matrix(size: int, kernel: torch.Tensor) -> torch.Tensor:
     return matrix.to(torch.float32)
 
 
+def map_blur_kernel(sigma: float, size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    """(1-D Gaussian kernel, the sigma it applies) for blurring a map of `size`; sigma <= 0: no blur (kernel
+    [1], sigma 0.0, what bundle.yaml's map_blur_sigma records). A kernel wider than the map is a ValueError.
+    One rule for both blur heads (GaussianBlur here, padim.model.UpsampleBlurHead)."""
+    kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+    if (kernel.numel() - 1) // 2 >= min(size):
+        raise ValueError(f"blur sigma {sigma} too large for a {size[0]}x{size[1]} map")
+    return kernel, (float(sigma) if sigma > 0 else 0.0)
+
+
 class GaussianBlur(nn.Module):
     """Separable Gaussian blur of (N, 1, H, W) maps with reflect padding (no dark borders).
 
@@ -74,11 +84,8 @@ class GaussianBlur(nn.Module):
 
     def __init__(self, sigma: float, size: tuple[int, int]):
         super().__init__()
-        kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
-        self.sigma = float(sigma) if sigma > 0 else 0.0  # recorded in bundle.yaml (map_blur_sigma)
+        kernel, self.sigma = map_blur_kernel(sigma, size)  # sigma: recorded in bundle.yaml (map_blur_sigma)
         self.radius = (kernel.numel() - 1) // 2
-        if self.radius >= min(size):
-            raise ValueError(f"blur sigma {sigma} too large for a {size[0]}x{size[1]} map")
         self.register_buffer("cols", blur_matrix(size[1], kernel), persistent=False)
         self.register_buffer("rows", blur_matrix(size[0], kernel).t().contiguous(), persistent=False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.graph import blur_matrix, gaussian_kernel1d
+from export.graph import blur_matrix, map_blur_kernel
 from export.padim.features import PadimFeatures, _linear_taps
 from export.padim.statistics import by_position
 
@@ -61,10 +61,7 @@ class UpsampleBlurHead(nn.Module):
     def __init__(self, grid: tuple[int, int], input_size: tuple[int, int], sigma: float):
         super().__init__()
         h, w = int(input_size[0]), int(input_size[1])
-        kernel = gaussian_kernel1d(sigma).double() if sigma > 0 else torch.ones(1, dtype=torch.float64)
-        if (kernel.numel() - 1) // 2 >= min(h, w):
-            raise ValueError(f"blur sigma {sigma} too large for a {h}x{w} map")
-        self.sigma = float(sigma) if sigma > 0 else 0.0  # recorded in bundle.yaml (map_blur_sigma)
+        kernel, self.sigma = map_blur_kernel(sigma, (h, w))  # sigma: recorded in bundle.yaml (map_blur_sigma)
         rows = blur_matrix(h, kernel).double().t() @ upsample_matrix(int(grid[0]), h)  # (H, h)
         cols = upsample_matrix(int(grid[1]), w).t() @ blur_matrix(w, kernel).double()  # (w, W)
         self.register_buffer("rows", rows.to(torch.float32), persistent=False)
