@@ -199,22 +199,24 @@ class Inspector:
         """Count this frame as busy and take its settings, in one step; close replaced backends if no frame
         is being judged (a frame that started before a swap may still be using the old backend)."""
         with self._lock:
-            retired: list[Backend] = []
-            if self._busy == 0:
-                retired, self._retired = self._retired, []
+            retired = self._take_retired() if self._busy == 0 else []
             self._busy += 1
             model, params = self._model, self._params
-        for backend in retired:
-            backend.close()
+        _close_all(retired)
         return model, params
 
-    def _close_retired(self) -> None:
-        """Close replaced backends (at shutdown: no frame is being judged any more)."""
-        with self._lock:
-            retired, self._retired = self._retired, []
-        for backend in retired:
-            backend.close()
+    def _take_retired(self) -> list[Backend]:
+        """The replaced backends, handed over for closing (the caller holds the lock)."""
+        retired, self._retired = self._retired, []
+        return retired
 
     def close(self) -> None:
-        self._close_retired()
-        self._model.backend.close()
+        """At shutdown (no frame is being judged any more): close the replaced backends and the current one."""
+        with self._lock:
+            retired = self._take_retired()
+        _close_all([*retired, self._model.backend])
+
+
+def _close_all(backends: list[Backend]) -> None:
+    for backend in backends:
+        backend.close()
