@@ -50,11 +50,27 @@ def ensure_peer_venv(venv: Path) -> Path:
     """The peer venv's python, creating the venv with the pins above when it is missing."""
     python = venv / "bin" / "python"
     if python.exists():
+        check_torchvision(python)
         return python
     print(f"creating {venv} ({', '.join(PINS)}); this downloads anomalib and its dependencies", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PINS], check=True)
+    check_torchvision(python)
     return python
+
+
+def check_torchvision(python: Path) -> None:
+    """Stop with the fix when the venv's torch and torchvision builds do not match.
+
+    Seen on 2026-11-24: pip took torch 2.13.0+cpu from a local wheel folder (`find-links` in pip.conf) beside
+    PyPI's CUDA torchvision, and anomalib failed much later with "operator torchvision::nms does not exist".
+    """
+    probe = subprocess.run([str(python), "-c", "import torchvision.ops"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"{python.parent.parent}: torchvision does not load beside this torch ({last}); install "
+                         f"PyPI's torch there, bypassing local wheel folders: env -u PIP_FIND_LINKS "
+                         f"PIP_CONFIG_FILE=/dev/null {python.parent / 'pip'} install torch==2.13.0")
 
 
 def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
