@@ -131,7 +131,8 @@ def test_freshest_frame_wins_and_drops_are_counted(bundle, tmp_path):
     # inference); the inference stage cuts the frames it gets itself.
     inferred = {r.frame.index for r in sink.results}
     wasted = [i for i in engine.cut_ahead if i not in inferred]
-    assert len(wasted) <= 2 and not all(engine.inferred_cut)
+    assert len(wasted) <= 2 and not all(engine.inferred_cut), (  # failed once in ~12 runs: say why next time
+        f"cut ahead then dropped {wasted}; cut ahead {engine.cut_ahead}; drops {stats.dropped}")
     assert stats.processed + stats.dropped == stats.captured
     assert len(sink.results) == stats.processed
     assert [r.sequence for r in sink.results] == list(range(1, stats.processed + 1))
