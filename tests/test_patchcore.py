@@ -91,9 +91,9 @@ def test_onnx_runtime_matches_torch(patchcore_bundle, synthetic_dataset):
 
     onnx_model = onnx.load(str(patchcore_bundle.onnx_path))
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
-    bank_t = next(v for k, v in weights.items() if k.endswith("bank_t"))
+    centred = next(v for k, v in weights.items() if k.endswith("bank.bank"))
     centre = next(v for k, v in weights.items() if k.endswith("centre"))
-    bank = torch.from_numpy(bank_t.T + centre)
+    bank = torch.from_numpy(centred + centre)
     options = PatchcoreOptions(**SMALL)
     model = PatchcoreModel(create_features(options), bank, (128, 128), 8, options.blur_sigma)
     images = np.stack([resize_to(read_image(p), (128, 128)) for p in list_images(synthetic_dataset / "test")[:4]])
