@@ -25,7 +25,7 @@ from edge_inspector.core.errors import DataError
 from export.backbones import DEFAULT_BACKBONE, backbone_names
 from export.graph import MapToAnswer
 from export.onnx_export import export_onnx, onnx_reference_check
-from export.padim.features import PadimFeatures
+from export.padim.features import FastEmbedding, PadimFeatures
 from export.padim.fit import (
     TrainingImages,
     tiling_info,
@@ -137,8 +137,9 @@ def build_pool(data: TrainingImages, features: PadimFeatures, options: Patchcore
     selection = random_projection(features.dim, options.selection_dim, options.seed + 1)
     pool = PatchPool(len(data.paths), tiles * p, features.dim, selection)
     log.info("patch pool: %d frames x %d patches, %.0f MB", len(data.paths), tiles * p, pool.nbytes / 1e6)
+    embedding = FastEmbedding(features, options.input_size)
     for chunk, batch in data.batches(list(range(len(data.paths))), "fit: features"):
-        pool.put(chunk, features(torch.from_numpy(batch)))
+        pool.put(chunk, embedding(batch))
     return pool
 
 

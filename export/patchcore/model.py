@@ -20,8 +20,9 @@ class BankDistance(nn.Module):
     (ONNX `Gemm`, transB) and an argmax over M, the whole cost of the search. The bank is kept once, (M, D)
     row-major, so the nearest entries are gathered as whole rows. Measured on the fryum bundle (4,608 x 256,
     2 threads, ONNX Runtime's profiler): the separate (P x M) subtraction this folds in took 1.7 ms and
-    gathering columns of a transposed copy 1.9 ms, of about 35 ms; the Gemm itself is 15-17 ms. A submodule of its own so its ONNX nodes are named
-    `/bank/...`: export/mixed_precision.py keeps them (and all after) in fp32, as it does `/mahalanobis/`.
+    gathering columns of a transposed copy 1.9 ms, of about 35 ms; the Gemm itself is 15-17 ms. A submodule
+    of its own so its ONNX nodes are named `/bank/...`: export/mixed_precision.py keeps them (and all after)
+    in fp32, as it does `/mahalanobis/`.
     """
 
     centre: torch.Tensor
