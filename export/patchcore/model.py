@@ -1,6 +1,6 @@
-"""The memory-bank graph: uint8 BGR -> backbone features, randomly projected per tap -> distance to the nearest bank
-patch (one MatMul + a min) -> upsampling, blur, score. Same contract as every bundle, so the device runs it
-with no change.
+"""The memory-bank graph: uint8 BGR -> backbone features, randomly projected per tap -> distance to the
+nearest bank patch (one Gemm + an argmax) -> upsampling, blur, score. Same contract as every bundle, so the
+device runs it with no change.
 """
 
 from __future__ import annotations
