@@ -45,10 +45,6 @@ class BankDistance(nn.Module):
     def size(self) -> int:
         return int(self.bank.shape[0])
 
-    def entries(self) -> torch.Tensor:
-        """The bank (M, D) in the features' own coordinates (what the fit chose)."""
-        return self.bank + self.centre
-
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         n, p, d = emb.shape
         x = emb.reshape(n * p, d) - self.centre
