@@ -39,6 +39,25 @@ def test_greedy_coreset_is_farthest_point_selection():
     assert got.tolist() == _naive_farthest_points(x.astype(np.float64), 40, int(got[0]))
 
 
+def test_greedy_coreset_continues_from_given_centres_across_distance_blocks(monkeypatch):
+    """The k-fold banks start from the final bank's surviving entries; the start's distances are computed
+    in row blocks (sized by NEAREST_BLOCK), so a small block makes the 700 rows span eleven of them."""
+    import export.patchcore.coreset as coreset
+
+    monkeypatch.setattr(coreset, "NEAREST_BLOCK", 64 * 12)
+    x = np.random.default_rng(4).normal(size=(700, 5)).astype(np.float32)
+    initial = np.array([3, 250, 411, 699, 10, 77, 500, 123, 321, 654, 42, 8])
+    got = greedy_coreset(torch.from_numpy(x), 30, seed=0, device=torch.device("cpu"), initial=initial)
+    assert got[:12].tolist() == initial.tolist()
+    x64 = x.astype(np.float64)
+    nearest = ((x64[:, None, :] - x64[initial][None, :, :]) ** 2).sum(2).min(1)
+    expected = initial.tolist()
+    while len(expected) < 30:
+        expected.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, ((x64 - x64[expected[-1]]) ** 2).sum(1))
+    assert got.tolist() == expected
+
+
 def test_greedy_coreset_covers_rare_clusters_random_sampling_misses():
     rng = np.random.default_rng(1)
     common = rng.normal(0, 1, size=(5000, 4))
