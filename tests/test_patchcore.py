@@ -33,7 +33,13 @@ def _naive_farthest_points(x: np.ndarray, count: int, first: int) -> list[int]:
     return chosen
 
 
-def test_greedy_coreset_is_farthest_point_selection():
+@pytest.mark.parametrize("steps", ["numpy", "torch"])
+def test_greedy_coreset_is_farthest_point_selection(steps, monkeypatch):
+    """Both step implementations (numpy's on the CPU, torch's on a GPU) choose the reference's rows."""
+    import export.patchcore.coreset as coreset
+
+    if steps == "torch":
+        monkeypatch.setattr(coreset, "step_functions", lambda device: (torch.argmax, coreset._update))
     x = np.random.default_rng(0).normal(size=(500, 6)).astype(np.float32)
     got = greedy_coreset(torch.from_numpy(x), 40, seed=3, device=torch.device("cpu"))
     assert got.tolist() == _naive_farthest_points(x.astype(np.float64), 40, int(got[0]))

@@ -10,13 +10,15 @@ implementations run out of memory). We keep one "distance to the nearest chosen 
 per chosen patch, update it with one matrix-vector product, so memory is the pool plus O(N) and each step
 is a single pass over the pool. The pool is first projected to a few dimensions (Johnson-Lindenstrauss:
 distances are roughly kept), which makes that pass cheap enough for a CPU: it is read once per chosen patch.
-On a GPU the same code runs on the device.
+On a GPU the same steps run in torch on the device; on the CPU through numpy (see step_functions).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,12 +72,19 @@ def greedy_coreset(points: torch.Tensor, count: int, seed: int = 0, device: torc
         start = 1
         chosen[0] = int(np.random.default_rng(seed).integers(n))
         nearest = torch.full((n,), float("inf"), device=device)
-        _update(x, sq_norm, chosen[0], nearest, torch.empty(n, device=device))
+    farthest, update = step_functions(device)
     distance = torch.empty(n, device=device)
+    if start == 1:
+        update(x, sq_norm, chosen[0], nearest, distance)
     for step in progress(range(start, count), desc=desc, unit="patch", leave=False, mininterval=1.0):
-        chosen[step] = torch.argmax(nearest)
-        _update(x, sq_norm, chosen[step], nearest, distance)
+        chosen[step] = farthest(nearest)
+        update(x, sq_norm, chosen[step], nearest, distance)
     return chosen.cpu().numpy()
+
+
+def step_functions(device: torch.device) -> tuple[Callable[[torch.Tensor], Any], Callable[..., None]]:
+    """(farthest row, distance update) for a device: numpy's on the CPU (below), torch's elsewhere."""
+    return (_farthest_numpy, _update_numpy) if device.type == "cpu" else (torch.argmax, _update)
 
 
 def _update(x: torch.Tensor, sq_norm: torch.Tensor, index: torch.Tensor, nearest: torch.Tensor,
@@ -84,6 +93,25 @@ def _update(x: torch.Tensor, sq_norm: torch.Tensor, index: torch.Tensor, nearest
     torch.mv(x, x[index], out=distance)
     distance.mul_(-2.0).add_(sq_norm).add_(sq_norm[index])
     torch.minimum(nearest, distance, out=nearest)
+
+
+# On the CPU the steps run on numpy views of the same tensors: torch's MKL matrix-vector product and argmax
+# took 2.3-2.6 ms and 0.49 ms on a 460,800 x 16 pool where numpy's took 1.2 ms and 0.04 ms (2-core AMD EPYC
+# VM, 2026-11-24; MKL is slow on this CPU), and a whole step 2.9-3.6 vs 1.7 ms, same choices.
+def _farthest_numpy(nearest: torch.Tensor) -> int:
+    return int(np.argmax(nearest.numpy()))
+
+
+def _update_numpy(x: torch.Tensor, sq_norm: torch.Tensor, index: torch.Tensor | int, nearest: torch.Tensor,
+                  distance: torch.Tensor) -> None:
+    """_update on the CPU, in place through numpy views."""
+    i = int(index)
+    pool, squares, out, best = x.numpy(), sq_norm.numpy(), distance.numpy(), nearest.numpy()
+    np.dot(pool, pool[i], out=out)
+    out *= -2.0
+    out += squares
+    out += squares[i]
+    np.minimum(best, out, out=best)
 
 
 def _nearest_squared(x: torch.Tensor, sq_norm: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
