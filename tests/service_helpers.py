@@ -30,10 +30,23 @@ INPUT_SIZE = (128, 128)
 _fit_lock = threading.Lock()
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port not handed out before in this test run.
+
+    The kernel may give the port it just freed to the next bind, so two calls in a row could return the
+    same port (it happened once: a service config got the same endpoint for results and control and was
+    rightly refused); remembering what was given rules that out.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def endpoint() -> str:
