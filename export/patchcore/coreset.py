@@ -64,6 +64,8 @@ def greedy_coreset(points: torch.Tensor, count: int, seed: int = 0, device: torc
     x = points.to(device=device, dtype=torch.float32).contiguous()
     sq_norm = (x * x).sum(1)
     chosen = torch.empty(count, dtype=torch.int64, device=device)
+    farthest, update = step_functions(device)
+    distance = torch.empty(n, device=device)
     if initial is not None and len(initial):
         start = min(len(initial), count)
         chosen[:start] = torch.as_tensor(np.asarray(initial[:start]), dtype=torch.int64, device=device)
@@ -72,9 +74,6 @@ def greedy_coreset(points: torch.Tensor, count: int, seed: int = 0, device: torc
         start = 1
         chosen[0] = int(np.random.default_rng(seed).integers(n))
         nearest = torch.full((n,), float("inf"), device=device)
-    farthest, update = step_functions(device)
-    distance = torch.empty(n, device=device)
-    if start == 1:
         update(x, sq_norm, chosen[0], nearest, distance)
     for step in progress(range(start, count), desc=desc, unit="patch", leave=False, mininterval=1.0):
         chosen[step] = farthest(nearest)
