@@ -24,9 +24,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = {"input_size": (128, 128), "folds": 3, "target_false_reject_rate": 0.05, "bank_fraction": 0.1, "seed": 1}
 
 
-def _naive_farthest_points(x: np.ndarray, count: int, first: int) -> list[int]:
-    chosen = [first]
-    nearest = ((x - x[first]) ** 2).sum(1)
+def _naive_farthest_points(x: np.ndarray, count: int, first: int | list[int]) -> list[int]:
+    """Farthest-point selection in float64 from one first row or from given centres."""
+    chosen = [first] if isinstance(first, int) else list(first)
+    nearest = ((x[:, None, :] - x[chosen][None, :, :]) ** 2).sum(2).min(1)
     while len(chosen) < count:
         chosen.append(int(np.argmax(nearest)))
         nearest = np.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(1))
@@ -39,7 +40,8 @@ def test_greedy_coreset_is_farthest_point_selection(steps, monkeypatch):
     import export.patchcore.coreset as coreset
 
     if steps == "torch":
-        monkeypatch.setattr(coreset, "step_functions", lambda device: (torch.argmax, coreset._update))
+        gpu_steps = coreset.step_functions(torch.device("cuda"))  # only picks the functions; needs no GPU
+        monkeypatch.setattr(coreset, "step_functions", lambda device: gpu_steps)
     x = np.random.default_rng(0).normal(size=(500, 6)).astype(np.float32)
     got = greedy_coreset(torch.from_numpy(x), 40, seed=3, device=torch.device("cpu"))
     assert got.tolist() == _naive_farthest_points(x.astype(np.float64), 40, int(got[0]))
@@ -55,13 +57,7 @@ def test_greedy_coreset_continues_from_given_centres_across_distance_blocks(monk
     initial = np.array([3, 250, 411, 699, 10, 77, 500, 123, 321, 654, 42, 8])
     got = greedy_coreset(torch.from_numpy(x), 30, seed=0, device=torch.device("cpu"), initial=initial)
     assert got[:12].tolist() == initial.tolist()
-    x64 = x.astype(np.float64)
-    nearest = ((x64[:, None, :] - x64[initial][None, :, :]) ** 2).sum(2).min(1)
-    expected = initial.tolist()
-    while len(expected) < 30:
-        expected.append(int(np.argmax(nearest)))
-        nearest = np.minimum(nearest, ((x64 - x64[expected[-1]]) ** 2).sum(1))
-    assert got.tolist() == expected
+    assert got.tolist() == _naive_farthest_points(x.astype(np.float64), 30, initial.tolist())
 
 
 def test_greedy_coreset_covers_rare_clusters_random_sampling_misses():
