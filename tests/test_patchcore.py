@@ -17,7 +17,7 @@ from edge_inspector.tools.replay import replay_folder
 from export.onnx_export import onnx_reference_check
 from export.patchcore import PatchcoreOptions, fit_patchcore
 from export.patchcore.coreset import greedy_coreset
-from export.patchcore.model import BankDistance
+from export.patchcore.model import BankDistance, BankSearch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -81,6 +81,41 @@ def test_bank_distance_equals_brute_force_nearest_neighbour():
     assert float(got[0, 0, 0, 0]) == 0.0
 
 
+def test_two_step_bank_search_finds_the_nearest_entry_of_nearly_low_rank_features():
+    """Features like the backbone's (most variance in a few axes): the first step's candidates hold the nearest."""
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(6, 48))
+    bank = torch.from_numpy((rng.normal(size=(800, 6)) @ mix + 0.05 * rng.normal(size=(800, 48))).astype(np.float32))
+    emb = torch.from_numpy((rng.normal(size=(3, 40, 6)) @ mix + 0.05 * rng.normal(size=(3, 40, 48)))
+                           .astype(np.float32))
+    emb[1, 5] = bank[11]
+    search = BankDistance(bank, (5, 8), BankSearch(dims=8, candidates=8))
+    assert search.candidates == 8 and tuple(search.axes.shape) == (48, 8)
+    expected = torch.cdist(emb.reshape(-1, 48).double(), bank.double()).min(1).values.reshape(3, 1, 5, 8)
+    torch.testing.assert_close(search(emb).double(), expected, rtol=1e-5, atol=1e-5)
+    assert float(search(emb)[1, 0, 0, 5]) == 0.0
+
+
+def test_two_step_bank_search_returns_a_real_distance_when_the_nearest_entry_is_missed():
+    """With one axis and one candidate the first step can pick a wrong entry: the distance is still exact to
+    the entry it picked, so never below the true nearest distance (a miss can only raise a patch's score)."""
+    rng = np.random.default_rng(4)
+    bank = torch.from_numpy(rng.normal(size=(200, 16)).astype(np.float32))
+    emb = torch.from_numpy(rng.normal(size=(1, 64, 16)).astype(np.float32))
+    got = BankDistance(bank, (8, 8), BankSearch(dims=1, candidates=1))(emb).reshape(-1).double()
+    all_dist = torch.cdist(emb.reshape(-1, 16).double(), bank.double())
+    assert bool((got >= all_dist.min(1).values - 1e-5).all())
+    assert bool(torch.isclose(all_dist, got[:, None], atol=1e-4).any(1).all()), "each distance is to a bank entry"
+    assert bool((got > all_dist.min(1).values + 1e-3).any()), "one axis must miss some nearest entries"
+
+
+def test_two_step_search_falls_back_to_exact_when_it_would_not_save_work():
+    bank = torch.zeros(6, 16)
+    assert BankDistance(bank, (1, 1), BankSearch(dims=64, candidates=8)).candidates == 0  # dims >= D
+    assert BankDistance(bank, (1, 1), BankSearch(dims=4, candidates=8)).candidates == 0  # candidates >= M
+    assert BankDistance(torch.zeros(20, 16), (1, 1), BankSearch(dims=4, candidates=8)).candidates == 8
+
+
 @pytest.fixture(scope="module")
 def patchcore_bundle(synthetic_dataset, tmp_path_factory) -> Bundle:
     return fit_patchcore(synthetic_dataset / "train" / "good", tmp_path_factory.mktemp("pc") / "washer",
@@ -92,11 +127,13 @@ def test_bundle_keeps_the_contract(patchcore_bundle):
     assert meta.model_kind == "patchcore" and tuple(meta.input_size) == (128, 128)
     assert meta.map_blur_sigma == 4.0  # the graph's blur, so the service sends the map at its detail
     assert meta.model_params["bank_size"] == round(0.1 * 24 * 16 * 16)
+    assert (meta.model_params["search_dims"], meta.model_params["search_candidates"]) == (64, 8)
     assert meta.threshold.value > 0 and meta.score_stats.count == 24
     model = onnx.load(str(patchcore_bundle.onnx_path))
     (image,) = model.graph.input
     assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [o.name for o in model.graph.output] == ["anomaly_map", "score"]
+    assert "TopK" in {n.op_type for n in model.graph.node}  # the two-step bank search is in the graph
     backend = create_backend(patchcore_bundle, "onnxruntime", threads=1)  # the device side, unchanged
     for n in (1, 3):
         result = backend.infer(np.full((n, 128, 128, 3), 128, np.uint8))

@@ -91,6 +91,9 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--bank-size", type=click.IntRange(min=1), default=None, help="patchcore: exact bank size.")
 @click.option("--projection-dim", type=click.IntRange(min=1), default=None,
               help="patchcore: random projection of the backbone channels [default 256].")
+@click.option("--search-dims", type=click.IntRange(min=0), default=None,
+              help="patchcore: the bank search's first step works in this many principal axes and keeps 8 "
+                   "candidates for the exact distance; 0 = one exact search over the whole bank [default 64].")
 @click.option("--feature-stride", type=click.Choice(["4", "8", "16"]), default=None,
               help="Grid of the bank search (patchcore: 4, 8 or 16) or of the statistics (PaDiM: 4 or 8), in "
                    "input pixels [default 8].")
@@ -107,7 +110,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
                 validation_labels: Path | None, threshold_rule: str, seed: int,
                 batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
-                target_escape: float | None, projection: str | None, position_offset: bool) -> None:
+                target_escape: float | None, projection: str | None, position_offset: bool,
+                search_dims: int | None) -> None:
     """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
     check_output_folder(out_dir, force)
     if threshold_rule in ("f1", "escape") and validation is None:
@@ -119,7 +123,7 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
     patchcore_only: dict[str, Any] = {
         "bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
-        "position_offset": position_offset or None}
+        "position_offset": position_offset or None, "search_dims": search_dims}
     stride_option: dict[str, Any] = {} if feature_stride is None else {"feature_stride": int(feature_stride)}
     # What both kinds share: the backbone, the input, the tiling the service will cut, the threshold rule.
     common: dict[str, Any] = dict(
