@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 
@@ -48,6 +49,24 @@ def test_each_peak_is_its_own_regions_even_inside_another_regions_box():
     assert [(b.x, b.y, b.width, b.height) for b in boxes] == [(10, 10, 40, 40), (25, 25, 10, 10)]
     assert boxes[0].peak == pytest.approx(4.0) and boxes[1].peak == pytest.approx(7.0)
     assert largest == 40 * 40 - 32 * 32
+
+
+def test_regions_match_a_plain_8_connected_labelling_of_random_maps():
+    """The faster labelling algorithm must find the same regions, in the same order, as OpenCV's plain call."""
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(20, 200, 2))
+        heat = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), float(rng.uniform(0.5, 4)))
+        threshold = float(np.quantile(heat, rng.uniform(0.3, 0.95)))
+        boxes, largest = defect_regions(heat, threshold, max_boxes=1000)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats((heat > threshold).astype(np.uint8), connectivity=8)
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        order = np.argsort(-areas, kind="stable")
+        expected = [tuple(int(v) for v in stats[i + 1, :5]) for i in order]
+        assert [(b.x, b.y, b.width, b.height, b.area) for b in boxes] == expected
+        assert largest == int(areas.max())
+        for box, i in zip(boxes, order):
+            assert box.peak * threshold == pytest.approx(float(heat[labels == i + 1].max()), rel=1e-6)
 
 
 def test_min_defect_area_ignores_specks_but_not_real_defects():

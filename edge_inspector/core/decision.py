@@ -106,7 +106,11 @@ def defect_regions(heatmap: np.ndarray, threshold: float, max_boxes: int) -> tup
     y0, x0 = int(rows[0]), int(cols[0])
     crop = np.ascontiguousarray(mask[y0:rows[-1] + 1, x0:cols[-1] + 1])
     heat = heatmap[y0:rows[-1] + 1, x0:cols[-1] + 1]
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
+    # Grana's block-based labelling (BBDT) gives the same labels and stats as OpenCV's default (Spaghetti here)
+    # in less time: measured 2026-11-24, one OpenCV thread, 2-core VM, medians of 40: a 1280x1024 mask half over
+    # the threshold 7.4 vs 11.2 ms, all over 10.0 vs 11.1 ms, one 400x500 blob 0.7 vs 1.5 ms (identical output on
+    # 300 random masks; tests/test_decision.py).
+    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(crop, 8, cv2.CV_32S, cv2.CCL_GRANA)
     areas = stats[1:, cv2.CC_STAT_AREA]
     order = np.argsort(-areas, kind="stable")
     boxes = []
