@@ -46,9 +46,10 @@ EXACT_SEARCH = BankSearch(dims=0)
 
 def principal_axes(centred: torch.Tensor, count: int) -> torch.Tensor:
     """(D, count) float32: the first principal axes of centred rows (M, D), largest variance first."""
-    rows = centred.double().numpy()
+    rows = centred.detach().cpu().double().numpy()
     _, vectors = np.linalg.eigh(rows.T @ rows)  # ascending eigenvalues
-    return torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1][:, :count])).to(torch.float32)
+    axes = torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1][:, :count])).to(torch.float32)
+    return axes.to(centred.device)
 
 
 class BankDistance(nn.Module):
