@@ -59,7 +59,7 @@ def test_regions_match_a_plain_8_connected_labelling_of_random_maps():
         heat = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), float(rng.uniform(0.5, 4)))
         threshold = float(np.quantile(heat, rng.uniform(0.3, 0.95)))
         boxes, largest = defect_regions(heat, threshold, max_boxes=1000)
-        count, labels, stats, _ = cv2.connectedComponentsWithStats((heat > threshold).astype(np.uint8), connectivity=8)
+        _, labels, stats, _ = cv2.connectedComponentsWithStats((heat > threshold).astype(np.uint8), connectivity=8)
         areas = stats[1:, cv2.CC_STAT_AREA]
         order = np.argsort(-areas, kind="stable")
         expected = [tuple(int(v) for v in stats[i + 1, :5]) for i in order]

@@ -82,6 +82,8 @@ class BankDistance(nn.Module):
         self.register_buffer("centre", centre)
         self.register_buffer("bank", bank)
         self.candidates = search.candidates if search.applies_to(tuple(bank.shape)) else 0
+        # half_sq is the bias of the search's Gemm: -|b|^2/2 in the space that Gemm works in (the principal axes
+        # for the two-step search, the full features for the exact one).
         if self.candidates:
             axes = principal_axes(bank, search.dims)
             coarse = bank @ axes
@@ -98,19 +100,24 @@ class BankDistance(nn.Module):
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         n, p, d = emb.shape
         x = emb.reshape(n * p, d) - self.centre
-        if self.candidates:
-            scores = F.linear(x @ self.axes, self.coarse_bank, self.half_sq)
-            nearest = torch.topk(scores, self.candidates, dim=1).indices  # (N*P, K)
-            diff = x.unsqueeze(1) - self.bank[nearest]  # (N*P, K, D)
-            dist = torch.sqrt((diff * diff).sum(2).min(1).values)
-            return dist.reshape(n, 1, *self.grid)
+        dist = self._two_step(x) if self.candidates else self._exact(x)
+        return dist.reshape(n, 1, *self.grid)
+
+    def _two_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Centred rows (R, D) -> (R,): the best `candidates` in the principal axes, then the exact nearest."""
+        scores = F.linear(x @ self.axes, self.coarse_bank, self.half_sq)
+        nearest = torch.topk(scores, self.candidates, dim=1).indices  # (R, K)
+        diff = x.unsqueeze(1) - self.bank[nearest]  # (R, K, D)
+        return torch.sqrt((diff * diff).sum(2).min(1).values)
+
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
+        """Centred rows (R, D) -> (R,): one search over the whole bank."""
         nearest = torch.argmax(F.linear(x, self.bank, self.half_sq), dim=1)
         # The distance itself is recomputed from the nearest entry: the expanded form cancels for patches
         # that sit on a bank entry (training-like patches), and sqrt magnifies that near 0 (measured: ORT vs
         # torch differed by 6e-4 of the map's maximum with it, far less with the exact difference).
-        diff = x - torch.index_select(self.bank, 0, nearest)  # (N*P, D)
-        dist = torch.sqrt((diff * diff).sum(1))
-        return dist.reshape(n, 1, *self.grid)
+        diff = x - torch.index_select(self.bank, 0, nearest)  # (R, D)
+        return torch.sqrt((diff * diff).sum(1))
 
 
 class PositionOffset(nn.Module):
