@@ -256,6 +256,8 @@ def test_position_offset_is_a_patchcore_option(synthetic_dataset, tmp_path):
     ({"bank_fraction": 0.0}, "bank_fraction"),
     ({"feature_stride": 5}, "feature_stride"),
     ({"input_size": (100, 100)}, "multiples of 16"),
+    ({"search_dims": -1}, r"search_dims must be >= 0 .* got -1"),
+    ({"search_candidates": 0}, r"search_candidates >= 1, got 64, 0"),
 ])
 def test_bad_options_are_one_line_errors(synthetic_dataset, tmp_path, change, message):
     with pytest.raises(DataError, match=message):
