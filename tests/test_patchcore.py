@@ -109,11 +109,30 @@ def test_two_step_bank_search_returns_a_real_distance_when_the_nearest_entry_is_
     assert bool((got > all_dist.min(1).values + 1e-3).any()), "one axis must miss some nearest entries"
 
 
+@pytest.mark.parametrize("entries", [4608, 613])
+def test_grouped_candidate_selection_picks_what_one_topk_over_the_bank_picks(entries):
+    """The candidates are chosen through groups of 16 entries (TopK over group maxima, then over their members):
+    the same sets as one TopK over every entry, also when the bank is padded to whole groups (613 = 38 x 16 + 5)
+    and the padding is never chosen."""
+    rng = np.random.default_rng(5)
+    bank = torch.from_numpy(rng.normal(size=(entries, 24)).astype(np.float32))
+    grouped = BankDistance(bank, (1, 1), BankSearch(dims=8, candidates=8, group=16))
+    assert grouped.group == 16 and grouped.coarse_bank.shape[0] == -(-entries // 16) * 16
+    x = torch.from_numpy(rng.normal(size=(500, 24)).astype(np.float32)) - grouped.centre
+    scores = torch.nn.functional.linear(x @ grouped.axes, grouped.coarse_bank, grouped.half_sq)
+    got = grouped._best(scores)
+    expected = torch.topk(scores, 8, dim=1).indices
+    assert [set(row) for row in got.tolist()] == [set(row) for row in expected.tolist()]
+    assert int(got.max()) < entries
+
+
 def test_two_step_search_falls_back_to_exact_when_it_would_not_save_work():
     bank = torch.zeros(6, 16)
     assert BankDistance(bank, (1, 1), BankSearch(dims=64, candidates=8)).candidates == 0  # dims >= D
     assert BankDistance(bank, (1, 1), BankSearch(dims=4, candidates=8)).candidates == 0  # candidates >= M
     assert BankDistance(torch.zeros(20, 16), (1, 1), BankSearch(dims=4, candidates=8)).candidates == 8
+    assert BankDistance(torch.zeros(128, 16), (1, 1), BankSearch(dims=4, candidates=8)).group == 1  # 8 groups
+    assert BankDistance(torch.zeros(129, 16), (1, 1), BankSearch(dims=4, candidates=8)).group == 16  # 9 groups
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +146,15 @@ def test_bundle_keeps_the_contract(patchcore_bundle):
     assert meta.model_kind == "patchcore" and tuple(meta.input_size) == (128, 128)
     assert meta.map_blur_sigma == 4.0  # the graph's blur, so the service sends the map at its detail
     assert meta.model_params["bank_size"] == round(0.1 * 24 * 16 * 16)
-    assert (meta.model_params["search_dims"], meta.model_params["search_candidates"]) == (64, 8)
+    params = meta.model_params
+    assert (params["search_dims"], params["search_candidates"], params["search_group"]) == (64, 8, 16)
     assert meta.threshold.value > 0 and meta.score_stats.count == 24
     model = onnx.load(str(patchcore_bundle.onnx_path))
     (image,) = model.graph.input
     assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [o.name for o in model.graph.output] == ["anomaly_map", "score"]
-    assert "TopK" in {n.op_type for n in model.graph.node}  # the two-step bank search is in the graph
+    ops = {n.op_type for n in model.graph.node}
+    assert {"TopK", "ReduceMax", "GatherElements"} <= ops  # the two-step search, candidates chosen by groups
     backend = create_backend(patchcore_bundle, "onnxruntime", threads=1)  # the device side, unchanged
     for n in (1, 3):
         result = backend.infer(np.full((n, 128, 128, 3), 128, np.uint8))

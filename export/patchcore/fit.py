@@ -304,6 +304,7 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
                       "position_offset": offset is not None,
                       "search_dims": int(model.bank.axes.shape[1]) if model.bank.candidates else 0,
                       "search_candidates": model.bank.candidates,
+                      "search_group": model.bank.group if model.bank.candidates else 0,
                       "constants_bytes": int(sum(b.numel() * 4 for b in model.bank.buffers())
                                              + features.dim * features.channels * 4)},
         map_blur_sigma=model.head.sigma)

@@ -35,6 +35,7 @@ class BankSearch:
 
     dims: int = 64
     candidates: int = 8
+    group: int = 16  # bank entries per group for the candidates' selection (`BankDistance._best`); 1 = plain TopK
 
     def applies_to(self, bank_shape: tuple[int, ...]) -> bool:
         """Worth it only when the search space is smaller than the bank's: else the exact search is cheaper."""
@@ -50,6 +51,16 @@ def principal_axes(centred: torch.Tensor, count: int) -> torch.Tensor:
     _, vectors = np.linalg.eigh(rows.T @ rows)  # ascending eigenvalues
     axes = torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1][:, :count])).to(torch.float32)
     return axes.to(centred.device)
+
+
+def pad_to_groups(coarse: torch.Tensor, half_sq: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads the search's rows to whole groups with entries that can never be chosen (zero row, bias -1e30:
+    finite, so no inf or NaN enters the graph); the exact bank itself is not padded, as no index can reach them."""
+    extra = -coarse.shape[0] % group
+    if extra == 0:
+        return coarse, half_sq
+    return (torch.cat([coarse, coarse.new_zeros(extra, coarse.shape[1])]),
+            torch.cat([half_sq, half_sq.new_full((extra,), -1e30)]))
 
 
 class BankDistance(nn.Module):
@@ -84,12 +95,16 @@ class BankDistance(nn.Module):
         self.candidates = search.candidates if search.applies_to(tuple(bank.shape)) else 0
         # half_sq is the bias of the search's Gemm: -|b|^2/2 in the space that Gemm works in (the principal axes
         # for the two-step search, the full features for the exact one).
+        # Groups only help when there are more of them than candidates (else the first TopK keeps them all).
+        group = max(1, search.group)
+        self.group = group if -(-int(bank.shape[0]) // group) > self.candidates else 1
         if self.candidates:
             axes = principal_axes(bank, search.dims)
             coarse = bank @ axes
             self.register_buffer("axes", axes)
+            coarse, half_sq = pad_to_groups(coarse, -0.5 * (coarse * coarse).sum(1), self.group)
             self.register_buffer("coarse_bank", coarse.contiguous())
-            self.register_buffer("half_sq", -0.5 * (coarse * coarse).sum(1))
+            self.register_buffer("half_sq", half_sq)
         else:
             self.register_buffer("half_sq", -0.5 * (bank * bank).sum(1))
 
@@ -106,9 +121,26 @@ class BankDistance(nn.Module):
     def _two_step(self, x: torch.Tensor) -> torch.Tensor:
         """Centred rows (R, D) -> (R,): the best `candidates` in the principal axes, then the exact nearest."""
         scores = F.linear(x @ self.axes, self.coarse_bank, self.half_sq)
-        nearest = torch.topk(scores, self.candidates, dim=1).indices  # (R, K)
+        nearest = self._best(scores)  # (R, K)
         diff = x.unsqueeze(1) - self.bank[nearest]  # (R, K, D)
         return torch.sqrt((diff * diff).sum(2).min(1).values)
+
+    def _best(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores (R, M) -> indices (R, K) of the K highest per row, found through the bank's groups.
+
+        Each of the K best entries lies in a group whose maximum is at least the K-th best score, so the K groups
+        with the highest maxima hold all of them (up to ties): a TopK over M / group maxima, then over those
+        groups' K x group members, returns the same entries as one TopK over M. Measured on random (1024 x 4608)
+        scores, 2 threads: 3.2 vs 4.5 ms, where the plain TopK was 3.7 of fryum's 22 ms graph.
+        """
+        if self.group == 1:
+            return torch.topk(scores, self.candidates, dim=1).indices
+        k, g = self.candidates, self.group
+        maxima = scores.reshape(-1, scores.shape[1] // g, g).amax(2)  # (R, M / g)
+        groups = torch.topk(maxima, k, dim=1).indices  # (R, K)
+        members = (groups.unsqueeze(2) * g + torch.arange(g, device=scores.device)).reshape(-1, k * g)
+        best = torch.topk(torch.gather(scores, 1, members), k, dim=1).indices  # (R, K) into members
+        return torch.gather(members, 1, best)
 
     def _exact(self, x: torch.Tensor) -> torch.Tensor:
         """Centred rows (R, D) -> (R,): one search over the whole bank."""
