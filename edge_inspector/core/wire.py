@@ -23,9 +23,36 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RESULT_TOPIC = "inspection"
 HEALTH_TOPIC = "health"
+# A ZeroMQ subscription is a byte prefix: `inspection.line1` also matched `inspection.line10`. Every topic
+# therefore ends in NUL, which no camera id may hold (`check_camera_id`): `inspection.line1\0` is a prefix of
+# line1's topic only, while `inspection.` still takes every camera. NUL rather than a printable delimiter
+# ('.' or '/') so that no id in use today has to change: a printable one would have to be banned from ids.
+TOPIC_END = b"\x00"
 # Control requests are a few hundred bytes; ZeroMQ itself drops a peer that sends a bigger message, before
 # it is buffered (without a cap, a 100 MB request was accepted and cost 336 MB of RSS).
 MAX_CONTROL_MESSAGE = 64 * 1024
+
+
+def check_camera_id(camera_id: str) -> str | None:
+    """Why `camera_id` cannot name a topic (and be written to a log line as is), or None when it can."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in camera_id):
+        return f"must not contain control characters (got {camera_id!r})"
+    return None
+
+
+def topic(kind: str, camera_id: str) -> bytes:
+    """The exact topic of one camera's results (`kind` RESULT_TOPIC) or health (HEALTH_TOPIC)."""
+    return f"{kind}.{camera_id}".encode() + TOPIC_END
+
+
+def subscription(kind: str, camera_id: str | None = None) -> bytes:
+    """The SUBSCRIBE prefix for one camera's `kind` messages, or every camera's when camera_id is None."""
+    return topic(kind, camera_id) if camera_id else f"{kind}.".encode()
+
+
+def topic_text(raw: bytes) -> str:
+    """A received topic as text without its terminator (`inspection.line1`); old services sent none."""
+    return raw.removesuffix(TOPIC_END).decode("utf-8", "replace")
 
 
 def dumps_strict(payload: Any) -> bytes:

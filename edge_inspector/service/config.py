@@ -22,6 +22,7 @@ from edge_inspector.core import schema
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.schema import NON_BLANK, Pair, Rect, Text, expect, internal
 from edge_inspector.core.tiling import MIN_MAP_SCALE
+from edge_inspector.core.wire import check_camera_id
 
 Source = Annotated[Annotated[int, Meta(ge=0)] | Annotated[str, Meta(pattern=NON_BLANK)],
                    expect("a device index (integer >= 0) or a path, URL or GStreamer pipeline")]
@@ -210,6 +211,9 @@ def _cross_checks(config: ServiceConfig) -> None:
         raise config.error("tiling.stride", f"{list(tiling.stride)} is larger than tiling.tile_size "
                            f"{list(tiling.tile_size)} (tiles would leave gaps)")
     camera = config.camera
+    bad_id = check_camera_id(camera.id)
+    if bad_id:
+        raise config.error("camera.id", bad_id)
     if camera.reconnect_max_s < camera.reconnect_initial_s:
         raise config.error("camera.reconnect_max_s", f"expected >= camera.reconnect_initial_s "
                            f"({camera.reconnect_initial_s}), got {camera.reconnect_max_s}")

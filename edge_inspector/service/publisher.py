@@ -1,8 +1,9 @@
 """Results and health out over ZeroMQ PUB (the control socket is service/control.py).
 
-Results: one multipart message per processed frame, `[b"inspection.<camera_id>", header_json, heatmap]`
+Results: one multipart message per processed frame, `[b"inspection.<camera_id>\0", header_json, heatmap]`
 (docs/wire-format.md documents every header field; `schema_version` changes only when a field's meaning
-does). Health: `[b"health.<camera_id>", json]` every `health_interval_s` and at once when the camera
+does); the topic's trailing NUL makes a subscription to one camera exact (core/wire.py). Health:
+`[b"health.<camera_id>\0", json]` every `health_interval_s` and at once when the camera
 connects or is lost. PUB never blocks the line: each subscriber gets a send queue capped at `sndhwm`
 messages, past which ZeroMQ drops *for that subscriber only*, so a stalled HMI costs itself messages,
 not the service memory.
@@ -31,7 +32,7 @@ import cv2
 import zmq
 
 from edge_inspector.core.render import PNG_FAST, heatmap_size, heatmap_to_u8
-from edge_inspector.core.wire import HEALTH_TOPIC, RESULT_TOPIC, SCHEMA_VERSION, bind_or_refuse, dumps_strict
+from edge_inspector.core.wire import HEALTH_TOPIC, RESULT_TOPIC, SCHEMA_VERSION, bind_or_refuse, dumps_strict, topic
 from edge_inspector.service.config import PublishConfig
 from edge_inspector.service.pipeline import LATENCY_KEYS, Result
 
@@ -131,8 +132,8 @@ class Publisher:
         self.health = health
         self.archive = archive
         self.context = context or zmq.Context.instance()
-        self.result_topic = f"{RESULT_TOPIC}.{camera_id}".encode()
-        self.health_topic = f"{HEALTH_TOPIC}.{camera_id}".encode()
+        self.result_topic = topic(RESULT_TOPIC, camera_id)  # NUL-terminated: exact per camera (core/wire.py)
+        self.health_topic = topic(HEALTH_TOPIC, camera_id)
         self.socket = self.context.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.SNDHWM, config.sndhwm)
         self.socket.setsockopt(zmq.LINGER, 1000)

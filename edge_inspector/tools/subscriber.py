@@ -19,11 +19,12 @@ import numpy as np
 import zmq
 
 from edge_inspector.core.errors import ConfigError
+from edge_inspector.core.wire import HEALTH_TOPIC, RESULT_TOPIC, subscription, topic_text
 
 
 @dataclass
 class Message:
-    topic: str
+    topic: str  # without the wire's NUL terminator: `inspection.line1`
     header: dict[str, Any]
     heatmap: bytes = b""
 
@@ -44,10 +45,20 @@ def connectable(endpoint: str) -> str:
     return endpoint.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
 
 
-class Subscriber:
-    """SUB socket on a service's PUB endpoint. Topics are prefixes: `inspection.` for all cameras' results."""
+def camera_topics(camera: str | None = None, health: bool = True) -> tuple[bytes, ...]:
+    """Subscriptions for one camera's results (and health), exactly that camera, or every camera's (None)."""
+    return (subscription(RESULT_TOPIC, camera),) + ((subscription(HEALTH_TOPIC, camera),) if health else ())
 
-    def __init__(self, endpoint: str, topics: tuple[str, ...] = ("inspection.", "health."),
+
+class Subscriber:
+    """SUB socket on a service's PUB endpoint.
+
+    `topics` are ZeroMQ prefixes: `inspection.` takes every camera's results; for one camera use
+    `camera_topics("line1")` (the NUL-terminated topic, so `line10` is not received with it). A str topic
+    is sent as given: `"inspection.line1"` without the terminator also matches line10, as ZeroMQ does.
+    """
+
+    def __init__(self, endpoint: str, topics: tuple[str | bytes, ...] = ("inspection.", "health."),
                  context: zmq.Context | None = None, rcvhwm: int = 1000, keys: Any | None = None):
         """`keys`: an `edge_inspector.core.keys.ClientKeys` when the service runs with CURVE."""
         self.context = context or zmq.Context.instance()
@@ -57,7 +68,7 @@ class Subscriber:
         if keys is not None:
             keys.apply(self.socket)
         for topic in topics:
-            self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode() if isinstance(topic, str) else topic)
         try:
             self.socket.connect(connectable(endpoint))
         except zmq.ZMQError as err:
@@ -70,7 +81,7 @@ class Subscriber:
             return None
         parts = self.socket.recv_multipart()
         header = json.loads(parts[1]) if len(parts) > 1 else {}
-        return Message(topic=parts[0].decode(), header=header, heatmap=parts[2] if len(parts) > 2 else b"")
+        return Message(topic=topic_text(parts[0]), header=header, heatmap=parts[2] if len(parts) > 2 else b"")
 
     def close(self) -> None:
         self.socket.close(0)
@@ -133,8 +144,7 @@ def subscribe_command(endpoint: str, camera: str, health: bool, as_json: bool, c
     from edge_inspector.core.keys import client_keys_option
 
     keys = client_keys_option(server_key, client_key)
-    suffix = f".{camera}" if camera else "."
-    topics = ("inspection" + suffix,) + (("health" + suffix,) if health else ())
+    topics = camera_topics(camera or None, health)  # one camera: exactly it (`line1` never gets `line10`)
     folder = Path(save_heatmaps) if save_heatmaps else None
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
