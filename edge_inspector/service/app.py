@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 import zmq
 
 from edge_inspector.backends import Backend, BackendRuntimeError, create_backend
@@ -40,7 +39,7 @@ from edge_inspector.core.decision import (
     validate_threshold,
 )
 from edge_inspector.core.errors import ConfigError
-from edge_inspector.core.inspect import Inspector, Model
+from edge_inspector.core.inspect import Inspector, Model, probe_backend
 from edge_inspector.core.systemd import Notifier, extending_start
 from edge_inspector.core.tiling import Tiler
 from edge_inspector.service.archive import Archive
@@ -84,8 +83,8 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
     bundle_range(config, bundle)  # a config threshold outside the new bundle's range is refused up front
     started = time.monotonic()
 
-    def warm_up(backend: Backend) -> None:
-        backend.infer(np.zeros((tiler.tiles, *bundle.input_size, 3), np.uint8))
+    def warm_up(backend: Backend) -> None:  # the probe: outputs checked against the contract (core/inspect.py)
+        probe_backend(backend, bundle, tiler.tiles)
 
     backend = create_backend(bundle, config.model.backend, config.model.threads, warm_up=warm_up,
                              tiles=tiler.tiles)
@@ -330,7 +329,7 @@ class Service:
         """Payload of health.<camera_id> (docs/wire-format.md)."""
         stats = self.stats.snapshot()
         camera = self.camera.snapshot() if self.camera else {}
-        problems = self.problems()
+        problems = self.problems() + (self.pipeline.engine.problems() if self.pipeline else [])
         model = self.inspector.model if self.inspector else None
         return {
             "state": camera.get("state", "starting"),
@@ -372,7 +371,8 @@ class Service:
     def _cmd_status(self, _request: dict[str, Any]) -> dict[str, Any]:
         inspector, camera = self._running()
         model, params = inspector.settings()
-        return {"camera_id": self.config.camera.id, "status": self.status_line(), "problems": self.problems(),
+        problems = self.problems() + (self.pipeline.engine.problems() if self.pipeline else [])
+        return {"camera_id": self.config.camera.id, "status": self.status_line(), "problems": problems,
                 "camera": camera.snapshot(), "model": {"id": model.model_id, "sha256": model.sha256,
                                                             "path": str(model.bundle.path),
                                                             "backend": model.backend.describe()},
@@ -476,6 +476,9 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
         bundle = Bundle.load(config.bundle_path)
         tiler = checked_tiler(config, bundle)
         low, high = bundle_range(config, bundle)
+        # The graph is run once on a mid-grey probe (CPU): a misshapen or NaN map is refused here too.
+        create_backend(bundle, "onnxruntime", threads=1, warm_up=lambda b: probe_backend(b, bundle, tiler.tiles),
+                       tiles=tiler.tiles).close()
         threshold = config.decision.threshold or bundle.threshold
         line += (f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g} "
                  f"(allowed {low:.6g}..{high:.6g})")

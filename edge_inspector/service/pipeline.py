@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_inspector.core.decision import Decision
-from edge_inspector.core.inspect import Inspector, MapScale
+from edge_inspector.core.inspect import Inspector, MapScale, ModelOutputError
 from edge_inspector.service.queues import FrameQueue, InOrder, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
 
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # Every result's latency_ms carries all of these (docs/wire-format.md); stages a frame never reached are 0.
 LATENCY_KEYS = ("capture", "queue", "tiling", "inference", "decision", "encode", "total")
+# A frame whose model output was refused (ModelOutputError) keeps health not-ok for this long, and until a
+# later frame is judged: a single NaN frame is then seen in at least one health message (5 s apart).
+OUTPUT_PROBLEM_HOLD_S = 60.0
 # The supervisor ticks every 0.1 s; a gap this long means the whole process was paused (SIGSTOP, swapped
 # out, a stalled disk under the logger), not that one stage hung.
 PAUSE_GAP_S = 2.0
@@ -131,6 +134,33 @@ class InferenceEngine:
         self.map_scale = map_scale  # publish.heatmap_scale: maps are stitched at the size they are sent
         self.picture_of_frame = picture_of_frame  # publish.heatmap jpeg_overlay: the frame is in the picture
         self.sequence = 0
+        self.refused_outputs = 0  # frames whose model output broke the contract (NaN, wrong shape): errors
+        self._last_refused: tuple[float, str] | None = None  # (monotonic time, reason)
+        self._judged_since_refused = False
+        self._lock = threading.Lock()  # several inference workers share the engine
+
+    def problems(self) -> list[str]:
+        """Health problems of the judging itself: a model output refused lately (see OUTPUT_PROBLEM_HOLD_S).
+
+        Kept out of the pipeline's stage problems on purpose: those withhold the systemd watchdog, and a
+        restart cannot make a model answer finitely (the start-up probe would pass it again)."""
+        with self._lock:
+            last, judged = self._last_refused, self._judged_since_refused
+        if last is None:
+            return []
+        age = time.monotonic() - last[0]
+        if judged and age > OUTPUT_PROBLEM_HOLD_S:
+            return []
+        return [f"model output refused on {self.refused_outputs} frame(s), last {age:.0f} s ago: {last[1]}"]
+
+    def _note_output(self, refused: str | None) -> None:
+        with self._lock:
+            if refused is None:
+                self._judged_since_refused = self._last_refused is not None
+                return
+            self.refused_outputs += 1
+            self._last_refused = (time.monotonic(), refused)
+            self._judged_since_refused = False
 
     def process(self, frame: Frame, sequence: int | None = None) -> Result:
         """Judge one frame. `sequence`: its number on the wire, given by the pipeline when several workers
@@ -151,9 +181,14 @@ class InferenceEngine:
             return result
         try:
             inspection = self.inspector.inspect(frame.image, self.map_scale, tiles, self.picture_of_frame)
+        except ModelOutputError as err:  # an error result, never a pass, and health says why
+            result.error = f"model output refused: {err}"
+            self._note_output(str(err))
+            return result
         except Exception as err:  # any failure must still produce a result, never a silent gap
             result.error = f"{type(err).__name__}: {err}".splitlines()[0]
             return result
+        self._note_output(None)
         timings.update(inspection.timings)
         result.verdict = inspection.verdict
         result.decision = inspection.decision
