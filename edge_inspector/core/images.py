@@ -2,11 +2,25 @@
 
 Factory images come as 8-bit or 16-bit, grayscale, colour or with alpha; the bundle's graph takes only uint8
 BGR, so every path into the model (fit, replay, folder source) converts here, once, the same way.
+
+Every image file is read by one bounded reader (`read_image`), the folder source's, replay's and fit's alike:
+- opened with O_NONBLOCK (O_NOFOLLOW too for the service's drop folder) and checked on the open descriptor
+  (fstat S_ISREG), so a FIFO renamed over a listed image is an error for that file, never a capture stuck in
+  open(); a check on the name before opening would race with the rename;
+- read up to a byte cap, and its header's width x height checked against a pixel cap before OpenCV decodes
+  it (core/imageheader.py): a 186-byte TIFF declaring 100000x100000 once ended replay with a traceback, a
+  389 KB 20000x20000 PNG took it to 5.25 GB for 47 s;
+- named in errors and logs through `shown`, which escapes control characters: a file name holding a newline
+  and a fake log line once forged a line in the service log.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -14,8 +28,94 @@ import cv2
 import numpy as np
 
 from edge_inspector.core.errors import DataError, ImageError
+from edge_inspector.core.imageheader import HeaderError, image_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The pixel cap of replay and fit, and the default of the service's camera.max_frame_pixels: 50 MP is above
+# any line camera in use (the largest seen, 45 MP) and below what the 2-core VM can decode in memory.
+MAX_IMAGE_PIXELS = 50_000_000
+_UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def shown(name: str | Path) -> str:
+    """A file name (or any text from outside) safe to put in a log line or a one-line error: control
+    characters, line separators and undecodable bytes are escaped as Python's repr does (`a\\nb.png`),
+    everything else is left as it is (accents and other scripts stay readable). Backslashes are not
+    doubled, so text escaped once is unchanged by a second pass (an error naming a file is escaped where it
+    is made and again where it is logged)."""
+    return _UNSHOWABLE.sub(lambda match: repr(match.group())[1:-1], str(name))
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """No compressed image is larger than its raw 16-bit RGBA pixels: anything bigger is not worth reading."""
+    return max_pixels * 8 + (1 << 20)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_file_bytes(path: str | Path, max_bytes: int, follow_links: bool = True, cap_name: str = "") -> bytes:
+    """The bytes of a regular file of at most max_bytes; ImageError naming the file (escaped) otherwise.
+
+    The type is checked on the descriptor, after an O_NONBLOCK open that cannot block on a FIFO.
+    `follow_links` False (the service) refuses a symbolic link as the last path component (O_NOFOLLOW).
+    """
+    name = shown(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP and not follow_links:
+            raise ImageError(f"{name}: a symbolic link (refused: regular files only)") from None
+        raise ImageError(f"{name}: cannot read ({err.strerror or err})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{name}: {_file_kind(info.st_mode)}, not a regular file (refused)")
+        too_big = ImageError(f"{name}: file larger than {max_bytes >> 20} MB, more than any image of at most "
+                             f"{cap_name or 'the pixel cap'} pixels")
+        if info.st_size > max_bytes:
+            raise too_big
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as err:
+        raise ImageError(f"{name}: cannot read ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    if total > max_bytes:  # grew while being read
+        raise too_big
+    return b"".join(chunks)
+
+
+def decode_image(data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS, cap_name: str = "",
+                 flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode file bytes after checking the header's size against max_pixels; ImageError naming `source`
+    (an already escaped name) when the header is unknown, too large, or the data does not decode."""
+    try:
+        width, height = image_size(data)
+    except HeaderError as err:
+        raise ImageError(f"{source}: cannot decode image ({err})") from None
+    if width * height > max_pixels:
+        raise ImageError(f"{source}: {width}x{height} = {width * height} pixels exceeds "
+                         f"{cap_name or f'the cap of {max_pixels}'}{f' ({max_pixels})' if cap_name else ''}; "
+                         "refused before decoding")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as err:
+        raise ImageError(f"{source}: cannot decode image ({str(err).strip().splitlines()[-1]})") from None
+    if image is None:
+        raise ImageError(f"{source}: cannot decode image (corrupt or not an image)")
+    return image
 
 
 def to_bgr8(image: np.ndarray, source: str = "image") -> np.ndarray:
@@ -37,25 +137,24 @@ def to_bgr8(image: np.ndarray, source: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 BGR; raise ImageError naming the file when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise ImageError(f"{path}: cannot decode image (corrupt or not an image)")
-    return to_bgr8(image, str(path))
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, follow_links: bool = True,
+               cap_name: str = "") -> np.ndarray:
+    """Decode an image file to uint8 BGR through the bounded reader (module docstring); ImageError naming
+    the file when it cannot be read, is not a regular file, or declares more than max_pixels pixels.
+    `cap_name`: the setting the cap comes from, named in the error (the service: camera.max_frame_pixels)."""
+    name = shown(path)
+    data = read_file_bytes(path, max_file_bytes(max_pixels), follow_links, cap_name)
+    return to_bgr8(decode_image(data, name, max_pixels, cap_name), name)
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a ground-truth mask as bool HxW, resized (nearest) to size=(height, width) when given."""
-    path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else np.empty(0, np.uint8)
-    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    if mask is None:
-        raise ImageError(f"{path}: cannot decode mask image")
+    name = shown(path)
+    try:
+        data = read_file_bytes(path, max_file_bytes(MAX_IMAGE_PIXELS))
+        mask = decode_image(data, name, flags=cv2.IMREAD_GRAYSCALE)
+    except ImageError as err:
+        raise ImageError(f"{name}: cannot decode mask image ({str(err).removeprefix(name + ': ')})") from None
     if size is not None and mask.shape != tuple(size):
         mask = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
     return mask > mask_cutoff(mask)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import cv2
 
 from edge_inspector.core.atomic import write_atomic
+from edge_inspector.core.images import shown
 from edge_inspector.core.render import heatmap_to_u8
 from edge_inspector.service.config import ArchiveConfig
 from edge_inspector.service.pipeline import Result
@@ -30,6 +32,14 @@ from edge_inspector.service.pipeline import Result
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".json", ".heatmap.png", ".png", ".jpg")
+# core/atomic.py's temporary name, `.<name>.<pid>.tmp`: one left behind is a write cut short (SIGKILL, power
+# cut); a 12 MB one once survived every restart, outside the caps.
+_TEMPORARY = re.compile(r"^\.(.+)\.\d+\.tmp$")
+
+
+def _is_temporary(name: str) -> bool:
+    match = _TEMPORARY.match(name)
+    return bool(match and _stem_of(match.group(1)))
 
 
 def _stem_of(name: str) -> str | None:
@@ -45,6 +55,7 @@ class ArchiveStats:
     skipped: int = 0  # writer behind: not archived
     errors: int = 0  # write failures (disk full, permissions)
     removed: int = 0  # evicted to respect the caps
+    stale_removed: int = 0  # temporary files of interrupted writes, removed at start
     entries: int = 0
     bytes: int = 0
 
@@ -64,6 +75,7 @@ class Archive:
         self.entries: collections.OrderedDict[str, int] = collections.OrderedDict()  # stem -> bytes, oldest first
         self.queue: queue.Queue = queue.Queue(self.QUEUE_SIZE)
         self._failing = False
+        self.stray_bytes = 0  # stale temporary files that could not be removed: still counted in the size cap
         self._scan()
         self.thread = threading.Thread(target=self._run, name="edge-archive", daemon=True)
         self.thread.start()
@@ -74,15 +86,33 @@ class Archive:
             self.folder.mkdir(parents=True, exist_ok=True)
             sizes: dict[str, int] = collections.defaultdict(int)
             for entry in os.scandir(self.folder):
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if _is_temporary(entry.name):  # nothing writes here before this archive: it is stale
+                    self._remove_stale(entry)
+                    continue
                 stem = _stem_of(entry.name)
-                if stem and entry.is_file():
-                    sizes[stem] += entry.stat().st_size
+                if stem:
+                    sizes[stem] += entry.stat(follow_symlinks=False).st_size
         except OSError as err:
             self._report(err)
             return
         for stem in sorted(sizes):
             self.entries[stem] = sizes[stem]
         self._sync_stats()
+
+    def _remove_stale(self, entry: os.DirEntry) -> None:
+        size = entry.stat(follow_symlinks=False).st_size
+        try:
+            os.unlink(entry.path)
+        except OSError as err:
+            self.stray_bytes += size
+            log.warning("archive: cannot remove the stale temporary file %s (%s); its %.1f MB count against "
+                        "archive.max_megabytes", shown(entry.name), err.strerror,
+                        size / 1048576)
+            return
+        self.stats.stale_removed += 1
+        log.info("archive: removed %s (%.1f MB), left by a write cut short", shown(entry.name), size / 1048576)
 
     def submit(self, result: Result, header: dict[str, Any]) -> bool:
         """Queue a result for archiving if its verdict is kept; False when not kept or the writer is behind."""
@@ -152,7 +182,7 @@ class Archive:
         self._sync_stats()
 
     def _evict(self) -> None:
-        total = sum(self.entries.values())
+        total = sum(self.entries.values()) + self.stray_bytes
         while self.entries and (len(self.entries) > self.config.max_files or total > self.max_bytes):
             stem, size = self.entries.popitem(last=False)
             for suffix in _SUFFIXES:
@@ -162,7 +192,7 @@ class Archive:
 
     def _sync_stats(self) -> None:
         self.stats.entries = len(self.entries)
-        self.stats.bytes = sum(self.entries.values())
+        self.stats.bytes = sum(self.entries.values()) + self.stray_bytes
 
     def _report(self, err: OSError) -> None:
         self.stats.errors += 1
@@ -173,5 +203,6 @@ class Archive:
 
     def snapshot(self) -> dict[str, Any]:
         return {"folder": str(self.folder), "saved": self.stats.saved, "skipped": self.stats.skipped,
-                "errors": self.stats.errors, "removed": self.stats.removed, "entries": self.stats.entries,
+                "errors": self.stats.errors, "removed": self.stats.removed, "stale_removed": self.stats.stale_removed,
+                "entries": self.stats.entries,
                 "megabytes": round(self.stats.bytes / 1048576, 2), "failing": self._failing}

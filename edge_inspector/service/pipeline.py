@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_inspector.core.decision import Decision
+from edge_inspector.core.images import shown
 from edge_inspector.core.inspect import Inspector, MapScale, ModelOutputError
 from edge_inspector.service.queues import FrameQueue, InOrder, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
@@ -404,8 +405,9 @@ class Pipeline:
             else:
                 stats.errors += 1
                 if result.error != last_error or stats.errors % 100 == 1:
+                    # escaped: the error may name a file whose name holds a newline and a forged log line
                     log.warning("frame %d (sequence %d): %s (%d error results so far)", result.frame.index,
-                                result.sequence, result.error, stats.errors)
+                                result.sequence, shown(result.error or ""), stats.errors)
                 return result.error
         return last_error
 

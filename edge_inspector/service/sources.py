@@ -23,8 +23,7 @@ import cv2
 import numpy as np
 
 from edge_inspector.core.errors import ConfigError, ImageError, InspectorError
-from edge_inspector.core.imageheader import HeaderError, image_size
-from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images, to_bgr8
+from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images, read_image, shown, to_bgr8
 from edge_inspector.core.inspect import Tiles
 from edge_inspector.service.config import CameraConfig
 
@@ -238,11 +237,9 @@ class FolderSource(FrameSource):
         self.position = 0
         self.unreadable = 0  # images that could not be read or decoded (each one an error result)
         self.max_pixels = config.max_frame_pixels
-        # No compressed image is larger than its raw 16-bit RGBA pixels: anything bigger is not worth reading.
-        self.max_bytes = config.max_frame_pixels * 8 + (1 << 20)
 
     def describe(self) -> str:
-        return f"folder {self.folder}"
+        return f"folder {shown(self.folder)}"
 
     def open(self) -> None:
         if not self.folder.is_dir():
@@ -266,37 +263,18 @@ class FolderSource(FrameSource):
         self.current_file = str(path)
         try:
             return self._decode(path)
-        except FrameError as err:
+        except FrameError:
             self.unreadable += 1
-            raise FrameError(f"{path}: {err}") from None
+            raise
 
     def _decode(self, path: Path) -> np.ndarray:
-        """Read one image: any OSError, a header over max_frame_pixels or a decode failure is a FrameError."""
+        """Read one image through the shared bounded reader (core/images.py): a file that is not regular
+        (a FIFO renamed over a listed image) or a symbolic link, any OSError, a header over
+        max_frame_pixels or a decode failure is a FrameError naming the file, escaped for the log."""
         try:
-            with open(path, "rb") as handle:
-                data = handle.read(self.max_bytes + 1)
-        except OSError as err:
-            raise FrameError(f"cannot read ({err.strerror or err})") from None
-        if len(data) > self.max_bytes:
-            raise FrameError(f"file larger than {self.max_bytes >> 20} MB, more than any image of at most "
-                             f"camera.max_frame_pixels ({self.max_pixels}) pixels")
-        try:
-            width, height = image_size(data)
-        except HeaderError as err:
-            raise FrameError(f"cannot decode image ({err})") from None
-        if width * height > self.max_pixels:
-            raise FrameError(f"{width}x{height} = {width * height} pixels exceeds camera.max_frame_pixels "
-                             f"({self.max_pixels}); refused before decoding")
-        try:
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-        except cv2.error as err:
-            raise FrameError(f"cannot decode image ({str(err).strip().splitlines()[-1]})") from None
-        if image is None:
-            raise FrameError("cannot decode image (corrupt or not an image)")
-        try:
-            return to_bgr8(image, str(path))
+            return read_image(path, self.max_pixels, follow_links=False, cap_name="camera.max_frame_pixels")
         except ImageError as err:
-            raise FrameError(str(err).removeprefix(f"{path}: ")) from None
+            raise FrameError(str(err)) from None
 
 
 def gstreamer_available() -> bool:

@@ -22,8 +22,8 @@ import numpy as np
 from edge_inspector.backends import BACKEND_KINDS, Backend, create_backend
 from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.decision import DecisionParams
-from edge_inspector.core.errors import DataError, ImageError
-from edge_inspector.core.images import list_images, list_non_images, read_image, read_mask
+from edge_inspector.core.errors import DataError, InspectorError
+from edge_inspector.core.images import list_images, list_non_images, read_image, read_mask, shown
 from edge_inspector.core.inspect import Inspector, Model, bundle_tiler
 from edge_inspector.core.progress import progress
 from edge_inspector.core.render import overlay_image
@@ -90,11 +90,13 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
     for index, path in enumerate(progress(paths, desc="replay", unit="img")):
         started = time.perf_counter()
         try:
-            image = read_image(path)
+            image = read_image(path)  # the service's bounded reader: regular files, pixel and size caps
             inspection = inspector.inspect(image)
-        except ImageError as err:
-            log.warning("error row: %s", err)
-            summary.rows.append(ReplayRow(str(path), None, None, "error", None, str(err)))
+        except (InspectorError, cv2.error, MemoryError) as err:  # one line for this file; replay goes on
+            text = str(err).strip().splitlines()[-1] if isinstance(err, cv2.error) else str(err)
+            message = shown(text or f"{path}: {type(err).__name__}")
+            log.warning("error row: %s", message)
+            summary.rows.append(ReplayRow(str(path), None, None, "error", None, message))
             continue
         latency = (time.perf_counter() - started) * 1000.0
         decision, heatmap = inspection.decision, inspection.heatmap
