@@ -43,7 +43,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
     assert config.camera.id == "cam0" and config.camera.source == 0
     assert (config.tiling.rows, config.tiling.cols) == (1, 1)
     assert config.model.backend == "auto"
-    assert config.publish.endpoint == "tcp://*:5556"
+    assert config.publish.endpoint == "tcp://127.0.0.1:5556"  # loopback unless opened on purpose
     assert config.publish.control_endpoint == "tcp://127.0.0.1:5557"
     assert config.publish.heatmap == "png"
     assert config.archive.enabled is False

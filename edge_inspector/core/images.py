@@ -37,6 +37,26 @@ MAX_IMAGE_PIXELS = 50_000_000
 _UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
+# Errors that mean the process is short of a resource, not that the file is bad: they clear by themselves.
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+class ShortageError(ImageError):
+    """A file could not be read because the process ran out of descriptors or memory (EMFILE, ENOMEM):
+    the file may be fine; the service reports the shortage in health and goes on."""
+
+
+def is_shortage(err: BaseException) -> bool:
+    """True for MemoryError, an OSError of SHORTAGE_ERRNOS, or an error raised for one (`shortage` set)."""
+    return (isinstance(err, (MemoryError, ShortageError)) or getattr(err, "errno", None) in SHORTAGE_ERRNOS
+            or bool(getattr(err, "shortage", False)))
+
+
+def _read_error(name: str, err: OSError) -> ImageError:
+    kind = ShortageError if err.errno in SHORTAGE_ERRNOS else ImageError
+    return kind(f"{name}: cannot read ({err.strerror or err})")
+
+
 def shown(name: str | Path) -> str:
     """A file name (or any text from outside) safe to put in a log line or a one-line error: control
     characters, line separators and undecodable bytes are escaped as Python's repr does (`a\\nb.png`),
@@ -72,7 +92,7 @@ def read_file_bytes(path: str | Path, max_bytes: int, follow_links: bool = True,
     except OSError as err:
         if err.errno == errno.ELOOP and not follow_links:
             raise ImageError(f"{name}: a symbolic link (refused: regular files only)") from None
-        raise ImageError(f"{name}: cannot read ({err.strerror or err})") from None
+        raise _read_error(name, err) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -89,7 +109,9 @@ def read_file_bytes(path: str | Path, max_bytes: int, follow_links: bool = True,
             chunks.append(chunk)
             total += len(chunk)
     except OSError as err:
-        raise ImageError(f"{name}: cannot read ({err.strerror or err})") from None
+        raise _read_error(name, err) from None
+    except MemoryError:
+        raise ShortageError(f"{name}: cannot read (out of memory)") from None
     finally:
         os.close(fd)
     if total > max_bytes:  # grew while being read

@@ -74,9 +74,29 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# Idle peers on a listening socket hold a descriptor each: 1,100 idle TCP connections under a 1024-fd limit
+# once crashed the service. ZeroMQ has no connection cap, but it can drop what is idle: a connection that
+# has not finished the ZMTP handshake (greeting, CURVE) within HANDSHAKE_MS is closed (libzmq's default is
+# 30 s); after it, a ZMTP ping every HEARTBEAT_MS, and a peer silent for HEARTBEAT_TIMEOUT_MS (half-open:
+# unplugged, suspended) is dropped. Every libzmq >= 4.2 client answers pings by itself.
+HANDSHAKE_MS = 5_000
+HEARTBEAT_MS = 5_000
+HEARTBEAT_TIMEOUT_MS = 20_000
+
+
+def bound_idle_peers(socket: zmq.Socket) -> None:
+    """Set the idle-peer bounds above on a socket before it binds (they apply to connections it accepts)."""
+    socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+
+
 def bind_or_refuse(socket: zmq.Socket, endpoint: str, key: str) -> str:
     """Bind, or close the socket and raise the one-line ConfigError naming the config key (a port clash is a
-    config mistake, exit 2); returns the endpoint really bound (a `:0`/`*` port resolved)."""
+    config mistake, exit 2); returns the endpoint really bound (a `:0`/`*` port resolved). Every listening
+    socket of the service binds here, with idle peers bounded (`bound_idle_peers`)."""
+    bound_idle_peers(socket)
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as err:

@@ -329,7 +329,7 @@ class Service:
         """Payload of health.<camera_id> (docs/wire-format.md)."""
         stats = self.stats.snapshot()
         camera = self.camera.snapshot() if self.camera else {}
-        problems = self.problems() + (self.pipeline.engine.problems() if self.pipeline else [])
+        problems = self.problems() + (self.pipeline.degraded() if self.pipeline else [])
         model = self.inspector.model if self.inspector else None
         return {
             "state": camera.get("state", "starting"),
@@ -371,7 +371,7 @@ class Service:
     def _cmd_status(self, _request: dict[str, Any]) -> dict[str, Any]:
         inspector, camera = self._running()
         model, params = inspector.settings()
-        problems = self.problems() + (self.pipeline.engine.problems() if self.pipeline else [])
+        problems = self.problems() + (self.pipeline.degraded() if self.pipeline else [])
         return {"camera_id": self.config.camera.id, "status": self.status_line(), "problems": problems,
                 "camera": camera.snapshot(), "model": {"id": model.model_id, "sha256": model.sha256,
                                                             "path": str(model.bundle.path),

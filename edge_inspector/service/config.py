@@ -109,7 +109,9 @@ class PipelineConfig:
 
 @dataclass
 class PublishConfig:
-    endpoint: Annotated[Text, doc("ZeroMQ PUB endpoint for results and health")] = "tcp://*:5556"
+    endpoint: Annotated[Text, doc("ZeroMQ PUB endpoint for results and health (loopback by default: to serve "
+                                  "the plant network bind tcp://*:5556 with CURVE, docs/service.md)")] = (
+        "tcp://127.0.0.1:5556")
     control_endpoint: Annotated[Text | None, doc("ZeroMQ REP control endpoint (null: off)")] = "tcp://127.0.0.1:5557"
     heatmap: Annotated[Literal["png", "jpeg_overlay", "none"], doc("third message part")] = "png"
     heatmap_full_scale: Annotated[float, Meta(gt=0.0, le=1000.0),

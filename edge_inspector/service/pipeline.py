@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_inspector.core.decision import Decision
-from edge_inspector.core.images import shown
+from edge_inspector.core.images import is_shortage, shown
 from edge_inspector.core.inspect import Inspector, MapScale, ModelOutputError
 from edge_inspector.service.queues import FrameQueue, InOrder, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
@@ -186,6 +186,10 @@ class InferenceEngine:
             result.error = f"model output refused: {err}"
             self._note_output(str(err))
             return result
+        except MemoryError:  # an error result; the next frame may find the memory again
+            result.error = "out of memory judging this frame"
+            self._note_output("out of memory judging a frame")
+            return result
         except Exception as err:  # any failure must still produce a result, never a silent gap
             result.error = f"{type(err).__name__}: {err}".splitlines()[0]
             return result
@@ -327,6 +331,12 @@ class Pipeline:
             problems.append(f"supervisor unresponsive for {silent:.1f} s")
         return problems
 
+    def degraded(self) -> list[str]:
+        """Problems that make health not-ok without withholding the systemd watchdog (a restart mends
+        neither): model outputs refused or memory lacking on the inference stage, descriptors or memory
+        lacking on capture. Each stage goes on meanwhile, giving error results, and the problem clears."""
+        return [*self.engine.problems(), *self.camera.problems()]
+
     def _supervisor_stays_silent(self, grace_s: float = 0.5) -> bool:
         """After a whole-process pause (SIGSTOP) the thread asking may run before the supervisor's next
         0.1 s tick: the silence is the pause, not a hang. Give the supervisor a few ticks to show it is alive
@@ -415,7 +425,7 @@ class Pipeline:
         try:
             while True:
                 stage.beat()
-                self.sink.idle()
+                self._idle()
                 try:
                     result = self.results.get(0.2)
                 except QueueClosed:
@@ -429,10 +439,27 @@ class Pipeline:
                     self.stats.publish_errors += 1
                     log.exception("could not publish result sequence %d", result.sequence)
         finally:
-            finish = getattr(self.sink, "finish", None)
-            if finish is not None:
-                try:
-                    finish()  # the run's last message, from the thread that owns the socket
-                except Exception:
-                    log.exception("could not send the final message")
-            self.finished.set()
+            self._finish()
+
+    def _idle(self) -> None:
+        """The sink's timed work (health). A shortage or I/O failure there (EMFILE, ENOMEM, a ZeroMQ error
+        carrying one) is counted and logged, never the end of publishing; anything else is a bug and
+        crashes the stage, for the watchdog to see."""
+        try:
+            self.sink.idle()
+        except Exception as err:
+            if not (isinstance(err, OSError) or is_shortage(err)):
+                raise
+            self.stats.publish_errors += 1
+            if self.stats.publish_errors % 100 == 1:
+                log.warning("publishing health failed (%s: %s); %d publish errors so far", type(err).__name__, err,
+                            self.stats.publish_errors)
+
+    def _finish(self) -> None:
+        finish = getattr(self.sink, "finish", None)
+        if finish is not None:
+            try:
+                finish()  # the run's last message, from the thread that owns the socket
+            except Exception:
+                log.exception("could not send the final message")
+        self.finished.set()

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from edge_inspector.core.errors import ConfigError, ImageError, InspectorError
-from edge_inspector.core.images import IMAGE_EXTENSIONS, list_images, read_image, shown, to_bgr8
+from edge_inspector.core.images import IMAGE_EXTENSIONS, is_shortage, list_images, read_image, shown, to_bgr8
 from edge_inspector.core.inspect import Tiles
 from edge_inspector.service.config import CameraConfig
 
@@ -34,7 +34,12 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 class SourceError(InspectorError):
-    """A source could not be opened or read; the Camera retries (never fatal)."""
+    """A source could not be opened or read; the Camera retries (never fatal). `shortage`: for lack of
+    descriptors or memory (see FrameError)."""
+
+    def __init__(self, message: str, shortage: bool = False):
+        super().__init__(message)
+        self.shortage = shortage
 
 
 class EndOfStream(Exception):
@@ -43,7 +48,17 @@ class EndOfStream(Exception):
 
 class FrameError(Exception):
     """One frame could not be delivered (unreadable file, decode failure, too large) but the source is fine:
-    the frame becomes an `error` result naming the reason, and capture goes on."""
+    the frame becomes an `error` result naming the reason, and capture goes on. `shortage`: the reason was
+    the process running out of descriptors or memory (reported in health, see Camera.problems)."""
+
+    def __init__(self, message: str, shortage: bool = False):
+        super().__init__(message)
+        self.shortage = shortage
+
+
+# A shortage of descriptors or memory (1,100 idle connections under a 1024-fd limit once crashed capture)
+# stays in health's problems this long after the last one, so it is seen in at least two health messages.
+SHORTAGE_HOLD_S = 10.0
 
 
 @dataclass
@@ -244,10 +259,15 @@ class FolderSource(FrameSource):
     def open(self) -> None:
         if not self.folder.is_dir():
             raise SourceError(f"{self.folder}: image folder not found")
-        self.paths = [p for p in list_images(self.folder, recursive=False) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        try:
+            self.paths = [p for p in list_images(self.folder, recursive=False)
+                          if p.suffix.lower() in IMAGE_EXTENSIONS]
+            nested = 0 if self.paths else len(list_images(self.folder, recursive=True))
+        except OSError as err:  # EMFILE included: the folder is retried with the camera's backoff
+            raise SourceError(f"{shown(self.folder)}: cannot list the folder ({err.strerror or err})",
+                              shortage=is_shortage(err)) from None
         self.position = 0
         if not self.paths:
-            nested = len(list_images(self.folder, recursive=True))
             # A folder of subfolders (an MVTec-style test set) is a likely mistake: say why nothing is read.
             hint = (f" ({nested} images in subfolders are not read: a folder source reads only the folder's own "
                     "files)") if nested else ""
@@ -274,7 +294,14 @@ class FolderSource(FrameSource):
         try:
             return read_image(path, self.max_pixels, follow_links=False, cap_name="camera.max_frame_pixels")
         except ImageError as err:
-            raise FrameError(str(err)) from None
+            raise FrameError(str(err), shortage=is_shortage(err)) from None
+
+
+def _message(err: BaseException) -> str:
+    """One escaped line for a source error (an OSError or MemoryError named by its kind)."""
+    if isinstance(err, InspectorError):
+        return shown(str(err))
+    return shown(f"{type(err).__name__}: {getattr(err, 'strerror', None) or err or 'out of memory'}")
 
 
 def gstreamer_available() -> bool:
@@ -312,6 +339,21 @@ class Camera:
         self.failed_opens = 0
         self.frames_read = 0
         self.next_due = 0.0
+        self.shortages = 0  # reads/opens that failed for lack of descriptors or memory
+        self._last_shortage: tuple[float, str] | None = None
+
+    def problems(self) -> list[str]:
+        """A recent shortage of descriptors or memory (SHORTAGE_HOLD_S), for health; capture goes on."""
+        last = self._last_shortage
+        if last is None or time.monotonic() - last[0] > SHORTAGE_HOLD_S:
+            return []
+        return [f"capture short of resources ({self.shortages} time(s), last {time.monotonic() - last[0]:.0f} s "
+                f"ago: {last[1]})"]
+
+    def _note_shortage(self, err: BaseException, message: str) -> None:
+        if is_shortage(err):
+            self.shortages += 1
+            self._last_shortage = (time.monotonic(), message)
 
     @property
     def paced_fps(self) -> float | None:
@@ -342,8 +384,11 @@ class Camera:
                 except FrameError as err:  # this frame only: reported as an error result, capture goes on
                     image, error = None, str(err)
                     self.last_error = error
-                except (SourceError, ImageError) as err:
-                    self._lose(str(err))
+                    self._note_shortage(err, error)
+                except (SourceError, ImageError, OSError, MemoryError) as err:  # OSError: EMFILE and kin
+                    message = _message(err)
+                    self._note_shortage(err, message)
+                    self._lose(message)
                     lost = True
                     continue
                 now = time.monotonic()
@@ -359,11 +404,13 @@ class Camera:
     def _try_open(self, after_failure: bool) -> bool:
         try:
             self.source.open()
-        except (SourceError, ImageError) as err:
+        except (SourceError, ImageError, OSError, MemoryError) as err:  # never fatal: retried with backoff
+            message = _message(err)
+            self._note_shortage(err, message)
             self.failed_opens += 1
-            if self.state != "waiting" or err.args[0] != self.last_error:
-                log.warning("camera %s: %s; retrying", self.config.id, err)
-            self.last_error = str(err)
+            if self.state != "waiting" or message != self.last_error:
+                log.warning("camera %s: %s; retrying", self.config.id, message)
+            self.last_error = message
             self._set_state("waiting", self.last_error)
             return False
         self.next_due = 0.0
