@@ -98,3 +98,55 @@ def test_idle_connections_past_the_fd_limit_degrade_and_recover(bundle, tmp_path
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.slow
+def test_a_memory_shortage_degrades_and_recovers(bundle, tmp_path):
+    """The running service's address space is capped (prlimit RLIMIT_AS) just above what it uses, then a
+    5000x5000 image arrives: its frames are error results, health names the shortage, the small parts are
+    still judged, and once the cap is lifted everything is judged again; exit 0."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    frames, _ = conveyor_frames(np.random.default_rng(4), 3, [False] * 3)
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i}.png"), frame)
+    data = config_data(str(folder), bundle.path, camera={"loop": True, "fps": 10.0},
+                       publish={"wait_for_subscriber_s": 30.0})
+    config = tmp_path / "service.yaml"
+    config.write_text(yaml.safe_dump(data))
+    subscriber = Subscriber(data["publish"]["endpoint"])
+    process = subprocess.Popen([sys.executable, "-m", "edge_inspector.cli", "run", str(config)],
+                               env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+
+    def headers(seconds: float) -> list[dict]:
+        got, end = [], time.monotonic() + seconds
+        while time.monotonic() < end and process.poll() is None:
+            message = subscriber.receive(0.3)
+            if message is not None:
+                got.append(message.header)
+        return got
+
+    try:
+        assert subscriber.receive(60) is not None, "the service did not start"
+        with open(f"/proc/{process.pid}/status") as status:
+            size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+        cv2.imwrite(str(folder / "1big.png"), np.zeros((5000, 5000, 3), np.uint8))  # 75 MB decoded
+        resource.prlimit(process.pid, resource.RLIMIT_AS, (size + (64 << 20), resource.RLIM_INFINITY))
+        limited = headers(8)
+        resource.prlimit(process.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        (folder / "1big.png").unlink()
+        lifted = headers(14)
+        assert process.poll() is None, "the service died"
+    finally:
+        subscriber.close()
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    results = [h for h in limited if h["type"] == "inspection"]
+    assert any("Insufficient memory" in (h["error"] or "") for h in results)
+    assert sum(h["verdict"] in ("pass", "fail") for h in results) >= 5  # the small parts still judged
+    assert any(not h["ok"] and any("short of resources" in p for p in h["problems"])
+               for h in limited + lifted if h["type"] == "health")
+    assert sum(h["type"] == "inspection" and h["verdict"] in ("pass", "fail") for h in lifted[-20:]) >= 5
+    assert any(h["type"] == "health" and h["ok"] for h in lifted[-10:])
+    assert process.returncode == 0, output[-3000:]

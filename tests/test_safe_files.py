@@ -171,3 +171,17 @@ def test_a_stale_temporary_file_that_stays_counts_in_the_size_cap(tmp_path, monk
         assert archive.snapshot()["megabytes"] == 3.0 and archive.snapshot()["stale_removed"] == 0
     finally:
         archive.close()
+
+
+def test_fit_reads_through_the_same_caps(tmp_path, caplog):
+    """fit's reader (iter_readable, used by every model kind's fit) skips a bomb with one line, fast."""
+    from edge_inspector.core.images import iter_readable
+
+    good = write_parts(tmp_path, 1)[0]
+    bomb = tmp_path / "bomb.tif"
+    bomb.write_bytes(tiff_declaring(100000, 100000))
+    with caplog.at_level(logging.WARNING):
+        read = [path for path, _ in iter_readable([good, bomb], logging.getLogger("fit"))]
+    assert read == [good]
+    warning, = [record.getMessage() for record in caplog.records]
+    assert "bomb.tif: 100000x100000 = 10000000000 pixels exceeds the cap of 50000000" in warning

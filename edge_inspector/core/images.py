@@ -133,8 +133,11 @@ def decode_image(data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS, c
                          "refused before decoding")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    except cv2.error as err:
-        raise ImageError(f"{source}: cannot decode image ({str(err).strip().splitlines()[-1]})") from None
+    except cv2.error as err:  # code -4 (StsNoMem): OpenCV could not allocate the pixels, the file may be fine
+        kind = ShortageError if getattr(err, "code", None) == -4 else ImageError
+        raise kind(f"{source}: cannot decode image ({str(err).strip().splitlines()[-1]})") from None
+    except MemoryError:
+        raise ShortageError(f"{source}: cannot decode image (out of memory)") from None
     if image is None:
         raise ImageError(f"{source}: cannot decode image (corrupt or not an image)")
     return image
