@@ -44,10 +44,17 @@ def page(tmp_path):
             page.set_default_timeout(60_000)
             errors: list[str] = []
             page.on("pageerror", lambda err: errors.append(str(err)))
+            page.on("console", lambda message: errors.append(message.text)  # what the CSP blocked, if anything
+                    if "Content Security Policy" in message.text else None)
             page.errors = errors
             yield page
         finally:
             browser.close()
+
+
+def wait(page, expression: str, **options):
+    """wait_for_function on an expression, as a function: the page's Content-Security-Policy forbids eval."""
+    return page.wait_for_function(f"() => ({expression})", **options)
 
 
 PARTS = "parseInt(document.querySelector('[data-counter=\"parts\"]').textContent)"
@@ -69,17 +76,17 @@ def test_operator_page_in_chromium(bundle, tmp_path, page):  # noqa: F811 (the i
             const v = document.querySelector('.tile .verdict');
             return v && v.textContent === 'FAIL' && v.className; }""").json_value()
         assert "verdict-fail" in verdict  # the large verdict, in the fail colour
-        page.wait_for_function("document.querySelectorAll('.fail-thumb').length >= 2")
+        wait(page, "document.querySelectorAll('.fail-thumb').length >= 2")
         assert page.locator("#link").inner_text() == "LIVE"
         parts = int(tile.locator('[data-counter="parts"]').inner_text())
         fails = int(tile.locator('[data-counter="fails"]').inner_text())
         assert parts >= 2 and 1 <= fails <= parts
-        page.wait_for_function(f"{PARTS} > {parts}")  # the counters move with the parts
+        wait(page, f"{PARTS} > {parts}")  # the counters move with the parts
 
         # Click the newest failed part: the picture shows it, with its heatmap in colour and its defect boxes.
         item_id = tile.locator(".fail-thumb").first.get_attribute("data-item-id")
         tile.locator(f'.fail-thumb[data-item-id="{item_id}"]').click()  # new fails keep arriving in front
-        page.wait_for_function(f"document.querySelector('canvas.overlay').dataset.itemId === '{item_id}'")
+        wait(page, f"document.querySelector('canvas.overlay').dataset.itemId === '{item_id}'")
         canvas = tile.locator("canvas.overlay")
         size = canvas.evaluate("c => [c.width, c.height, c.dataset.format]")
         assert size == [128, 64, "png"]  # the PNG as sent (auto: half the 256x128 frame here), scaled by CSS
@@ -99,7 +106,7 @@ def test_operator_page_in_chromium(bundle, tmp_path, page):  # noqa: F811 (the i
         assert tile.locator("canvas.histogram").evaluate(
             "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0)")
         tile.locator("button.apply").click()
-        page.wait_for_function("!document.querySelector('button.apply').disabled && "
+        wait(page, "!document.querySelector('button.apply').disabled && "
                                "document.querySelector('.control-message').textContent.length > 12")
         assert tile.locator(".control-message").inner_text().startswith("threshold now")
         assert send_control(service.control, {"command": "status"})["threshold"] == pytest.approx(float(f"{high:.6g}"))
@@ -111,14 +118,14 @@ def test_operator_page_in_chromium(bundle, tmp_path, page):  # noqa: F811 (the i
         # The service goes away: the page says so (and greys the tile); it comes back: the page recovers alone.
         parts_before = int(tile.locator('[data-counter="parts"]').inner_text())
         service.stop()
-        page.wait_for_function("document.querySelector('#link').textContent.startsWith('DISCONNECTED')",
+        wait(page, "document.querySelector('#link').textContent.startsWith('DISCONNECTED')",
                                timeout=20_000)
         assert tile.evaluate("t => t.classList.contains('stale')")
         assert tile.locator(".stale-note").is_visible()  # an old PASS is never taken for a live one
         page.screenshot(path=str(artifacts() / "view-disconnected.png"), full_page=True)
         service.start()
-        page.wait_for_function("document.querySelector('#link').textContent === 'LIVE'", timeout=60_000)
+        wait(page, "document.querySelector('#link').textContent === 'LIVE'", timeout=60_000)
         # A new service run counts from zero again, and the page follows it rather than adding the runs up.
-        page.wait_for_function(f"{PARTS} < {parts_before}")
+        wait(page, f"{PARTS} < {parts_before}")
         assert not tile.evaluate("t => t.classList.contains('stale')")
     assert page.errors == []  # no JavaScript error on the way

@@ -152,6 +152,7 @@ class ClientQueue:
         self.resync = False
         self.dropped = 0
         self.sent = 0
+        self.replaced = False  # closed to make room for a newer stream (see Hub.attach)
 
     def put(self, event: bytes) -> None:
         with self.condition:
@@ -186,11 +187,13 @@ class Hub:
     snapshot and the events queued after it never overlap or leave a gap."""
 
     def __init__(self, keep_fails: int = 24, keep_scores: int = 500, client_buffer: int = 64,
-                 max_clients: int = 16, control_info: dict[str, Any] | None = None):
+                 max_clients: int = 16, max_per_client: int = 4, control_info: dict[str, Any] | None = None):
         self.keep_fails = keep_fails
         self.keep_scores = keep_scores
         self.client_buffer = client_buffer
         self.max_clients = max_clients
+        self.max_per_client = max_per_client
+        self.replaced = 0
         self.control_info = control_info or {"enabled": False, "auth": "none"}
         self.cameras: dict[str, CameraState] = {}
         self.clients: list[ClientQueue] = []
@@ -254,10 +257,33 @@ class Hub:
             return self._snapshot()
 
     def attach(self, peer: str) -> tuple[ClientQueue, bytes] | None:
-        """A new browser's queue and the snapshot it starts from; None when max_clients are attached."""
+        """A new browser's queue and the snapshot it starts from, or None (every slot held, each by a
+        different client).
+
+        One client (address) cannot hold every slot: past `max_per_client` its own oldest stream is closed
+        for the new one (a reloaded tab leaves its old stream behind; a client opening streams in a loop
+        only replaces its own), and when all `max_clients` are held, the oldest stream of the client with
+        the most is closed if it holds more than the newcomer. 16 streams held by one address used to lock
+        every other browser out."""
         with self.lock:
-            if len(self.clients) >= self.max_clients:
-                return None
+            mine = [c for c in self.clients if c.peer == peer]
+            victim = None
+            if len(mine) >= self.max_per_client:
+                victim = mine[0]
+            elif len(self.clients) >= self.max_clients:
+                counts: dict[str, int] = {}
+                for c in self.clients:
+                    counts[c.peer] = counts.get(c.peer, 0) + 1
+                crowded = max(counts, key=lambda p: counts[p])
+                if counts[crowded] <= len(mine) + 1:
+                    return None
+                victim = next(c for c in self.clients if c.peer == crowded)
+            if victim is not None:
+                self.clients.remove(victim)
+                self.dropped_by_closed_clients += victim.dropped
+                self.replaced += 1
+                victim.replaced = True
+                victim.close()
             client = ClientQueue(self.client_buffer, peer)
             self.clients.append(client)
             return client, encode_event("snapshot", self._snapshot())
@@ -295,5 +321,5 @@ class Hub:
                     "cameras": sorted(self.cameras),
                     "clients": [{"peer": c.peer, "queued": len(c.events), "dropped": c.dropped, "sent": c.sent}
                                 for c in self.clients],
-                    "dropped_by_closed_clients": self.dropped_by_closed_clients}
+                    "dropped_by_closed_clients": self.dropped_by_closed_clients, "replaced": self.replaced}
 
