@@ -157,6 +157,7 @@ def test_page_events_pictures_and_counters(bundle, tmp_path):
         camera = next(c for c in state["cameras"] if c["camera_id"] == "line9")
         kept = camera["fails"][-1]
         code, headers_png, png = get(view.url, kept["image"])
+        frame_reply = get(view.url, kept["frame"])
 
     assert status == 200 and headers["Content-Type"].startswith("text/html") and b"/static/view.js" in page
     assert script[0] == 200 and "javascript" in script[1]["Content-Type"] and b"EventSource" in script[2]
@@ -184,6 +185,41 @@ def test_page_events_pictures_and_counters(bundle, tmp_path):
     inside = heat[int(box["y"] * k):int((box["y"] + box["height"]) * k) + 1,
                   int(box["x"] * k):int((box["x"] + box["width"]) * k) + 1]
     assert inside.max() > 127  # over the threshold (127.5 at full_scale 2) where the defect box is
+    # ... and the judged frame itself (the service's frame message, asked for by the view's subscription):
+    # every result the browsers were told about came with it, the first one included.
+    assert frame_reply[0] == 200 and frame_reply[1]["Content-Type"] == "image/jpeg"
+    frame = cv2.imdecode(np.frombuffer(frame_reply[2], np.uint8), cv2.IMREAD_COLOR)
+    assert frame.shape == (PART, PART * LANES, 3)
+    assert all(item["frame"] for item in stream.results())
+
+
+def test_frames_are_sent_only_while_someone_asks_for_them(bundle, tmp_path):
+    """The service's side of the live view's picture: `frame.<camera>` messages go out only while a
+    subscriber holds that topic, right after their result, and stop when it leaves."""
+    from edge_inspector.tools.subscriber import Subscriber
+
+    service = LiveService(bundle, tmp_path).start()
+    try:
+        with Subscriber(service.endpoint, ("inspection.",)) as results:
+            wait_for(lambda: results.receive(5) is not None, 30, "results")
+            publisher = service.service.publisher
+            nobody_asked = set(publisher.frame_subscriptions)
+            with Subscriber(service.endpoint, ("inspection.", "frame.")) as view:
+                messages = []
+                wait_for(lambda: messages.append(view.receive(5)) or
+                         sum(1 for m in messages if m and m.header.get("type") == "frame") >= 3, 30, "frames")
+                asked = set(publisher.frame_subscriptions)
+            wait_for(lambda: not publisher.frame_subscriptions, 15, "the frame subscription to end")
+            plain = [results.receive(5) for _ in range(5)]
+    finally:
+        service.stop()
+    assert nobody_asked == set() and asked == {b"frame."}
+    frames = [m for m in messages if m and m.header.get("type") == "frame"]
+    judged = {m.header["sequence"] for m in messages if m and m.is_result}
+    assert all(f.header["sequence"] in judged for f in frames)  # each frame follows its own result
+    image = cv2.imdecode(np.frombuffer(frames[0].heatmap, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (frames[0].header["height"], frames[0].header["width"], 3) == (PART, PART * LANES, 3)
+    assert all(m is not None and m.is_result for m in plain)  # a results subscriber never sees a frame
 
 
 def test_threshold_and_reload_through_the_view(bundle, tmp_path):

@@ -8,6 +8,7 @@ never holds up the feed, the service or the other browsers.
 
 Routes: `/` the page, `/static/<file>`, `/events` (SSE), `/api/state` (snapshot), `/api/view` (the view's
 own counters), `/image/<camera>/<id>` (the PNG heatmap or JPEG overlay exactly as published),
+`/frame/<camera>/<id>` (the judged frame, JPEG, from the service's frame message),
 `/api/control/<camera>/status|threshold|reload` (only with `--control`; POST with JSON).
 
 Every connection is admitted by `guard.Connections` before it gets a thread, and every request passes
@@ -251,8 +252,8 @@ class ViewHandler(BaseHTTPRequestHandler):
             return self._json(self.server.hub.snapshot())
         if path == "/api/view":
             return self._json({**self.server.hub.stats(), "connections": self.server.connections.stats()})
-        if parts[0] == "image" and len(parts) == 3:
-            return self._image(parts[1], parts[2])
+        if parts[0] in ("image", "frame") and len(parts) == 3:
+            return self._image(parts[1], parts[2], frame=parts[0] == "frame")
         if parts[:2] == ["api", "control"] and len(parts) == 4 and parts[3] == "status":
             self._allowed_to_control()
             return self._control(parts[2], "status", {})
@@ -314,12 +315,15 @@ class ViewHandler(BaseHTTPRequestHandler):
             content_type += "; charset=utf-8"
         self._send(200, path.read_bytes(), content_type, cache="no-cache")
 
-    def _image(self, camera_id: str, item_id: str) -> None:
+    def _image(self, camera_id: str, item_id: str, frame: bool = False) -> None:
         item = self.server.hub.image(camera_id, int(item_id)) if item_id.isdigit() else None
-        if item is None or not item.content_type:
-            return self._error(HTTPStatus.NOT_FOUND, f"no picture {item_id} for camera {camera_id!r} (too old?)")
+        data, content_type = (item.frame, "image/jpeg") if frame and item else (
+            (item.image, item.content_type) if item else (b"", ""))
+        if not data or not content_type:
+            what = "frame" if frame else "picture"
+            return self._error(HTTPStatus.NOT_FOUND, f"no {what} {item_id} for camera {camera_id!r} (too old?)")
         # Ids are never reused (they start at the clock), so a picture can be cached for good.
-        self._send(200, item.image, item.content_type, cache="private, max-age=86400, immutable")
+        self._send(200, data, content_type, cache="private, max-age=86400, immutable")
 
     # -- live stream -------------------------------------------------------------------------------------------
 
