@@ -45,7 +45,9 @@ from edge_inspector.service.pipeline import LATENCY_KEYS, Result
 log = logging.getLogger(__name__)
 
 MAX_SUBSCRIPTION_MESSAGE = 1024  # XPUB receives only subscription notices: a flag byte and a topic
-FRAME_MAX_SIDE = 1280  # frame messages: enough to see a defect on an operator's screen, ~100-200 kB as JPEG
+# Frame messages: enough to see a defect on an operator's screen. A 1280x1024 frame: 8.5 ms to encode at
+# quality 85, 78 kB (median of 30 on the loaded 2-core test VM), only while a view subscribes.
+FRAME_MAX_SIDE = 1280
 
 
 def _round(value: float | None, digits: int = 6) -> float | None:
