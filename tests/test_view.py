@@ -576,6 +576,11 @@ def test_half_sent_requests_are_bounded_and_time_out():
         held = view.http.connections.stats()["open"]
         threads_held = threading.active_count() - threads_before
         same_client = get(view.url, "/api/state")[0]  # from 127.0.0.1 too: pushes out a half-sent one
+        for source in ("127.0.0.3", "127.0.0.4"):  # two more clients: the total stays at max_connections
+            attackers += [raw(view.url, f"GET / HTTP/1.1\r\nHost: {own_host(view)}\r\n".encode(), source)
+                          for _ in range(10)]
+        time.sleep(0.3)
+        held_total = view.http.connections.stats()["open"]
         other_client = ask(view.url, f"GET /api/state HTTP/1.1\r\nHost: {own_host(view)}\r\n\r\n", source="127.0.0.2")
         closed = 0
         deadline = time.monotonic() + 15
@@ -609,10 +614,10 @@ def test_half_sent_requests_are_bounded_and_time_out():
         for sock in attackers:
             sock.close()
         view.stop()
-    assert held <= 12 and threads_held <= 12 + 2
+    assert held <= 12 and threads_held <= 12 + 2 and held_total <= 24
     assert same_client == 200 and other_client[0] == 200
-    assert closed == 40  # every half-sent request was closed by the view: cut for a newcomer or timed out
-    assert stats["evicted"] >= 28
+    assert closed == 60  # every half-sent request was closed by the view: cut for a newcomer or timed out
+    assert stats["evicted"] >= 28 + 20 - (24 - 12)
     assert cut_after is not None and cut_after < 4 and stats["timed_out"] >= 1
 
 
