@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; a browser's are under 2 KiB
+LOG_EVERY_S = 10.0
 
 # On every response, errors included. The page loads only its own script and style sheet, pictures from its
 # own routes (decoded into canvases), and opens only its own event stream: nothing else may run or load.
@@ -189,6 +190,19 @@ class Connections:
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0
+        self._logged = (0.0, 0, 0, 0)  # (when, refused, evicted, timed_out) at the last summary line
+
+    def _summary(self, now: float, peer: str) -> None:
+        """One warning per LOG_EVERY_S at most, with the counts since the last one: an attacker opening
+        thousands of connections must not flood the journal as well. Called with the lock held."""
+        when, refused, evicted, timed_out = self._logged
+        if now - when < LOG_EVERY_S:
+            return
+        self._logged = (now, self.refused, self.evicted, self.timed_out)
+        log.warning("HTTP connections: %d open (max %d, %d per client); since the last report %d refused, "
+                    "%d idle ones cut for newcomers, %d timed out (latest from %s)", len(self.open),
+                    self.max_total, self.max_per_client, self.refused - refused, self.evicted - evicted,
+                    self.timed_out - timed_out, peer)
 
     def admit(self, sock: socket.socket, peer: str) -> bool:
         now = time.monotonic()
@@ -200,14 +214,12 @@ class Connections:
                 idle = [c for c in crowd if c.idle]
                 if not idle:
                     self.refused += 1
-                    log.warning("refused a connection from %s: %d open (%d from it), none idle", peer,
-                                len(self.open), len(same))
+                    self._summary(now, peer)
                     return False
                 victim = min(idle, key=lambda c: c.opened)
                 self._cut(victim)
                 self.evicted += 1
-                log.info("cut an idle connection from %s (open %.1f s) to admit one from %s", victim.peer,
-                         now - victim.opened, peer)
+                self._summary(now, peer)
             self.open[sock] = Connection(sock, peer, now, deadline=now + self.header_timeout_s)
             return True
 
@@ -237,10 +249,9 @@ class Connections:
             for entry in late:
                 self._cut(entry)
                 self.timed_out += 1
-        for entry in late:
-            log.info("timed out a connection from %s (%s not complete after %.0f s)", entry.peer,
-                     "request body" if entry.phase == "body" else "request line and headers",
-                     now - entry.opened)
+                log.debug("timed out a connection from %s (%s not complete)", entry.peer, entry.phase)
+            if late:
+                self._summary(now, late[-1].peer)
 
     def _cut(self, entry: Connection) -> None:
         """Wakes the connection's thread (its read returns end-of-file) and forgets the connection; the

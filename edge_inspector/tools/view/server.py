@@ -128,9 +128,10 @@ class ViewHTTPServer(ThreadingHTTPServer):
             log.exception("request from %s failed", client_address[0])
 
 
+_REFUSED_BODY = '{"ok": false, "error": "too many connections; try again shortly"}'
 REFUSED = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
            + "".join(f"{k}: {v}\r\n" for k, v in SECURITY_HEADERS)
-           + 'Content-Length: 62\r\n\r\n{"ok": false, "error": "too many connections; try again shortly"}').encode()
+           + f"Content-Length: {len(_REFUSED_BODY)}\r\n\r\n{_REFUSED_BODY}").encode()
 
 
 class Refusal(Exception):
