@@ -124,6 +124,21 @@ def verdict(held: bool) -> str:
     return "held" if held else "FAILED"
 
 
+def view_rebinding(port: int) -> None:
+    """Attack 10: a rebinding page posts a threshold and reads the config under its own Host and Origin."""
+    replies = []
+    for request in (f"POST /api/control/line9/threshold HTTP/1.1\r\nHost: evil.example:{port}\r\n"
+                    f"Origin: http://evil.example:{port}\r\nContent-Type: application/json\r\n"
+                    "Content-Length: 15\r\n\r\n{\"value\": 23.0}",
+                    f"GET /api/control/line9/status HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n",
+                    f"GET /api/state HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request.encode())
+            replies.append(sock.recv(100).split(b"\r\n")[0].decode())
+    print(f"view 10 rebinding: threshold POST, status and state under Host evil.example -> {replies}: "
+          f"{verdict(all(' 421 ' in r for r in replies))}")
+
+
 def view_big_body(port: int, pid: int, megabytes: int = 250) -> None:
     """Attack 11: unauthenticated POST with a huge body, and with Content-Length: -1."""
     before = proc_figures(pid)[2]
@@ -193,6 +208,7 @@ def view_section(sockets: int = 400) -> None:
     port = free_local_port()
     process = view_process(port, "--request-timeout", "5")
     try:
+        view_rebinding(port)
         view_big_body(port, process.pid)
         view_streams(port)
         view_slowloris(port, process.pid, sockets)
