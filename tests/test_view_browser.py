@@ -168,3 +168,47 @@ def _operator_checks(page, service, view) -> None:
     # A new service run counts from zero again, and the page follows it rather than adding the runs up.
     wait(page, f"{PARTS} < {parts_before}")
     assert not tile.evaluate("t => t.classList.contains('stale')")
+
+
+def test_a_camera_sized_frame_keeps_the_strip_on_a_1366x768_screen(page):
+    """A 1280x1024 camera (5:4, taller than the test line's 2:1 frames): the picture shrinks to leave the
+    failed-parts strip on screen. Results go into the real hub as the feed would put them (header, PNG
+    heatmap, then the frame message), encoded as the service encodes them; no service is needed for layout."""
+    import cv2
+    import numpy as np
+
+    from export.synthetic import make_part
+
+    view = ViewServer(["tcp://127.0.0.1:9"], listen="127.0.0.1:0")
+    page.set_viewport_size(SCREEN)
+    view.start()
+    try:
+        page.goto(view.url)
+        rng = np.random.default_rng(5)
+        for sequence in (1, 2, 3):
+            part, mask = make_part(rng, (1024, 1280), defect="spot")
+            heat = cv2.resize((mask * 230).astype(np.uint8), (320, 256), interpolation=cv2.INTER_AREA)
+            ys, xs = np.nonzero(mask)
+            box = {"x": int(xs.min()), "y": int(ys.min()), "width": int(np.ptp(xs)) + 1,
+                   "height": int(np.ptp(ys)) + 1, "area": int(mask.sum()), "peak": 1.8}
+            header = {"type": "inspection", "camera_id": "cam", "sequence": sequence, "verdict": "fail",
+                      "score": 9.0, "normalised_score": 1.8, "threshold": 5.0, "defects": [box],
+                      "largest_defect_area": box["area"], "frame": {"width": 1280, "height": 1024},
+                      "heatmap": {"format": "png", "width": 320, "height": 256, "full_scale": 2.0},
+                      "capture_time_iso": "2026-12-07T23:00:00.000+00:00", "tile_boxes": [[0, 0, 1280, 1024]]}
+            view.hub.add_result(header, cv2.imencode(".png", heat)[1].tobytes())
+            view.hub.add_frame({"type": "frame", "camera_id": "cam", "sequence": sequence},
+                               cv2.imencode(".jpg", part)[1].tobytes())
+        tile = page.locator('.tile[data-camera="cam"]')
+        wait(page, "document.querySelectorAll('.fail-thumb').length === 3")
+        wait(page, "document.querySelector('canvas.overlay').dataset.sequence === '3'")
+        size = tile.locator("canvas.overlay").evaluate("c => [c.width, c.height, c.dataset.format]")
+        picture = tile.locator(".frame-box").bounding_box()
+        strip = tile.locator(".fail-strip").bounding_box()
+        page.screenshot(path=str(artifacts() / "view-1280x1024.png"))
+    finally:
+        view.stop()
+    assert size == [1280, 1024, "png+frame"]  # the camera's own resolution, the heatmap over it
+    assert picture["height"] >= 0.45 * SCREEN["height"]  # still the largest thing on the screen
+    assert 0 <= strip["y"] and strip["y"] + strip["height"] <= SCREEN["height"], strip
+    assert page.errors == []
