@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RESULT_TOPIC = "inspection"
 HEALTH_TOPIC = "health"
+# The frame a result judged, as JPEG, for the live view: published only while a subscriber asks for this
+# topic (docs/wire-format.md, "Frame message"), so PLCs and HMIs that subscribe to results never pay for it.
+FRAME_TOPIC = "frame"
 # Control requests are a few hundred bytes; ZeroMQ itself drops a peer that sends a bigger message, before
 # it is buffered (without a cap, a 100 MB request was accepted and cost 336 MB of RSS).
 MAX_CONTROL_MESSAGE = 64 * 1024
