@@ -299,10 +299,11 @@ def _plural(t: mi.Type) -> str:
 # small: the session test bundle.yaml is 1.6 kB and ~100 nodes, the largest example config under 3 kB. The caps
 # make the worst document they let in cheap: on the 2-core dev VM (loaded by other jobs) libyaml took 2.1 s and
 # PyYAML's pure-Python loader 15.7 s on a 1 MB flow list of 500,000 scalars, so the node cap, not the byte cap,
-# bounds the time (50,000 nodes: ~0.3 s; see benchmarks/hardening_bench.py). Aliases and anchors are refused
-# outright: nothing here needs them, and they are how a 1 kB "billion laughs" expands to gigabytes.
+# bounds the time: 50,000 nodes took 0.2 s alone but 1.3-1.6 s as a reload beside a running pipeline, so the
+# cap is 10,000 (100x a real bundle.yaml; figures from benchmarks/hardening_bench.py). Aliases and anchors are
+# refused outright: nothing here needs them, and they are how a 1 kB "billion laughs" expands to gigabytes.
 MAX_YAML_BYTES = 1 << 20
-MAX_YAML_NODES = 50_000
+MAX_YAML_NODES = 10_000
 MAX_YAML_DEPTH = 32
 
 try:  # libyaml's scanner and parser (C); the composition below stays Python so it can count and refuse
