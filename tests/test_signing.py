@@ -307,3 +307,25 @@ def test_status_is_answered_while_a_reload_runs_and_stop_never_waits_for_it():
         stopped = time.monotonic() - started
         release.set()
     assert stopped < 5
+
+
+def test_an_engine_recorded_after_signing_is_never_used_when_signatures_are_required(bundle, tmp_path, keys):
+    """Engines stay out of the identity (a device builds its own), so the signature lists the engines/ files
+    it covers; one added later, or replaced with its sha256 re-recorded, is left out under require_signed."""
+    ours, _ = keys
+    trusted = load_public_key(Path(str(ours) + ".pub"))
+    copy = Path(shutil.copytree(bundle.path, tmp_path / "b"))
+    (copy / "engines").mkdir()
+    (copy / "engines" / "gpu_sm87_trt10_fp16.engine").write_bytes(b"an engine built on the reference device")
+    Bundle.load(copy, verify=False).add_file("engines/gpu_sm87_trt10_fp16.engine")
+    sign_bundle(copy, ours)
+    required, checked = TrustPolicy([trusted], required=True), TrustPolicy([trusted], required=False)
+    assert "engines/gpu_sm87_trt10_fp16.engine" in Bundle.load(copy, trust=required).meta.files
+    (copy / "engines" / "gpu_sm87_trt10_fp16.engine").write_bytes(b"a planted engine scoring every part 0.0")
+    Bundle.load(copy, verify=False).add_file("engines/gpu_sm87_trt10_fp16.engine")  # sha256 re-recorded
+    (copy / "engines" / "other_sm72_trt10_fp32.engine").write_bytes(b"recorded by a device after signing")
+    Bundle.load(copy, verify=False).add_file("engines/other_sm72_trt10_fp32.engine")
+    loaded = Bundle.load(copy, trust=required)
+    assert loaded.signature is not None and loaded.model_id == bundle.model_id
+    assert not [rel for rel in loaded.meta.files if rel.startswith("engines/")] and loaded.signed_only
+    assert len([rel for rel in Bundle.load(copy, trust=checked).meta.files if rel.startswith("engines/")]) == 2

@@ -32,6 +32,7 @@ import datetime as _dt
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -63,6 +64,8 @@ ENGINE_PREFIX = "engines/"
 MODEL_KINDS = ("padim", "ae", "vae", "patchcore")
 TILE_MODES = ("shared", "per_tile")
 READ_ACCESS = "the service user needs read access to the bundle folder and its files"
+
+log = logging.getLogger(__name__)
 
 
 PositiveReal = Annotated[int, Meta(gt=0)] | Annotated[float, Meta(gt=0)]
@@ -321,6 +324,9 @@ class Bundle:
         self.meta = meta
         self.signature = signature  # the bundle.sig that verified against a trusted key, when there was one
         self._verified: dict[str, bytes] = {}  # bytes read and hashed by verify(), handed out once
+        # True when signatures are required: nothing this process writes into the bundle folder (a TensorRT
+        # engine it builds) would be trusted on the next start, so such files go to the state directory.
+        self.signed_only = False
 
     @property
     def onnx_path(self) -> Path:
@@ -380,7 +386,10 @@ class Bundle:
             if trust is not None:
                 signature = trust.check(_read_signature(folder_fd, path / SIGNATURE_FILE), identity_digest(meta),
                                         path / SIGNATURE_FILE)
+                if trust.required:
+                    _drop_unsigned_engines(meta, signature, path)
             bundle = cls(path, meta, signature)
+            bundle.signed_only = trust is not None and trust.required
             if verify:
                 bundle._verify(folder_fd, keep=(MODEL_FILE,))
         return bundle
@@ -449,6 +458,16 @@ class Bundle:
         """Record a file added after export (e.g. a TensorRT engine) so it is verified like the rest."""
         self.meta.files[rel] = sha256_file(self.path / rel)
         write_meta(self.path, self.meta)
+
+
+def _drop_unsigned_engines(meta: BundleMeta, signature: Signature | None, where: Path) -> None:
+    """With signatures required, an engines/ file the signature does not cover (recorded after signing, by a
+    device or by anyone who could write the folder) is left out of the files a backend may choose."""
+    signed = signature.engines if signature is not None else {}
+    for rel in [r for r in meta.files if r.startswith(ENGINE_PREFIX) and signed.get(r) != meta.files[r]]:
+        log.warning("%s: %s is not covered by the bundle's signature: not used (signed bundles required)", where,
+                    rel)
+        del meta.files[rel]
 
 
 def _read_meta(folder_fd: int, where: Path) -> Any:

@@ -9,10 +9,13 @@ service refuses, at start and at every reload, a bundle that is unsigned, signed
 or whose signature does not verify, in one line naming the file and the key.
 
 What is signed: the bundle's identity digest (core.bundle.identity_digest), the sha256 of the canonical
-metadata with every file's sha256 in it (model.onnx's included) except TensorRT engines, which a device may
-build and record itself after the bundle was signed. The model id on the wire is made of the same digest, so
-a result names exactly the signed model. The signature lives in `bundle.sig` beside bundle.yaml (one small
-JSON object), so signing never changes the bundle it signs.
+metadata with every file's sha256 in it (model.onnx's included) except those under engines/, plus the
+sha256 of each engines/ file present when it was signed (TensorRT engines, the mixed-precision graph). The
+identity leaves engines out because a device may build and record an engine itself after signing; with
+signatures required, such an unsigned engine is never run (core.bundle drops it from the files a backend
+may choose, and TensorRT uses or builds one in the service's own state directory). The model id on the wire
+is made of the identity digest, so a result names exactly the signed model. The signature lives in
+`bundle.sig` beside bundle.yaml (one small JSON object), so signing never changes the bundle it signs.
 
 Why Ed25519 from `cryptography`: the library is maintained by the Python Cryptographic Authority, wraps
 OpenSSL, ships manylinux aarch64 wheels for JetPack's CPython 3.10 (cryptography-51.0.1
@@ -61,6 +64,7 @@ class Signature:
     key_id: str
     key_path: Path
     identity_sha256: str
+    engines: dict[str, str]  # engines/ file -> sha256, as signed
 
 
 def _crypto():
@@ -146,17 +150,25 @@ def load_public_key(path: Path, field: str = "security.trusted_keys") -> Trusted
     return TrustedKey(key_id_of(public), path, public)
 
 
-def signature_document(private_key: Any, identity_sha256: str, model_id: str = "") -> bytes:
-    """bundle.sig's content: which key signed which identity digest, and the signature."""
-    signature = private_key.sign(CONTEXT + identity_sha256.encode("ascii"))
+def signed_message(identity_sha256: str, engines: dict[str, str]) -> bytes:
+    """The exact bytes signed: the context, the identity digest, the engines' digests (sorted, canonical)."""
+    listed = json.dumps(engines, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return CONTEXT + identity_sha256.encode("ascii") + b"\n" + listed.encode("ascii")
+
+
+def signature_document(private_key: Any, identity_sha256: str, model_id: str = "",
+                       engines: dict[str, str] | None = None) -> bytes:
+    """bundle.sig's content: which key signed which identity digest (and engines), and the signature."""
+    engines = dict(engines or {})
+    signature = private_key.sign(signed_message(identity_sha256, engines))
     document = {"format": SIGNATURE_FORMAT, "algorithm": ALGORITHM, "key_id": key_id_of(private_key.public_key()),
-                "identity_sha256": identity_sha256, "model_id": model_id,
+                "identity_sha256": identity_sha256, "engines": engines, "model_id": model_id,
                 "signed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "signature": base64.b64encode(signature).decode("ascii")}
     return (json.dumps(document, indent=1) + "\n").encode()
 
 
-def _parse_signature(data: bytes, where: Path) -> dict[str, str]:
+def _parse_signature(data: bytes, where: Path) -> dict[str, Any]:
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -167,6 +179,9 @@ def _parse_signature(data: bytes, where: Path) -> dict[str, str]:
     for key in ("key_id", "identity_sha256", "signature"):
         if not isinstance(document.get(key), str) or not document[key]:
             raise BundleError(f"{where}: {key} missing (not a bundle signature)")
+    engines = document.get("engines", {})
+    if not isinstance(engines, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in engines.items()):
+        raise BundleError(f"{where}: engines: expected a mapping of file to sha256 (not a bundle signature)")
     return document
 
 
@@ -204,10 +219,11 @@ class TrustPolicy:
                               f"{identity_sha256[:12]}...: metadata or model changed after signing; refused)")
         from cryptography.exceptions import InvalidSignature
 
+        engines: dict[str, str] = dict(document.get("engines", {}))
         try:
             raw = base64.b64decode(document["signature"], validate=True)
-            key.public.verify(raw, CONTEXT + identity_sha256.encode("ascii"))
+            key.public.verify(raw, signed_message(identity_sha256, engines))
         except (binascii.Error, ValueError, InvalidSignature):
             raise BundleError(f"{where}: signature does not verify with trusted key {key.key_id} ({key.path}; "
                               "refused)") from None
-        return Signature(key.key_id, key.path, identity_sha256)
+        return Signature(key.key_id, key.path, identity_sha256, engines)

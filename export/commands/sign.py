@@ -2,7 +2,9 @@
 
 The private key stays on the workstation that ships bundles; its `.pub` goes to each device, named in the
 service config's `security.trusted_keys`. Signing writes `bundle.sig` beside bundle.yaml and changes nothing
-else, so the model id is the same before and after; re-signing (another key, a re-issued bundle) replaces it.
+else, so the model id is the same before and after; re-signing (another key, a re-issued bundle, an engine or
+mixed-precision graph added with `edge-export tensorrt`) replaces it. Sign last: the engines/ files present
+when signing are the ones a device requiring signatures will use.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import click
 
 from edge_inspector.core.atomic import write_atomic
-from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.bundle import ENGINE_PREFIX, Bundle
 from edge_inspector.core.signing import (
     SIGNATURE_FILE,
     TrustedKey,
@@ -34,7 +36,9 @@ def sign_bundle(bundle_path: Path, key_path: Path, key: Any = None) -> Bundle:
     key = key if key is not None else load_private_key(key_path)
     bundle = Bundle.load(bundle_path)  # every file's sha256 checked: never sign a damaged bundle
     bundle.release()
-    write_atomic(bundle.path / SIGNATURE_FILE, signature_document(key, bundle.identity_sha256, bundle.model_id))
+    engines = {rel: sha for rel, sha in bundle.meta.files.items() if rel.startswith(ENGINE_PREFIX)}
+    write_atomic(bundle.path / SIGNATURE_FILE, signature_document(key, bundle.identity_sha256, bundle.model_id,
+                                                                  engines))
     public = key.public_key()
     policy = TrustPolicy([TrustedKey(key_id_of(public), public_key_path(key_path), public)], required=True)
     checked = Bundle.load(bundle.path, trust=policy, verify=False)  # the signature as a device checks it

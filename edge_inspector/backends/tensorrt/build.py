@@ -320,7 +320,9 @@ def ensure_engine(bundle: Bundle, device: DeviceInfo, precision: str | None,
         options = BuildOptions(precision=precision, tiles=tiles)
         log.warning("no TensorRT engine in %s for %s (sm%s, TensorRT %s): building a %s engine now, this "
                     "takes minutes", bundle.path, device.gpu_name, device.sm, device.trt_version, precision)
-        result = _build_and_save(bundle, options, device, writable)
+        # With signatures required, an engine written into the bundle would not be trusted next start: keep it
+        # in the service's state directory instead (_keep).
+        result = _build_and_save(bundle, options, device, writable and not bundle.signed_only)
     return _keep(bundle, result, _graph_sha256(bundle, precision))
 
 
