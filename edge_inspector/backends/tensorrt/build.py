@@ -310,9 +310,11 @@ def ensure_engine(bundle: Bundle, device: DeviceInfo, precision: str | None,
         log.info("using TensorRT engine %s built earlier by this service", cached[0])
         return cached
     with bundle_lock(bundle) as writable:
-        # Another service on this device may have built it while we waited for the lock.
-        with contextlib.suppress(Exception):
-            bundle.meta.files.update(Bundle.load(bundle.path, verify=False).meta.files)
+        # Another service on this device may have built it while we waited for the lock (not with signatures
+        # required: an engine recorded in bundle.yaml after signing is not trusted; see core.bundle).
+        if not bundle.signed_only:
+            with contextlib.suppress(Exception):
+                bundle.meta.files.update(Bundle.load(bundle.path, verify=False).meta.files)
         chosen = select_engine(bundle.meta.files, device, precision)
         if chosen is not None:
             return chosen, read_verified(bundle, chosen)
