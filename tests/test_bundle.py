@@ -223,3 +223,21 @@ def test_a_cap_sized_bundle_yaml_is_refused_or_parsed_in_one_short_line(copy, it
     message = str(refused.value)
     assert len(message.splitlines()) == 1 and len(message) < 300
     assert "more than 10000 YAML nodes" in message or "files: expected a mapping" in message
+
+
+def test_service_configs_are_read_within_the_same_bounds(tmp_path):
+    from edge_inspector.core.errors import ConfigError
+    from edge_inspector.service.config import load_config
+
+    config = tmp_path / "line.yaml"
+    config.write_text(billion_laughs())
+    with pytest.raises(ConfigError, match=r"line.yaml: YAML aliases and anchors are not accepted at line 1"):
+        load_config(config)
+    config.unlink()
+    os.mkfifo(config)  # no writer: opening it must neither block nor read
+    with pytest.raises(ConfigError, match=r"line.yaml: not a regular file \(refused\)"):
+        load_config(config)
+    config.unlink()
+    config.write_bytes(b"model:\n  bundle: " + b"b" * (1 << 20) + b"\n")
+    with pytest.raises(ConfigError, match=r"line.yaml: larger than 1024 KiB"):
+        load_config(config)
