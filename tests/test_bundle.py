@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
+from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, finalize_bundle, meta_digest, write_meta
 from edge_inspector.core.errors import BundleError
 from service_helpers import (
     copy_world_readable,
@@ -241,3 +243,28 @@ def test_service_configs_are_read_within_the_same_bounds(tmp_path):
     config.write_bytes(b"model:\n  bundle: " + b"b" * (1 << 20) + b"\n")
     with pytest.raises(ConfigError, match=r"line.yaml: larger than 1024 KiB"):
         load_config(config)
+
+
+def test_a_graph_with_external_data_runs_from_a_private_verified_copy(copy, bundle, tmp_path, monkeypatch):
+    """ONNX Runtime cannot take external weights with the graph's bytes: the two files are copied, verified,
+    into a 0700 folder of the service's own, loaded from there, and the folder is removed."""
+    import onnx
+
+    from edge_inspector.backends.onnxruntime import OnnxRuntimeBackend
+
+    model = onnx.load(str(copy / "model.onnx"))
+    onnx.save_model(model, str(copy / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    external = finalize_bundle(copy, Bundle.load(copy, verify=False).meta)
+    assert "model.onnx.data" in external.meta.files
+    private = tmp_path / "private"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))  # where mkdtemp puts the private copy
+    images = np.random.default_rng(0).integers(0, 255, (1, *bundle.input_size, 3), dtype=np.uint8)
+    scores = OnnxRuntimeBackend(external).infer(images).scores
+    reference = OnnxRuntimeBackend(Bundle.load(bundle.path)).infer(images).scores
+    assert np.allclose(scores, reference, rtol=1e-6) and list(private.iterdir()) == []
+    (copy / "model.onnx.data").write_bytes(b"\0" * (copy / "model.onnx.data").stat().st_size)
+    with pytest.raises(BundleError, match="model.onnx.data: sha256 mismatch"):
+        OnnxRuntimeBackend(Bundle.load(copy, verify=False))
+    assert list(private.iterdir()) == []
