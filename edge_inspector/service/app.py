@@ -90,6 +90,10 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None, trust: Tr
 
     trust: the signature rule (security.trusted_keys); within: the folder the bundle must lie under."""
     bundle = Bundle.load(bundle_path or config.bundle_path, trust=trust, within=within)
+    if trust is not None and bundle.signature is not None:
+        log.info("bundle %s: signed by key %s", bundle.path, bundle.signature.key_id)
+    elif trust is not None:
+        log.warning("bundle %s is unsigned (taken: security.require_signed_bundles is off)", bundle.path)
     tiler = checked_tiler(config, bundle)
     bundle_range(config, bundle)  # a config threshold outside the new bundle's range is refused up front
     started = time.monotonic()
