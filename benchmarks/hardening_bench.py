@@ -5,6 +5,11 @@
 Prints the service-side RSS before/after a control message of --megabytes (refused by ZMQ_MAXMSGSIZE), and
 the time and RSS to get a frame result for a --side x --side 1-bit PNG from the folder source (refused from
 its header). Run on demand; figures, not assertions.
+
+`trust_attacks` (issue 29, attacks 1, 3, 4, 6) prints one `held`/`failed` line per attack: a reload during a
+model.onnx rename race, a symlinked bundle.yaml, billion laughs, a --yaml-megabytes bundle.yaml and the worst
+documents under the 1 MiB cap (check-config and reload times, status answered meanwhile), re-issued, unsigned
+and foreign-signed bundles under require_signed_bundles, and SIGTERM during a reload.
 """
 
 from __future__ import annotations
@@ -324,26 +329,26 @@ def attack_unsigned_under_require_signed(base: Path, bundle_path: Path) -> None:
     line = TrustLine(base / "signed", bundle_path)
     outside = base / "signed-elsewhere"
     outside.mkdir()
-    copies = {"threshold 1e6 copy outside bundle_root": line.copy("high", outside),
-              "threshold 1e6 copy under bundle_root (old bundle.sig kept)": line.copy("high")}
+    copies = {"a threshold 1e6 copy outside bundle_root": line.copy("high", outside),
+              "a threshold 1e6 copy under bundle_root (old bundle.sig kept)": line.copy("high")}
     for folder in copies.values():
         meta = Bundle.load(folder, verify=False).meta
         meta.threshold.value = 1e6
         finalize_bundle(folder, meta)
     unsigned = line.copy("unsigned")
     (unsigned / "bundle.sig").unlink()
-    copies["unsigned bundle"] = unsigned
+    copies["an unsigned bundle"] = unsigned
     theirs = base / "signed" / "keys" / "theirs.key"
     generate_keypair(theirs, Path(str(theirs) + ".pub"))
     foreign = line.copy("foreign")
     sign_bundle(foreign, theirs)
-    copies["bundle signed by an untrusted key"] = foreign
+    copies["a bundle signed by an untrusted key"] = foreign
     service, runner = line.start()
     try:
         for name, folder in copies.items():
             reply = send_control(line.control, {"command": "reload", "bundle": str(folder)}, timeout_s=60)
             threshold = service.inspector.settings()[1].threshold
-            verdict(not reply["ok"] and threshold < 1e6, f"reload of a {name}",
+            verdict(not reply["ok"] and threshold < 1e6, f"reload of {name}",
                     f"threshold still {threshold:.4g}: {reply.get('error', reply)}")
     finally:
         stop(service, runner)
