@@ -41,10 +41,17 @@ from edge_inspector.core.decision import (
 )
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.inspect import Inspector, Model
+from edge_inspector.core.signing import TrustPolicy
 from edge_inspector.core.systemd import Notifier, extending_start
 from edge_inspector.core.tiling import Tiler
 from edge_inspector.service.archive import Archive
-from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config
+from edge_inspector.service.config import (
+    ServiceConfig,
+    bundle_root,
+    config_to_dict,
+    load_config,
+    trust_policy,
+)
 from edge_inspector.service.control import ControlServer
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
 from edge_inspector.service.publisher import Publisher
@@ -77,9 +84,16 @@ def checked_tiler(config: ServiceConfig, bundle: Bundle) -> Tiler:
                  roi=tiling.roi)
 
 
-def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
-    """Load, verify, check and warm up a bundle; the first real frame then runs at full speed."""
-    bundle = Bundle.load(bundle_path or config.bundle_path)
+def load_model(config: ServiceConfig, bundle_path: Path | None = None, trust: TrustPolicy | None = None,
+               within: Path | None = None) -> Model:
+    """Load, verify, check and warm up a bundle; the first real frame then runs at full speed.
+
+    trust: the signature rule (security.trusted_keys); within: the folder the bundle must lie under."""
+    bundle = Bundle.load(bundle_path or config.bundle_path, trust=trust, within=within)
+    if trust is not None and bundle.signature is not None:
+        log.info("bundle %s: signed by key %s", bundle.path, bundle.signature.key_id)
+    elif trust is not None:
+        log.warning("bundle %s is unsigned (taken: security.require_signed_bundles is off)", bundle.path)
     tiler = checked_tiler(config, bundle)
     bundle_range(config, bundle)  # a config threshold outside the new bundle's range is refused up front
     started = time.monotonic()
@@ -89,6 +103,7 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
 
     backend = create_backend(bundle, config.model.backend, config.model.threads, warm_up=warm_up,
                              tiles=tiler.tiles)
+    bundle.release()  # verified bytes no backend took (a TensorRT engine ran instead of model.onnx)
     log.info("model %s loaded (%s, threshold %.4g), start and warm-up inference of %d tile(s) took %.0f ms",
              bundle.model_id, backend.describe(), bundle.threshold, tiler.tiles,
              (time.monotonic() - started) * 1000)
@@ -142,6 +157,8 @@ class Service:
         self.ready = threading.Event()
         self.threshold_source = "bundle"
         self.threshold_bounds: tuple[float, float] = (0.0, float("inf"))
+        self.trust: TrustPolicy | None = None  # security.trusted_keys, read once at start
+        self._reload_lock = threading.Lock()
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
@@ -177,9 +194,12 @@ class Service:
                                    context=self.context, curve=self.curve)
         if config.publish.control_endpoint:
             self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context,
-                                         curve=self.curve)
+                                         curve=self.curve, slow=("reload",))
+        self.trust = trust_policy(config)
+        if self.trust is not None:
+            log.info("bundles: %s", self.trust.describe())
         with extending_start(self.notifier, "loading the model (a TensorRT engine build takes minutes)"):
-            model = load_model(config)
+            model = load_model(config, trust=self.trust)
         if config.model.workers > 1 and not model.backend.thread_safe:
             log.warning("model.workers %d: %s is not thread-safe, so frames enter it one at a time (the workers "
                         "overlap only the steps around inference)", config.model.workers, model.backend.describe())
@@ -410,12 +430,25 @@ class Service:
         return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds)}
 
     def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Load a bundle (default: the configured folder again) and swap it in between two frames."""
+        """Load a bundle (default: the configured folder again) and swap it in between two frames.
+
+        Runs on its own thread (ControlServer `slow`). A folder named in the request resolves against the
+        config file's folder (never the working directory) and must lie under security.bundle_root; the
+        bundle must pass the signature rule the service started with."""
         path = request.get("bundle", request.get("value"))
         if path is not None and not isinstance(path, str):
             raise ConfigError(f"reload: bundle must be a folder path string, got {type(path).__name__}")
         inspector, _ = self._running()
-        model = load_model(self.config, Path(path) if path else None)
+        with self._reload_lock:
+            chosen = self.config.resolve(path).absolute() if path else None
+            model = load_model(self.config, chosen, trust=self.trust,
+                               within=bundle_root(self.config) if chosen is not None else None)
+            if self.stop_event.is_set():  # stopping meanwhile: the old model finishes the frames in flight
+                model.backend.close()
+                raise ConfigError("reload: the service is stopping")
+            return self._swap(inspector, model, request)
+
+    def _swap(self, inspector: Inspector, model: Model, request: dict[str, Any]) -> dict[str, Any]:
         previous = inspector.model.model_id
         params = self._decision_params(model.bundle)
         self.threshold_bounds = bundle_range(self.config, model.bundle)
@@ -425,7 +458,8 @@ class Service:
                     previous, model.model_id, params.threshold)
         if self.publisher:
             self.publisher.request_health()
-        return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold}
+        return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold,
+                "signed_by": model.bundle.signature.key_id if model.bundle.signature else None}
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -473,12 +507,14 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
     source = create_source(config.camera)
     line = f"{config_path}: OK (camera {config.camera.id}: {source.describe()}"
     if not skip_bundle:
-        bundle = Bundle.load(config.bundle_path)
+        bundle = Bundle.load(config.bundle_path, trust=trust_policy(config))
         tiler = checked_tiler(config, bundle)
         low, high = bundle_range(config, bundle)
         threshold = config.decision.threshold or bundle.threshold
         line += (f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g} "
                  f"(allowed {low:.6g}..{high:.6g})")
+        if bundle.signature is not None:
+            line += f"; signed by key {bundle.signature.key_id}"
     if config.security.curve_secret_key:
         from edge_inspector.core.keys import load_client_keys, load_secret_key
 
