@@ -27,7 +27,9 @@ from edge_inspector.core.operating_point import (  # noqa: F401
     LOUD_ESCAPE_RATE,
     TRADEOFF_FALSE_REJECT_RATES,
     OperatingPoint,
+    best_for_escape,
     format_tradeoff,
+    highest_threshold_for_escape,
     operating_point,
     rate_above,
     threshold_for_escape,
@@ -75,7 +77,65 @@ def conformal_threshold(good_scores: np.ndarray, alpha: float) -> ThresholdInfo:
     # A strictly-greater-than rule must not reject the worst good part seen; nudge up by one float step.
     value = float(np.nextafter(np.float32(value), np.float32(np.inf)))
     return ThresholdInfo(value=value, rule="conformal_false_reject_rate", target_false_reject_rate=alpha,
-                         certified=certified, images_needed=needed, conformal_value=value, note=note)
+                         certified=certified, images_needed=needed, conformal_value=value, note=note,
+                         conformal_certified=certified)
+
+
+CONFORMAL_RULE = "conformal_false_reject_rate"
+# Rules that choose the threshold on labelled images: the rates they report are measured on the images they were
+# chosen on (in-sample), and no false-reject rate is guaranteed for new parts.
+LABELLED_RULES = ("f1_optimal", "escape_rate")
+
+
+def record_rates(info: ThresholdInfo, point: OperatingPoint) -> ThresholdInfo:
+    """Record what the decision threshold does on labelled images (rates and the counts behind them) and make
+    `certified`, `in_sample` and the note say what they rest on: a threshold chosen on these images
+    (LABELLED_RULES) is certified for nothing and its rates are in-sample."""
+    info.validation_false_reject_rate = point.false_reject_rate
+    info.validation_escape_rate = point.escape_rate
+    info.validation_good_count, info.validation_false_rejects = point.good_count, point.false_rejects
+    info.validation_defect_count, info.validation_escapes = point.defect_count, point.escapes
+    if info.rule in LABELLED_RULES:
+        info.in_sample = True
+        info.certified = False
+        info.note = labelled_rule_note(info)
+    else:
+        info.in_sample = False
+        base = info.note.split(HELD_OUT_MARK)[0]  # measured again (a second calibration) replaces, not repeats
+        info.note = (f"{base}{HELD_OUT_MARK}{point.good_count} good and {point.defect_count} defective labelled "
+                     f"images not used to choose it: rejects {counted(point.false_rejects, point.good_count)} "
+                     f"good, passes {counted(point.escapes, point.defect_count)} defects")
+    return info
+
+
+HELD_OUT_MARK = "; measured on "
+
+
+def counted(part: int, whole: int) -> str:
+    """'3 of 26 (11.5%)': a rate with the counts it comes from."""
+    return f"{part} of {whole} ({100.0 * part / whole:.1f}%)" if whole else f"{part} of 0"
+
+
+def labelled_rule_note(info: ThresholdInfo) -> str:
+    """The note of a threshold chosen on labelled images: the rule, plainly no guarantee, the in-sample rates."""
+    if info.rule == "escape_rate":
+        rule = (f"escape-rate rule: the threshold letting at most {info.target_escape_rate:g} of the labelled "
+                "defects pass with the fewest false rejects, then the fewest escapes")
+    else:
+        rule = "F1-optimal threshold on the labelled images"
+    unused = ""
+    if info.conformal_value is not None and info.target_false_reject_rate is not None:
+        unused = (f" (the conformal threshold {info.conformal_value:.6g} for a {info.target_false_reject_rate:g} "
+                  f"false-reject rate is {'' if info.conformal_certified else 'not certified and '}not used)")
+    parts = [f"{rule}; chosen on labelled images, so NO false-reject rate is guaranteed for new parts{unused}"]
+    if info.validation_good_count is not None and info.validation_defect_count is not None:
+        parts.append(f"in-sample, on the same images it was chosen on: rejects "
+                     f"{counted(info.validation_false_rejects or 0, info.validation_good_count)} good and passes "
+                     f"{counted(info.validation_escapes or 0, info.validation_defect_count)} defects; new parts "
+                     "will do worse")
+    else:
+        parts.append("its rates were not measured")
+    return "; ".join(parts)
 
 
 def score_stats(scores: np.ndarray) -> ScoreStats:
@@ -85,13 +145,18 @@ def score_stats(scores: np.ndarray) -> ScoreStats:
                       p99=float(np.percentile(s, 99)))
 
 
-def apply_f1_rule(info: ThresholdInfo, f1_value: float, use_f1: bool) -> ThresholdInfo:
-    """Record the F1-optimal threshold (from labelled defects) and make it the decision value if asked."""
+def apply_f1_rule(info: ThresholdInfo, f1_value: float, use_f1: bool, good: np.ndarray | None = None,
+                  defects: np.ndarray | None = None) -> ThresholdInfo:
+    """Record the F1-optimal threshold (from labelled defects) and make it the decision value if asked; then
+    the bundle is certified for nothing, and with the scores it was chosen on its in-sample rates are recorded."""
     info.f1_optimal_value = float(f1_value)
     if use_f1:
         info.value = float(f1_value)
         info.rule = "f1_optimal"
-        info.note += "; decision uses the F1-optimal threshold on the labelled validation images instead"
+        info.certified = False
+        if good is not None and defects is not None:
+            return record_rates(info, operating_point(good, defects, info.value))
+        info.note = labelled_rule_note(info)
     return info
 
 

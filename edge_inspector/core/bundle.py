@@ -70,9 +70,11 @@ class ThresholdInfo:
     """The decision threshold on the raw score and how it was chosen (so an auditor can reproduce it)."""
 
     value: PositiveReal
-    rule: str  # "conformal_false_reject_rate" | "f1_optimal" | "manual"
+    rule: str  # "conformal_false_reject_rate" | "f1_optimal" | "escape_rate" | "manual"
     target_false_reject_rate: Rate | None = None
-    certified: bool = False  # True when enough good images exist to guarantee the target rate
+    # True only for the conformal rule with enough good images to guarantee the target rate; a threshold chosen on
+    # labelled images (f1_optimal, escape_rate) guarantees nothing, whatever the conformal one would have.
+    certified: bool = False
     images_needed: Count | None = None  # good images needed to certify the target rate
     conformal_value: Real | None = None
     f1_optimal_value: Real | None = None
@@ -82,6 +84,16 @@ class ThresholdInfo:
     validation_escape_rate: Rate | None = None  # share of validation defects passed at `value`
     validation_false_reject_rate: Rate | None = None  # share of validation good images rejected at `value`
     operating_curve: list[dict[str, Real]] | None = None  # {threshold, false_reject_rate, escape_rate} rows
+    # The counts those two rates come from, and whether they are in-sample: True when `value` was chosen on the
+    # same labelled images (rules "f1_optimal" and "escape_rate"), so they describe those images, not new parts.
+    validation_good_count: Count | None = None
+    validation_false_rejects: Count | None = None
+    validation_defect_count: Count | None = None
+    validation_escapes: Count | None = None
+    in_sample: bool = False
+    # Whether the conformal threshold (`conformal_value`) certifies its target; `certified` above says whether
+    # the threshold in use does, and only the conformal rule's can.
+    conformal_certified: bool | None = None
 
 
 @dataclass
