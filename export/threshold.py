@@ -20,14 +20,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_inspector.core.bundle import ScoreStats, ThresholdInfo
+from edge_inspector.core.bundle import ReviewBand, ScoreStats, ThresholdInfo
 
 # The operating point lives with the contract (the device's replay prints it too); re-exported for callers here.
 from edge_inspector.core.operating_point import (  # noqa: F401
     LOUD_ESCAPE_RATE,
     TRADEOFF_FALSE_REJECT_RATES,
     OperatingPoint,
+    band_outcome,
+    band_pass_threshold,
     best_for_escape,
+    cross_validated_band,
     format_tradeoff,
     highest_threshold_for_escape,
     operating_point,
@@ -78,7 +81,7 @@ def conformal_threshold(good_scores: np.ndarray, alpha: float) -> ThresholdInfo:
     value = float(np.nextafter(np.float32(value), np.float32(np.inf)))
     return ThresholdInfo(value=value, rule="conformal_false_reject_rate", target_false_reject_rate=alpha,
                          certified=certified, images_needed=needed, conformal_value=value, note=note,
-                         conformal_certified=certified)
+                         conformal_certified=certified, good_scores=[float(v) for v in scores])
 
 
 CONFORMAL_RULE = "conformal_false_reject_rate"
@@ -136,6 +139,42 @@ def labelled_rule_note(info: ThresholdInfo) -> str:
     else:
         parts.append("its rates were not measured")
     return "; ".join(parts)
+
+
+def review_band(good_scores: np.ndarray, fail_threshold: float, rate: float, folds: int = 5, seed: int = 0,
+                labelled_good: np.ndarray | None = None, labelled_defects: np.ndarray | None = None,
+                fail_in_sample: bool = False) -> ReviewBand | None:
+    """The review band for a target review rate of good parts, from out-of-sample good scores (the fit's k-fold
+    scores, plus labelled good images scored by the final model, which never trained on them), with its
+    cross-validated rate and, given labelled defects, what it does to them. None when these scores cannot
+    support a band at this rate (the fit says how many good images it needs)."""
+    extra = np.asarray([] if labelled_good is None else labelled_good, dtype=np.float64)
+    pooled = np.concatenate([np.asarray(good_scores, dtype=np.float64).reshape(-1), extra])
+    choice = band_pass_threshold(pooled, fail_threshold, rate)
+    if choice.pass_threshold is None:
+        log.warning("no review band: %d out-of-sample good scores cannot send at most %g of good parts to review "
+                    "(needs >= %d)", choice.good_count, rate, choice.images_needed)
+        return None
+    cv_count, _ = cross_validated_band(pooled, fail_threshold, rate, fold_ids(pooled.size, folds, seed))
+    band = ReviewBand(value=choice.pass_threshold, target_rate=float(rate), good_count=choice.good_count,
+                      good_in_band=choice.in_band, cross_validated_in_band=cv_count,
+                      cross_validated_rate=cv_count / choice.good_count, guaranteed=choice.guaranteed)
+    note = (f"review band: pass at or under {band.value:.6g}, review up to the threshold {fail_threshold:.6g}; at "
+            f"most {rate:g} of new good parts go to review (split-conformal on {choice.good_count} out-of-sample "
+            f"good scores); cross-validated ({folds} folds, each band chosen without the parts it judges): "
+            f"{counted(cv_count, choice.good_count)} good parts to review")
+    if labelled_defects is not None and labelled_good is not None:
+        outcome = band_outcome(labelled_good, labelled_defects, band.value, fail_threshold)
+        band.labelled_defect_count, band.defects_auto_passed = outcome.defect_count, outcome.defects_passed
+        band.defects_in_band = outcome.defects_review
+        band.labelled_good_count, band.labelled_good_in_band = outcome.good_count, outcome.good_review
+        band.labelled_good_failed = outcome.good_failed
+        note += (f"; on the labelled images: {counted(outcome.defects_passed, outcome.defect_count)} defects "
+                 f"auto-passed, {counted(outcome.defects_review, outcome.defect_count)} to review, "
+                 f"{counted(outcome.good_failed, outcome.good_count)} good parts auto-failed"
+                 + (" (the fail threshold was chosen on these images: in-sample)" if fail_in_sample else ""))
+    band.note = note
+    return band
 
 
 def score_stats(scores: np.ndarray) -> ScoreStats:

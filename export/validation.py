@@ -41,6 +41,7 @@ from export.threshold import (
     format_tradeoff,
     operating_point,
     record_rates,
+    review_band,
     tradeoff_table,
 )
 
@@ -48,9 +49,11 @@ log = logging.getLogger(__name__)
 
 
 def calibrate_with_defects(bundle: Bundle, folder: Path, labels_csv: Path | None = None,
-                           use_f1: bool = False, target_escape: float | None = None) -> Bundle:
+                           use_f1: bool = False, target_escape: float | None = None,
+                           review_rate: float | None = None) -> Bundle:
     """Score a labelled folder (good and defective), record the F1-optimal threshold and the operating curve,
-    optionally decide with the F1-optimal threshold or the one meeting `target_escape`."""
+    optionally decide with the F1-optimal threshold or the one meeting `target_escape`, and with `review_rate`
+    add a review band chosen from the good parts' out-of-sample scores, these labelled good ones included."""
     good, defects, report = score_labelled(bundle, folder, labels_csv)
     log.info("validation on %d labelled images: image AUROC %s, F1-optimal threshold %.6g (F1 %.3f)",
              report.num_images, report.image_auroc, report.f1_optimal_threshold, report.f1_optimal.f1)
@@ -61,6 +64,28 @@ def calibrate_with_defects(bundle: Bundle, folder: Path, labels_csv: Path | None
         info.target_escape_rate = float(target_escape)
         info.certified = False
     record_operating_point(bundle, good, defects)
+    if review_rate is not None:
+        return apply_review_band(bundle, review_rate, good, defects)
+    write_meta(bundle.path, bundle.meta)
+    return Bundle.load(bundle.path)
+
+
+def apply_review_band(bundle: Bundle, rate: float, labelled_good: np.ndarray | None = None,
+                      labelled_defects: np.ndarray | None = None) -> Bundle:
+    """Record the review band for `rate` (fit --review-rate) in bundle.yaml, print what it does, reload."""
+    info = bundle.meta.threshold
+    if not info.good_scores:
+        raise DataError(f"{bundle.path}: bundle.yaml records no out-of-sample good scores to choose a review band "
+                        "from (fit it again with this version)")
+    training = bundle.meta.training
+    info.review = review_band(np.asarray(info.good_scores), float(info.value), rate, folds=max(training.folds, 2),
+                              seed=training.seed, labelled_good=labelled_good, labelled_defects=labelled_defects,
+                              fail_in_sample=info.in_sample)
+    if info.review is not None:
+        click.echo(info.review.note)
+    else:
+        click.echo(f"WARNING: no review band at {rate:g}: too few good images (see the log); the bundle decides "
+                   "pass/fail only", err=True)
     write_meta(bundle.path, bundle.meta)
     return Bundle.load(bundle.path)
 

@@ -66,6 +66,34 @@ BlurSigma = Annotated[int, Meta(ge=0, le=1024)] | Annotated[float, Meta(ge=0, le
 
 
 @dataclass
+class ReviewBand:
+    """The review band (fit --review-rate): parts scoring over `value` and not failing get the verdict review.
+
+    `value` is the pass threshold on the raw score, below ThresholdInfo.value (the fail threshold). It is a
+    split-conformal quantile of the good parts' out-of-sample scores chosen so that at most `target_rate` of new
+    good parts like them land in the band; `cross_validated_*` counts the good parts sent to review by bands
+    chosen without them (k folds), so the rate recorded never comes from an image judging itself.
+    """
+
+    value: PositiveReal
+    target_rate: Rate  # most of the good parts allowed to go to review
+    good_count: Count  # out-of-sample good scores the band was chosen from (training k-fold + labelled good)
+    good_in_band: Count  # of those, in the band
+    cross_validated_in_band: Count  # good parts in the band when each fold's band is chosen without that fold
+    cross_validated_rate: Rate
+    guaranteed: bool  # enough good scores for the split-conformal bound at target_rate
+    note: str = ""
+    # On labelled images (fit --validation), when given: defects auto-passed (escapes among the parts the
+    # band lets through), defects in review, and good parts auto-failed.
+    labelled_defect_count: Count | None = None
+    defects_auto_passed: Count | None = None
+    defects_in_band: Count | None = None
+    labelled_good_count: Count | None = None
+    labelled_good_in_band: Count | None = None
+    labelled_good_failed: Count | None = None
+
+
+@dataclass
 class ThresholdInfo:
     """The decision threshold on the raw score and how it was chosen (so an auditor can reproduce it)."""
 
@@ -94,6 +122,10 @@ class ThresholdInfo:
     # Whether the conformal threshold (`conformal_value`) certifies its target; `certified` above says whether
     # the threshold in use does, and only the conformal rule's can.
     conformal_certified: bool | None = None
+    # The out-of-sample scores of the good training images (k-fold, ascending) the threshold was set from: the
+    # evidence a review band or any later threshold is judged on (an auditor can recompute every rate from it).
+    good_scores: list[Real] | None = None
+    review: ReviewBand | None = None  # the review band's pass threshold and its rates (None: pass/fail only)
 
 
 @dataclass
@@ -241,6 +273,12 @@ class Bundle:
     @property
     def threshold(self) -> float:
         return float(self.meta.threshold.value)
+
+    @property
+    def review_threshold(self) -> float | None:
+        """The review band's pass threshold, or None (bundles without a band decide pass/fail as before)."""
+        review = self.meta.threshold.review
+        return None if review is None else float(review.value)
 
     @property
     def input_size(self) -> tuple[int, int]:

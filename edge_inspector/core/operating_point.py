@@ -205,3 +205,109 @@ def as_labels(labels: np.ndarray, size: int) -> np.ndarray:
     if labels.size != size:
         raise ValueError(f"{labels.size} labels for {size} scores")
     return labels.astype(bool)
+
+
+# ------------------------------------------------------------------------------------------- the review band
+
+@dataclass
+class BandChoice:
+    """A review band's pass threshold and what it does to the good scores it was chosen from."""
+
+    pass_threshold: float | None  # None: these scores cannot support a band at the rate (too few, or none fits)
+    good_count: int
+    in_band: int  # good scores in (pass_threshold, fail_threshold]
+    guaranteed: bool  # the split-conformal bound holds: P(new good part in band) <= rate
+    images_needed: int  # good scores a band at this rate needs at all
+
+
+def band_pass_threshold(good: np.ndarray, fail_threshold: float, rate: float) -> BandChoice:
+    """The lowest pass threshold that sends at most `rate` of new good parts to review.
+
+    With n out-of-sample good scores s_(1) <= ... <= s_(n), j of them at or under the fail threshold, and
+    m = floor(rate * (n + 1)): a new good part exchangeable with them lands in (s_(k), fail] with probability at
+    most (j + 1 - k) / (n + 1), so k = j + 1 - m keeps it <= rate (split conformal, as the fail threshold's own
+    rule; it holds when the fail threshold does not depend on these scores or is their conformal quantile).
+    With m = 0 (n < 1 / rate - 1) no band can be promised: none is made. The pass threshold is one of the
+    scores (a part scoring exactly it passes), always below the fail threshold.
+    """
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"review rate must be in (0, 1), got {rate}")
+    scores = np.sort(np.asarray(good, dtype=np.float64).reshape(-1))
+    n = int(scores.size)
+    needed = int(math.ceil(1.0 / rate - 1.0 - 1e-9))
+    under = int(np.count_nonzero(scores <= fail_threshold))
+    allowed = int(math.floor(rate * (n + 1) + 1e-9))
+    k = under + 1 - allowed
+    if n == 0 or allowed == 0 or under == 0:
+        return BandChoice(None, n, 0, False, needed)
+    value = float(scores[max(k, 1) - 1])
+    if not (0.0 < value < fail_threshold):
+        return BandChoice(None, n, 0, False, needed)
+    in_band = int(np.count_nonzero((scores > value) & (scores <= fail_threshold)))
+    return BandChoice(value, n, in_band, True, needed)
+
+
+def cross_validated_band(good: np.ndarray, fail_threshold: float, rate: float, folds: np.ndarray
+                         ) -> tuple[int, np.ndarray]:
+    """Good parts in the review band when each fold's band is chosen from the other folds only: the count and,
+    per score, the pass threshold it was judged with (NaN: no band for its fold, so it passes or fails).
+
+    `folds[i]` is score i's fold. No score ever takes part in choosing the band it is judged by, so the count
+    is an out-of-sample estimate of the band's review rate (the conformal bound says what to expect; this says
+    what happened on parts the band never saw).
+    """
+    good = np.asarray(good, dtype=np.float64).reshape(-1)
+    folds = np.asarray(folds).reshape(-1)
+    used = np.full(good.size, np.nan)
+    for fold in np.unique(folds):
+        held = folds == fold
+        choice = band_pass_threshold(good[~held], fail_threshold, rate)
+        if choice.pass_threshold is not None:
+            used[held] = choice.pass_threshold
+    with np.errstate(invalid="ignore"):
+        in_band = (good > used) & (good <= fail_threshold)
+    return int(np.count_nonzero(in_band)), used
+
+
+@dataclass
+class BandOutcome:
+    """What a pass/review/fail band does on labelled images, in the terms a line uses."""
+
+    good_count: int
+    good_passed: int
+    good_review: int
+    good_failed: int  # false rejects among the auto-failed parts
+    defect_count: int
+    defects_passed: int  # escapes among the auto-passed parts
+    defects_review: int
+    defects_failed: int
+
+    @property
+    def auto_passed(self) -> int:
+        return self.good_passed + self.defects_passed
+
+    @property
+    def auto_failed(self) -> int:
+        return self.good_failed + self.defects_failed
+
+    @property
+    def review(self) -> int:
+        return self.good_review + self.defects_review
+
+
+def band_outcome(good: np.ndarray, defects: np.ndarray, pass_threshold: float | None,
+                 fail_threshold: float) -> BandOutcome:
+    """Counts of good and defective scores passed (<= pass), in review (between) and failed (> fail); with no
+    band (None) the pass threshold is the fail threshold and nothing goes to review."""
+    low = fail_threshold if pass_threshold is None else pass_threshold
+    good = np.asarray(good, dtype=np.float64).reshape(-1)
+    defects = np.asarray(defects, dtype=np.float64).reshape(-1)
+
+    def split(scores: np.ndarray) -> tuple[int, int, int]:
+        passed = int(np.count_nonzero(scores <= low))
+        failed = int(np.count_nonzero(scores > fail_threshold))
+        return passed, int(scores.size) - passed - failed, failed
+
+    gp, gr, gf = split(good)
+    dp, dr, df = split(defects)
+    return BandOutcome(int(good.size), gp, gr, gf, int(defects.size), dp, dr, df)

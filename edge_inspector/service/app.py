@@ -36,6 +36,8 @@ from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.decision import (
     DecisionParams,
     check_in_range,
+    check_review_threshold,
+    resolve_review,
     threshold_range,
     validate_threshold,
 )
@@ -115,11 +117,12 @@ def bundle_range(config: ServiceConfig, bundle: Bundle) -> tuple[float, float]:
     decision = config.decision
     bounds = threshold_range(bundle.threshold, stats.p50 if stats else None, stats.max if stats else None,
                              decision.threshold_min, decision.threshold_max)
-    if decision.threshold is not None:
-        try:
+    try:
+        if decision.threshold is not None:
             check_in_range(decision.threshold, bounds, "decision.threshold")
-        except ConfigError as err:
-            raise ConfigError(f"{config.path}: {err} with bundle {bundle.path}") from None
+        resolve_review(decision.review_threshold, bundle.review_threshold, decision.threshold or bundle.threshold)
+    except ConfigError as err:
+        raise ConfigError(f"{config.path}: {err} with bundle {bundle.path}") from None
     return bounds
 
 
@@ -216,7 +219,9 @@ class Service:
     def _decision_params(self, bundle: Bundle, threshold: float | None = None) -> DecisionParams:
         decision = self.config.decision
         value = threshold or decision.threshold or bundle.threshold
-        return DecisionParams(threshold=value, min_defect_area=decision.min_defect_area, max_boxes=decision.max_boxes)
+        return DecisionParams(threshold=value, min_defect_area=decision.min_defect_area, max_boxes=decision.max_boxes,
+                              review_threshold=resolve_review(decision.review_threshold, bundle.review_threshold,
+                                                              value))
 
     # -- supervision -------------------------------------------------------------------------------------------
 
@@ -341,6 +346,7 @@ class Service:
             "processed": stats["processed"],
             "dropped": stats["dropped"],
             "fails": stats["fails"],
+            "reviews": stats["reviews"],
             "errors": stats["errors"],
             "reconnects": camera.get("reconnects", 0),
             "disconnects": camera.get("disconnects", 0),
@@ -352,6 +358,7 @@ class Service:
             "model": {"id": model.model_id, "sha256": model.sha256, "meta_sha256": model.bundle.meta_sha256}
             if model else None,
             "threshold": self.inspector.params.threshold if self.inspector else None,
+            "review_threshold": self.inspector.params.review_threshold if self.inspector else None,
             "threshold_source": self.threshold_source,
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
@@ -378,6 +385,7 @@ class Service:
                                                             "backend": model.backend.describe()},
                 "threshold": params.threshold, "bundle_threshold": model.bundle.threshold,
                 "threshold_range": list(self.threshold_bounds), "threshold_source": self.threshold_source,
+                "review_threshold": params.review_threshold, "bundle_review_threshold": model.bundle.review_threshold,
                 "min_defect_area": params.min_defect_area, "tiling": model.tiler.describe(),
                 "config": {"path": self.config.path, **config_to_dict(self.config)}}
 
@@ -399,15 +407,40 @@ class Service:
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise ConfigError(f"threshold: expected a finite number > 0, got {shown}")
         value = check_in_range(validate_threshold(value), self.threshold_bounds)
-        previous = inspector.params.threshold
-        inspector.set_threshold(value)
+        previous, review = inspector.params.threshold, self._review_for(request, value, inspector.params)
+        inspector.set_thresholds(value, review)
         self.threshold_source = f"control socket ({request.get('_peer') or 'unknown peer'})"
         # WARNING, not INFO: a moved threshold changes verdicts, so it must stand out in the journal.
         log.warning("threshold changed: %.6g -> %.6g by the %s (bundle %s, allowed %.6g..%.6g)", previous, value,
                     self.threshold_source, inspector.model.model_id, *self.threshold_bounds)
         if self.publisher:
             self.publisher.request_health()  # subscribers see the new threshold at once, not 5 s later
-        return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds)}
+        return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds),
+                "review_threshold": review}
+
+    @staticmethod
+    def _review_for(request: dict[str, Any], threshold: float, params: DecisionParams) -> float | None:
+        """set_threshold and the review band: `review_threshold` in the request sets the band's pass threshold
+        too (null or "off": no band); without it the band keeps its pass threshold, and a threshold at or under
+        it is refused (the band is never dropped or moved as a side effect)."""
+        if "review_threshold" not in request:
+            current = params.review_threshold
+            if current is not None and not current < threshold:
+                raise ConfigError(f"threshold: {threshold:.6g} is at or under the review band's pass threshold "
+                                  f"{current:.6g}: send review_threshold too (a number below the threshold, or null "
+                                  "to turn the band off)")
+            return current
+        review = request["review_threshold"]
+        if review is None or review == "off":
+            return None
+        if isinstance(review, str):
+            try:
+                review = float(review)
+            except ValueError:
+                pass
+        if isinstance(review, bool) or not isinstance(review, (int, float)):
+            raise ConfigError(f"review_threshold: expected a finite number > 0 or null, got {str(review)[:40]!r}")
+        return check_review_threshold(review, threshold)
 
     def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
         """Load a bundle (default: the configured folder again) and swap it in between two frames."""

@@ -8,6 +8,7 @@ in-sample rates and says so), what it was trained on, which engines are built, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ def threshold_facts(t: ThresholdInfo) -> dict[str, Any]:
                 "good": t.validation_good_count, "escape_rate": t.validation_escape_rate,
                 "escapes": t.validation_escapes, "defects": t.validation_defect_count,
                 "in_sample": bool(t.in_sample or t.rule != CONFORMAL_RULE)},
+            "review": None if t.review is None else dataclasses.asdict(t.review),
             "note": t.note}
 
 
@@ -113,6 +115,17 @@ def _threshold_line(t: dict[str, Any]) -> str:
     return line
 
 
+def _review_line(r: dict[str, Any]) -> str:
+    line = (f"pass at or under {r['value']:.6g}, review up to the threshold: at most {r['target_rate']:g} of good "
+            f"parts to review ({'split-conformal bound' if r['guaranteed'] else 'NOT guaranteed'}, "
+            f"{r['good_count']} out-of-sample good scores); cross-validated {r['cross_validated_in_band']} of "
+            f"{r['good_count']} ({100 * r['cross_validated_rate']:.1f}%)")
+    if r["labelled_defect_count"] is not None:
+        line += (f"; labelled: {r['defects_auto_passed']} of {r['labelled_defect_count']} defects auto-passed, "
+                 f"{r['defects_in_band']} to review")
+    return line
+
+
 def format_info(facts: dict[str, Any]) -> str:
     """The human-readable summary, one fact per line."""
     training = facts["training"]
@@ -127,6 +140,8 @@ def format_info(facts: dict[str, Any]) -> str:
         f"tiling      {_tiling_line(facts['tiling'])}",
         f"threshold   {_threshold_line(facts['threshold'])}",
     ]
+    review = facts["threshold"]["review"]
+    lines.append("review band " + ("none (verdicts pass / fail)" if review is None else _review_line(review)))
     if stats:
         lines.append(f"good scores out-of-sample: n={stats['count']}, median {stats['p50']:.4g}, "
                      f"p99 {stats['p99']:.4g}, max {stats['max']:.4g}")
