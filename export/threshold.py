@@ -9,7 +9,12 @@ a guaranteed rate of at most 1 / (n + 1)) and say how many images certification 
 
 The out-of-sample scores come from k-fold fits (each good image scored by a model that never saw it); those
 fold models saw less data than the final one, so their scores run slightly high and the threshold errs on the
-side of fewer false rejects.
+side of fewer false rejects. They are kept in bundle.yaml (`threshold.good_scores`): the review band
+(`--review-rate`) is chosen from them by the same split-conformal argument (core.operating_point).
+
+Only this rule guarantees a false-reject rate. A threshold chosen on labelled images (`f1_optimal`,
+`escape_rate`) is recorded as `certified: false` with its rates and counts marked `in_sample`, and its note
+says so (`record_rates`).
 """
 
 from __future__ import annotations
@@ -147,7 +152,14 @@ def review_band(good_scores: np.ndarray, fail_threshold: float, rate: float, fol
     """The review band for a target review rate of good parts, from out-of-sample good scores (the fit's k-fold
     scores, plus labelled good images scored by the final model, which never trained on them), with its
     cross-validated rate and, given labelled defects, what it does to them. None when these scores cannot
-    support a band at this rate (the fit says how many good images it needs)."""
+    support a band at this rate (the fit says how many good images it needs).
+
+    Measured on fryum (patchcore defaults, 450 training + 26 dev good, 49 dev defects, 2-core VM): at 5% the band
+    passes at or under 8.602 below the threshold 9.805; cross-validated 23 of 476 good parts (4.8%) to review;
+    of the dev defects 10 of 49 (20.4%) are auto-passed (42.9% pass without the band), 11 go to review. At 10%:
+    8.380, 47 of 476 (9.9%), 8 of 49 defects auto-passed. The 26 dev good parts sent 0 and 1 to review: the
+    k-fold models saw less data, so their scores run high and the band errs towards fewer reviews.
+    """
     extra = np.asarray([] if labelled_good is None else labelled_good, dtype=np.float64)
     pooled = np.concatenate([np.asarray(good_scores, dtype=np.float64).reshape(-1), extra])
     choice = band_pass_threshold(pooled, fail_threshold, rate)

@@ -87,11 +87,16 @@ def test_cross_validated_band_never_lets_a_part_choose_its_own_band():
     fail = float(np.quantile(good, 0.97))
     folds = fold_ids(good.size, 5, 0)
     count, used = cross_validated_band(good, fail, 0.2, folds)
-    for i in (0, 17, 42):
+    in_band = np.flatnonzero((good > used) & (good <= fail))
+    assert count == in_band.size >= 5
+    for i in in_band[:5]:
         moved = good.copy()
-        moved[i] = float(np.min(good)) - 1.0  # from wherever it was to the very bottom
+        moved[i] = float(np.min(good)) - 1.0  # from inside the band to the very bottom
         _, again = cross_validated_band(moved, fail, 0.2, folds)
         assert again[i] == used[i]  # its band did not move with it
+        # while a band chosen with it would have (the mutation this test guards against)
+        in_sample = band_pass_threshold(moved, fail, 0.2).pass_threshold
+        assert in_sample != band_pass_threshold(good, fail, 0.2).pass_threshold
     brute = 0
     for fold in range(5):
         held = folds == fold
