@@ -219,8 +219,10 @@ def test_review_verdict_goes_over_zeromq_into_health_the_archive_and_set_thresho
         assert status["review_threshold"] == pytest.approx(review_at) and status["bundle_review_threshold"] is None
         threshold, (low, _) = status["threshold"], status["threshold_range"]
         band = (low + threshold) / 2
+        assert status["threshold_certified"] is bundle.meta.threshold.guarantees_false_reject_rate
         moved = send_control(control, {"command": "set_threshold", "value": threshold, "review_threshold": band})
         assert moved["ok"] and moved["review_threshold"] == pytest.approx(band)
+        assert send_control(control, "status")["threshold_certified"] is False  # moved by hand: no guarantee
         refused = send_control(control, {"command": "set_threshold", "value": band})  # at the band: crosses it
         assert not refused["ok"] and "send review_threshold too" in refused["error"]
         kept = send_control(control, {"command": "set_threshold", "value": threshold * 1.01})

@@ -127,6 +127,12 @@ class ThresholdInfo:
     good_scores: list[Real] | None = None
     review: ReviewBand | None = None  # the review band's pass threshold and its rates (None: pass/fail only)
 
+    @property
+    def guarantees_false_reject_rate(self) -> bool:
+        """Whether `value` carries a false-reject guarantee: only a certified conformal threshold does (a bundle
+        written before that was enforced may say `certified: true` beside an escape-rate threshold)."""
+        return bool(self.certified and self.rule == "conformal_false_reject_rate")
+
 
 @dataclass
 class ScoreStats:

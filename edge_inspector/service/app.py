@@ -360,6 +360,7 @@ class Service:
             "threshold": self.inspector.params.threshold if self.inspector else None,
             "review_threshold": self.inspector.params.review_threshold if self.inspector else None,
             "threshold_source": self.threshold_source,
+            "threshold_certified": self._threshold_certified(),
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
         }
@@ -385,6 +386,7 @@ class Service:
                                                             "backend": model.backend.describe()},
                 "threshold": params.threshold, "bundle_threshold": model.bundle.threshold,
                 "threshold_range": list(self.threshold_bounds), "threshold_source": self.threshold_source,
+                "threshold_certified": self._threshold_certified(),
                 "review_threshold": params.review_threshold, "bundle_review_threshold": model.bundle.review_threshold,
                 "min_defect_area": params.min_defect_area, "tiling": model.tiler.describe(),
                 "config": {"path": self.config.path, **config_to_dict(self.config)}}
@@ -417,6 +419,14 @@ class Service:
             self.publisher.request_health()  # subscribers see the new threshold at once, not 5 s later
         return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds),
                 "review_threshold": review}
+
+    def _threshold_certified(self) -> bool:
+        """True only while the bundle's own threshold is in use and it is a certified conformal one: a threshold
+        chosen on labelled images, or moved by config or the control socket, guarantees no false-reject rate."""
+        inspector = self.inspector
+        return bool(inspector is not None and self.threshold_source == "bundle"
+                    and inspector.model.bundle.meta.threshold.guarantees_false_reject_rate
+                    and inspector.params.threshold == inspector.model.bundle.threshold)
 
     @staticmethod
     def _review_for(request: dict[str, Any], threshold: float, params: DecisionParams) -> float | None:
@@ -510,8 +520,10 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
         tiler = checked_tiler(config, bundle)
         low, high = bundle_range(config, bundle)
         threshold = config.decision.threshold or bundle.threshold
+        review = resolve_review(config.decision.review_threshold, bundle.review_threshold, threshold)
         line += (f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g} "
-                 f"(allowed {low:.6g}..{high:.6g})")
+                 + (f"with a review band over {review:.6g} " if review is not None else "")
+                 + f"(allowed {low:.6g}..{high:.6g})")
     if config.security.curve_secret_key:
         from edge_inspector.core.keys import load_client_keys, load_secret_key
 

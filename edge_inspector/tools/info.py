@@ -70,7 +70,7 @@ def threshold_facts(t: ThresholdInfo) -> dict[str, Any]:
     bundle written before that rule was enforced may say `certified: true` beside an escape-rate threshold
     (fryum, 2026-12: it rejected 3 of 26 good parts), and `info` must not repeat that claim."""
     return {"value": t.value, "rule": t.rule, "target_false_reject_rate": t.target_false_reject_rate,
-            "certified": bool(t.certified and t.rule == CONFORMAL_RULE), "images_needed": t.images_needed,
+            "certified": t.guarantees_false_reject_rate, "images_needed": t.images_needed,
             "conformal_value": t.conformal_value, "f1_optimal_value": t.f1_optimal_value,
             "target_escape_rate": t.target_escape_rate,
             "validation": None if t.validation_false_reject_rate is None else {
