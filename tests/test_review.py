@@ -238,3 +238,16 @@ def test_review_verdict_goes_over_zeromq_into_health_the_archive_and_set_thresho
         service.stop()
         runner.join(30)
     assert not runner.is_alive()
+
+
+def test_live_view_counts_review_parts_from_health_and_the_results_after_it():
+    """The view's counters: health's `reviews` plus the review results that arrived after that message."""
+    from edge_inspector.tools.view.hub import CameraState, Item
+
+    state = CameraState("c", keep_fails=4, keep_scores=10)
+    state.add_health({"last_sequence": 2, "processed": 2, "fails": 0, "reviews": 1, "errors": 0, "uptime_s": 1.0})
+    for sequence, verdict in enumerate(["pass", "review", "review", "fail"], start=3):
+        state.add_result(Item(sequence, {"sequence": sequence, "verdict": verdict, "score": 1.0}, b"", 0.0))
+    counters = state.counters()
+    assert counters["reviews"] == 3 and counters["fails"] == 1 and counters["parts"] == 6
+    assert not state.fails or all(item.header["verdict"] == "fail" for item in state.fails)
