@@ -77,13 +77,43 @@ BlurSigma = Annotated[int, Meta(ge=0, le=1024)] | Annotated[float, Meta(ge=0, le
 
 
 @dataclass
+class ReviewBand:
+    """The review band (fit --review-rate): parts scoring over `value` and not failing get the verdict review.
+
+    `value` is the pass threshold on the raw score, below ThresholdInfo.value (the fail threshold). It is a
+    split-conformal quantile of the good parts' out-of-sample scores chosen so that at most `target_rate` of new
+    good parts like them land in the band; `cross_validated_*` counts the good parts sent to review by bands
+    chosen without them (k folds), so the rate recorded never comes from an image judging itself.
+    """
+
+    value: PositiveReal
+    target_rate: Rate  # most of the good parts allowed to go to review
+    good_count: Count  # out-of-sample good scores the band was chosen from (training k-fold + labelled good)
+    good_in_band: Count  # of those, in the band
+    cross_validated_in_band: Count  # good parts in the band when each fold's band is chosen without that fold
+    cross_validated_rate: Rate
+    guaranteed: bool  # enough good scores for the split-conformal bound at target_rate
+    note: str = ""
+    # On labelled images (fit --validation), when given: defects auto-passed (escapes among the parts the
+    # band lets through), defects in review, and good parts auto-failed.
+    labelled_defect_count: Count | None = None
+    defects_auto_passed: Count | None = None
+    defects_in_band: Count | None = None
+    labelled_good_count: Count | None = None
+    labelled_good_in_band: Count | None = None
+    labelled_good_failed: Count | None = None
+
+
+@dataclass
 class ThresholdInfo:
     """The decision threshold on the raw score and how it was chosen (so an auditor can reproduce it)."""
 
     value: PositiveReal
-    rule: str  # "conformal_false_reject_rate" | "f1_optimal" | "manual"
+    rule: str  # "conformal_false_reject_rate" | "f1_optimal" | "escape_rate" | "manual"
     target_false_reject_rate: Rate | None = None
-    certified: bool = False  # True when enough good images exist to guarantee the target rate
+    # True only for the conformal rule with enough good images to guarantee the target rate; a threshold chosen on
+    # labelled images (f1_optimal, escape_rate) guarantees nothing, whatever the conformal one would have.
+    certified: bool = False
     images_needed: Count | None = None  # good images needed to certify the target rate
     conformal_value: Real | None = None
     f1_optimal_value: Real | None = None
@@ -93,6 +123,26 @@ class ThresholdInfo:
     validation_escape_rate: Rate | None = None  # share of validation defects passed at `value`
     validation_false_reject_rate: Rate | None = None  # share of validation good images rejected at `value`
     operating_curve: list[dict[str, Real]] | None = None  # {threshold, false_reject_rate, escape_rate} rows
+    # The counts those two rates come from, and whether they are in-sample: True when `value` was chosen on the
+    # same labelled images (rules "f1_optimal" and "escape_rate"), so they describe those images, not new parts.
+    validation_good_count: Count | None = None
+    validation_false_rejects: Count | None = None
+    validation_defect_count: Count | None = None
+    validation_escapes: Count | None = None
+    in_sample: bool = False
+    # Whether the conformal threshold (`conformal_value`) certifies its target; `certified` above says whether
+    # the threshold in use does, and only the conformal rule's can.
+    conformal_certified: bool | None = None
+    # The out-of-sample scores of the good training images (k-fold, ascending) the threshold was set from: the
+    # evidence a review band or any later threshold is judged on (an auditor can recompute every rate from it).
+    good_scores: list[Real] | None = None
+    review: ReviewBand | None = None  # the review band's pass threshold and its rates (None: pass/fail only)
+
+    @property
+    def guarantees_false_reject_rate(self) -> bool:
+        """Whether `value` carries a false-reject guarantee: only a certified conformal threshold does (a bundle
+        written before that was enforced may say `certified: true` beside an escape-rate threshold)."""
+        return bool(self.certified and self.rule == "conformal_false_reject_rate")
 
 
 @dataclass
@@ -335,6 +385,12 @@ class Bundle:
     @property
     def threshold(self) -> float:
         return float(self.meta.threshold.value)
+
+    @property
+    def review_threshold(self) -> float | None:
+        """The review band's pass threshold, or None (bundles without a band decide pass/fail as before)."""
+        review = self.meta.threshold.review
+        return None if review is None else float(review.value)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -20,7 +20,10 @@ from edge_inspector.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: `verdict` may be `review` (the review band: uncertain parts for a person; a PLC sends them to a manual
+# lane), with the band's `review_threshold` in the header and `reviews` counted in health. A version-1 client
+# that only knows pass/fail must not treat `review` as pass: hence the bump.
+SCHEMA_VERSION = 2
 RESULT_TOPIC = "inspection"
 HEALTH_TOPIC = "health"
 # The frame a result judged, as JPEG, for the live view: published only while a subscriber asks for this

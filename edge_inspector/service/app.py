@@ -36,6 +36,8 @@ from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.decision import (
     DecisionParams,
     check_in_range,
+    check_review_threshold,
+    resolve_review,
     threshold_range,
     validate_threshold,
 )
@@ -130,11 +132,12 @@ def bundle_range(config: ServiceConfig, bundle: Bundle) -> tuple[float, float]:
     decision = config.decision
     bounds = threshold_range(bundle.threshold, stats.p50 if stats else None, stats.max if stats else None,
                              decision.threshold_min, decision.threshold_max)
-    if decision.threshold is not None:
-        try:
+    try:
+        if decision.threshold is not None:
             check_in_range(decision.threshold, bounds, "decision.threshold")
-        except ConfigError as err:
-            raise ConfigError(f"{config.path}: {err} with bundle {bundle.path}") from None
+        resolve_review(decision.review_threshold, bundle.review_threshold, decision.threshold or bundle.threshold)
+    except ConfigError as err:
+        raise ConfigError(f"{config.path}: {err} with bundle {bundle.path}") from None
     return bounds
 
 
@@ -236,7 +239,9 @@ class Service:
     def _decision_params(self, bundle: Bundle, threshold: float | None = None) -> DecisionParams:
         decision = self.config.decision
         value = threshold or decision.threshold or bundle.threshold
-        return DecisionParams(threshold=value, min_defect_area=decision.min_defect_area, max_boxes=decision.max_boxes)
+        return DecisionParams(threshold=value, min_defect_area=decision.min_defect_area, max_boxes=decision.max_boxes,
+                              review_threshold=resolve_review(decision.review_threshold, bundle.review_threshold,
+                                                              value))
 
     # -- supervision -------------------------------------------------------------------------------------------
 
@@ -361,6 +366,7 @@ class Service:
             "processed": stats["processed"],
             "dropped": stats["dropped"],
             "fails": stats["fails"],
+            "reviews": stats["reviews"],
             "errors": stats["errors"],
             "reconnects": camera.get("reconnects", 0),
             "disconnects": camera.get("disconnects", 0),
@@ -372,7 +378,9 @@ class Service:
             "model": {"id": model.model_id, "sha256": model.sha256, "meta_sha256": model.bundle.meta_sha256}
             if model else None,
             "threshold": self.inspector.params.threshold if self.inspector else None,
+            "review_threshold": self.inspector.params.review_threshold if self.inspector else None,
             "threshold_source": self.threshold_source,
+            "threshold_certified": self._threshold_certified(),
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
         }
@@ -398,6 +406,8 @@ class Service:
                                                             "backend": model.backend.describe()},
                 "threshold": params.threshold, "bundle_threshold": model.bundle.threshold,
                 "threshold_range": list(self.threshold_bounds), "threshold_source": self.threshold_source,
+                "threshold_certified": self._threshold_certified(),
+                "review_threshold": params.review_threshold, "bundle_review_threshold": model.bundle.review_threshold,
                 "min_defect_area": params.min_defect_area, "tiling": model.tiler.describe(),
                 "config": {"path": self.config.path, **config_to_dict(self.config)}}
 
@@ -419,15 +429,48 @@ class Service:
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise ConfigError(f"threshold: expected a finite number > 0, got {shown}")
         value = check_in_range(validate_threshold(value), self.threshold_bounds)
-        previous = inspector.params.threshold
-        inspector.set_threshold(value)
+        previous, review = inspector.params.threshold, self._review_for(request, value, inspector.params)
+        inspector.set_thresholds(value, review)
         self.threshold_source = f"control socket ({request.get('_peer') or 'unknown peer'})"
         # WARNING, not INFO: a moved threshold changes verdicts, so it must stand out in the journal.
         log.warning("threshold changed: %.6g -> %.6g by the %s (bundle %s, allowed %.6g..%.6g)", previous, value,
                     self.threshold_source, inspector.model.model_id, *self.threshold_bounds)
         if self.publisher:
             self.publisher.request_health()  # subscribers see the new threshold at once, not 5 s later
-        return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds)}
+        return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds),
+                "review_threshold": review}
+
+    def _threshold_certified(self) -> bool:
+        """True only while the bundle's own threshold is in use and it is a certified conformal one: a threshold
+        chosen on labelled images, or moved by config or the control socket, guarantees no false-reject rate."""
+        inspector = self.inspector
+        return bool(inspector is not None and self.threshold_source == "bundle"
+                    and inspector.model.bundle.meta.threshold.guarantees_false_reject_rate
+                    and inspector.params.threshold == inspector.model.bundle.threshold)
+
+    @staticmethod
+    def _review_for(request: dict[str, Any], threshold: float, params: DecisionParams) -> float | None:
+        """set_threshold and the review band: `review_threshold` in the request sets the band's pass threshold
+        too (null or "off": no band); without it the band keeps its pass threshold, and a threshold at or under
+        it is refused (the band is never dropped or moved as a side effect)."""
+        if "review_threshold" not in request:
+            current = params.review_threshold
+            if current is not None and not current < threshold:
+                raise ConfigError(f"threshold: {threshold:.6g} is at or under the review band's pass threshold "
+                                  f"{current:.6g}: send review_threshold too (a number below the threshold, or null "
+                                  "to turn the band off)")
+            return current
+        review = request["review_threshold"]
+        if review is None or review == "off":
+            return None
+        if isinstance(review, str):
+            try:
+                review = float(review)
+            except ValueError:
+                pass
+        if isinstance(review, bool) or not isinstance(review, (int, float)):
+            raise ConfigError(f"review_threshold: expected a finite number > 0 or null, got {str(review)[:40]!r}")
+        return check_review_threshold(review, threshold)
 
     def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
         """Load a bundle (default: the configured folder again) and swap it in between two frames.
@@ -511,8 +554,10 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
         tiler = checked_tiler(config, bundle)
         low, high = bundle_range(config, bundle)
         threshold = config.decision.threshold or bundle.threshold
+        review = resolve_review(config.decision.review_threshold, bundle.review_threshold, threshold)
         line += (f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g} "
-                 f"(allowed {low:.6g}..{high:.6g})")
+                 + (f"with a review band over {review:.6g} " if review is not None else "")
+                 + f"(allowed {low:.6g}..{high:.6g})")
         if bundle.signature is not None:
             line += f"; signed by key {bundle.signature.key_id}"
     if config.security.curve_secret_key:

@@ -26,8 +26,8 @@ from edge_inspector.core.tiling import MIN_MAP_SCALE
 
 Source = Annotated[Annotated[int, Meta(ge=0)] | Annotated[str, Meta(pattern=NON_BLANK)],
                    expect("a device index (integer >= 0) or a path, URL or GStreamer pipeline")]
-Verdicts = Annotated[tuple[Literal["pass", "fail", "error"], ...], Meta(min_length=1),
-                     expect("a non-empty list of pass, fail, error")]
+Verdicts = Annotated[tuple[Literal["pass", "review", "fail", "error"], ...], Meta(min_length=1),
+                     expect("a non-empty list of pass, review, fail, error")]
 
 
 def doc(text: str) -> Meta:
@@ -89,6 +89,9 @@ class DecisionConfig:
     min_defect_area: Annotated[int, Meta(ge=0), doc("fail only when a connected over-threshold region exceeds "
                                                     "this many pixels")] = 0
     max_boxes: Annotated[int, Meta(ge=0, le=1000), doc("defect boxes reported per frame (largest first)")] = 20
+    review_threshold: Annotated[Annotated[float, Meta(gt=0.0)] | Literal["off"] | None,
+                                doc("review band's pass threshold override: parts over it that do not fail get "
+                                    "the verdict review (off: no band; null: the bundle's band, if any)")] = None
     threshold_min: Annotated[Annotated[float, Meta(gt=0.0)] | None,
                              doc("lowest threshold allowed (config or set_threshold); null: the bundle's median "
                                  "good-part score")] = None
@@ -132,7 +135,8 @@ class ArchiveConfig:
     folder: Annotated[Text | None, doc("where (relative paths: to this config file); null: "
                                        "$STATE_DIRECTORY/archive/<camera id> under systemd, else archive/ beside "
                                        "the config")] = None
-    verdicts: Annotated[Verdicts, doc("which verdicts to keep")] = ("fail",)
+    verdicts: Annotated[Verdicts, doc("which verdicts to keep (review: the review band's uncertain parts)")] = (
+        "fail", "review")
     max_files: Annotated[int, Meta(ge=1), doc("frames kept; oldest removed first")] = 1000
     max_megabytes: Annotated[float, Meta(gt=0.0), doc("total size cap; oldest removed first")] = 500.0
     image_format: Annotated[Literal["png", "jpg"], doc("frame file format")] = "png"

@@ -103,7 +103,7 @@ def _iso(timestamp: float) -> str:
 
 
 def result_header(result: Result, camera_id: str, heatmap_mode: str, full_scale: float) -> dict[str, Any]:
-    """The JSON header of a result message (docs/wire-format.md, schema_version 1).
+    """The JSON header of a result message (docs/wire-format.md, schema_version 2).
 
     Threshold and min_defect_area come from the result's own decision, never from the live settings: a
     set_threshold or reload between inference and publishing cannot mix two moments in one header.
@@ -125,6 +125,7 @@ def result_header(result: Result, camera_id: str, heatmap_mode: str, full_scale:
         "score": _round(decision.score) if decision else None,
         "normalised_score": _round(decision.normalised_score) if decision else None,
         "threshold": _round(decision.threshold) if decision else None,
+        "review_threshold": _round(decision.review_threshold) if decision else None,
         "min_defect_area": result.min_defect_area,
         "tile_scores": [_round(s) for s in decision.tile_scores] if decision else [],
         "tile_boxes": [list(box) for box in result.tile_boxes],

@@ -120,7 +120,7 @@ class CameraState:
         with every part, not every `health_interval_s`)."""
         health = self.health if self.health_epoch == self.epoch else None
         after = int(health.get("last_sequence") or 0) if health else 0
-        extra = {"pass": 0, "fail": 0, "error": 0}
+        extra = {"pass": 0, "review": 0, "fail": 0, "error": 0}
         for epoch, sequence, verdict in reversed(self.verdicts):
             if epoch != self.epoch or sequence <= after:
                 break
@@ -130,6 +130,7 @@ class CameraState:
         return {
             "parts": int(health.get("processed", 0)) + sum(extra.values()),
             "fails": int(health.get("fails", 0)) + extra["fail"],
+            "reviews": int(health.get("reviews", 0)) + extra["review"],
             "errors": int(health.get("errors", 0)) + extra["error"],
             "dropped": health.get("dropped"),
             "fps": health.get("fps"),

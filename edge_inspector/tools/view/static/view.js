@@ -226,7 +226,7 @@
       const h = item.header;
       const verdict = $(this.el, ".verdict");
       verdict.textContent = String(h.verdict || "?").toUpperCase();
-      verdict.className = `verdict verdict-${["pass", "fail", "error"].includes(h.verdict) ? h.verdict : "none"}`;
+      verdict.className = `verdict verdict-${["pass", "review", "fail", "error"].includes(h.verdict) ? h.verdict : "none"}`;
       $(this.el, ".seq").textContent = `#${h.sequence} · ${partTime(h).slice(11)}`;
       const full = (h.heatmap || {}).full_scale || 2;
       const fill = $(this.el, ".score-fill");
@@ -360,7 +360,7 @@
     setCounters(c) {
       if (!c) return;
       const set = (name, text) => { $(this.el, `[data-counter="${name}"]`).textContent = text; };
-      set("parts", c.parts); set("fails", c.fails); set("errors", c.errors);
+      set("parts", c.parts); set("fails", c.fails); set("reviews", c.reviews ?? 0); set("errors", c.errors);
       set("dropped", c.dropped ?? "–"); set("fps", fmt(c.fps, 1));
       set("latency_p50", c.latency_p50 == null ? "–" : `${fmt(c.latency_p50, 0)} ms`);
       set("latency_p99", c.latency_p99 == null ? "–" : `${fmt(c.latency_p99, 0)} ms`);
