@@ -9,8 +9,9 @@ a guaranteed rate of at most 1 / (n + 1)) and say how many images certification 
 
 The out-of-sample scores come from k-fold fits (each good image scored by a model that never saw it); those
 fold models saw less data than the final one, so their scores run slightly high and the threshold errs on the
-side of fewer false rejects. They are kept in bundle.yaml (`threshold.good_scores`): the review band
-(`--review-rate`) is chosen from them by the same split-conformal argument (core.operating_point).
+side of fewer false rejects. They are kept in the bundle (`report/good_scores.json`, hashed like every
+file): the review band (`--review-rate`) is chosen from them by the same split-conformal argument
+(core.operating_point).
 
 Only this rule guarantees a false-reject rate. A threshold chosen on labelled images (`f1_optimal`,
 `escape_rate`) is recorded as `certified: false` with its rates and counts marked `in_sample`, and its note

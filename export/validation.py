@@ -74,11 +74,12 @@ def apply_review_band(bundle: Bundle, rate: float, labelled_good: np.ndarray | N
                       labelled_defects: np.ndarray | None = None) -> Bundle:
     """Record the review band for `rate` (fit --review-rate) in bundle.yaml, print what it does, reload."""
     info = bundle.meta.threshold
-    if not info.good_scores:
-        raise DataError(f"{bundle.path}: bundle.yaml records no out-of-sample good scores to choose a review band "
+    good_scores = bundle.good_scores()
+    if not good_scores:
+        raise DataError(f"{bundle.path}: the bundle records no out-of-sample good scores to choose a review band "
                         "from (fit it again with this version)")
     training = bundle.meta.training
-    info.review = review_band(np.asarray(info.good_scores), float(info.value), rate, folds=max(training.folds, 2),
+    info.review = review_band(np.asarray(good_scores), float(info.value), rate, folds=max(training.folds, 2),
                               seed=training.seed, labelled_good=labelled_good, labelled_defects=labelled_defects,
                               fail_in_sample=info.in_sample)
     if info.review is not None:

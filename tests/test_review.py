@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -135,6 +136,23 @@ def band_bundle(synthetic_dataset, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert "review band: pass at or under" in result.output
     return Bundle.load(out)
+
+
+def test_good_scores_live_in_their_own_verified_file_not_in_bundle_yaml(band_bundle):
+    """One score per training image would pass bundle.yaml's node cap on a large training set: they are a
+    listed, hashed file of their own, and an altered file is refused like any bundle file."""
+    from edge_inspector.core.bundle import BUNDLE_FILE, GOOD_SCORES_FILE
+    from edge_inspector.core.errors import BundleError
+
+    assert "good_scores:" not in (band_bundle.path / BUNDLE_FILE).read_text()
+    assert GOOD_SCORES_FILE in band_bundle.meta.files
+    scores = band_bundle.good_scores()
+    assert scores is not None and len(scores) == 24 and scores == sorted(scores)
+    copy = band_bundle.path.parent / "altered"
+    shutil.copytree(band_bundle.path, copy)
+    (copy / GOOD_SCORES_FILE).write_text("[0.0]")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        Bundle.load(copy)
 
 
 def test_fit_records_the_band_and_info_shows_it(band_bundle):

@@ -63,6 +63,7 @@ META_DIGEST_KEY = "meta_sha256"
 ENGINE_PREFIX = "engines/"
 MODEL_KINDS = ("padim", "ae", "vae", "patchcore")
 TILE_MODES = ("shared", "per_tile")
+GOOD_SCORES_FILE = "report/good_scores.json"  # the good training images' out-of-sample scores (see ThresholdInfo)
 READ_ACCESS = "the service user needs read access to the bundle folder and its files"
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,9 @@ class ThresholdInfo:
     conformal_certified: bool | None = None
     # The out-of-sample scores of the good training images (k-fold, ascending) the threshold was set from: the
     # evidence a review band or any later threshold is judged on (an auditor can recompute every rate from it).
+    # In memory only between a fit and write_meta, which moves them to GOOD_SCORES_FILE (one score per training
+    # image: 10,000 images would pass bundle.yaml's node cap, and the device never needs them); read them with
+    # Bundle.good_scores(). An older bundle.yaml that holds them inline still loads.
     good_scores: list[Real] | None = None
     review: ReviewBand | None = None  # the review band's pass threshold and its rates (None: pass/fail only)
 
@@ -226,8 +230,10 @@ class BundleMeta:
     meta_sha256: str = ""  # sha256 of the canonical JSON of everything above (set by write_meta)
 
     def to_dict(self) -> dict[str, Any]:
+        """bundle.yaml's content: the good scores live in their own file (GOOD_SCORES_FILE), not here."""
         data = dataclasses.asdict(self)
         data["input_size"] = list(self.input_size)
+        data["threshold"].pop("good_scores", None)
         return data
 
     @classmethod
@@ -490,6 +496,23 @@ class Bundle:
         with _folder(self.path) as folder_fd:
             return self._read_checked(folder_fd, rel, keep=True)
 
+    def good_scores(self) -> list[float] | None:
+        """The good training images' out-of-sample scores (GOOD_SCORES_FILE, verified), None when the bundle
+        has none (fitted before they were kept)."""
+        if self.meta.threshold.good_scores is not None:  # an older bundle.yaml holding them inline
+            return [float(v) for v in self.meta.threshold.good_scores]
+        if GOOD_SCORES_FILE not in self.meta.files:
+            return None
+        where = self.path / GOOD_SCORES_FILE
+        try:
+            scores = json.loads(self.read_verified(GOOD_SCORES_FILE))
+        except ValueError:
+            raise BundleError(f"{where}: not a JSON list of numbers") from None
+        if not isinstance(scores, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in scores):
+            raise BundleError(f"{where}: not a JSON list of numbers")
+        return [float(v) for v in scores]
+
     def release(self) -> None:
         """Drop bytes kept from load() that no backend took (e.g. a TensorRT start that used an engine)."""
         self._verified.clear()
@@ -589,7 +612,13 @@ def _check_digest(data: dict[str, Any], where: Path) -> None:
 
 
 def write_meta(folder: Path, meta: BundleMeta) -> None:
-    """Write bundle.yaml atomically (a reader never sees half a file), with its metadata digest."""
+    """Write bundle.yaml atomically (a reader never sees half a file), with its metadata digest; good scores
+    held in memory go to GOOD_SCORES_FILE first, which is listed and hashed like every bundle file."""
+    if meta.threshold.good_scores is not None:
+        text = json.dumps([float(v) for v in meta.threshold.good_scores])
+        write_atomic(folder / GOOD_SCORES_FILE, text)
+        meta.files[GOOD_SCORES_FILE] = hashlib.sha256(text.encode()).hexdigest()
+        meta.threshold.good_scores = None
     meta.meta_sha256 = meta_digest(meta.to_dict())
     write_atomic(folder / BUNDLE_FILE, yaml.safe_dump(meta.to_dict(), sort_keys=False))
 
