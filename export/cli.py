@@ -1,4 +1,4 @@
-"""`edge-export`: the workstation command line (fit, train, tensorrt).
+"""`edge-export`: the workstation command line (fit, train, tensorrt, keygen, sign).
 
 User errors (`InspectorError`) print one line and exit 2, like the device CLI.
 """
@@ -22,10 +22,11 @@ def main(verbose: bool) -> None:
 def _register() -> None:
     from export.commands.demo import demo_command
     from export.commands.fit import fit_command
+    from export.commands.sign import keygen_command, sign_command
     from export.commands.tensorrt import tensorrt_command
     from export.commands.train import train_command
 
-    for command in (fit_command, train_command, tensorrt_command, demo_command):
+    for command in (fit_command, train_command, tensorrt_command, demo_command, keygen_command, sign_command):
         main.add_command(command)
 
 

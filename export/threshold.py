@@ -9,7 +9,13 @@ a guaranteed rate of at most 1 / (n + 1)) and say how many images certification 
 
 The out-of-sample scores come from k-fold fits (each good image scored by a model that never saw it); those
 fold models saw less data than the final one, so their scores run slightly high and the threshold errs on the
-side of fewer false rejects.
+side of fewer false rejects. They are kept in the bundle (`report/good_scores.json`, hashed like every
+file): the review band (`--review-rate`) is chosen from them by the same split-conformal argument
+(core.operating_point).
+
+Only this rule guarantees a false-reject rate. A threshold chosen on labelled images (`f1_optimal`,
+`escape_rate`) is recorded as `certified: false` with its rates and counts marked `in_sample`, and its note
+says so (`record_rates`).
 """
 
 from __future__ import annotations
@@ -20,14 +26,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_inspector.core.bundle import ScoreStats, ThresholdInfo
+from edge_inspector.core.bundle import ReviewBand, ScoreStats, ThresholdInfo
 
 # The operating point lives with the contract (the device's replay prints it too); re-exported for callers here.
 from edge_inspector.core.operating_point import (  # noqa: F401
     LOUD_ESCAPE_RATE,
     TRADEOFF_FALSE_REJECT_RATES,
     OperatingPoint,
+    band_outcome,
+    band_pass_threshold,
+    best_for_escape,
+    cross_validated_band,
     format_tradeoff,
+    highest_threshold_for_escape,
     operating_point,
     rate_above,
     threshold_for_escape,
@@ -75,7 +86,108 @@ def conformal_threshold(good_scores: np.ndarray, alpha: float) -> ThresholdInfo:
     # A strictly-greater-than rule must not reject the worst good part seen; nudge up by one float step.
     value = float(np.nextafter(np.float32(value), np.float32(np.inf)))
     return ThresholdInfo(value=value, rule="conformal_false_reject_rate", target_false_reject_rate=alpha,
-                         certified=certified, images_needed=needed, conformal_value=value, note=note)
+                         certified=certified, images_needed=needed, conformal_value=value, note=note,
+                         conformal_certified=certified, good_scores=[float(v) for v in scores])
+
+
+CONFORMAL_RULE = "conformal_false_reject_rate"
+# Rules that choose the threshold on labelled images: the rates they report are measured on the images they were
+# chosen on (in-sample), and no false-reject rate is guaranteed for new parts.
+LABELLED_RULES = ("f1_optimal", "escape_rate")
+
+
+def record_rates(info: ThresholdInfo, point: OperatingPoint) -> ThresholdInfo:
+    """Record what the decision threshold does on labelled images (rates and the counts behind them) and make
+    `certified`, `in_sample` and the note say what they rest on: a threshold chosen on these images
+    (LABELLED_RULES) is certified for nothing and its rates are in-sample."""
+    info.validation_false_reject_rate = point.false_reject_rate
+    info.validation_escape_rate = point.escape_rate
+    info.validation_good_count, info.validation_false_rejects = point.good_count, point.false_rejects
+    info.validation_defect_count, info.validation_escapes = point.defect_count, point.escapes
+    if info.rule in LABELLED_RULES:
+        info.in_sample = True
+        info.certified = False
+        info.note = labelled_rule_note(info)
+    else:
+        info.in_sample = False
+        base = info.note.split(HELD_OUT_MARK)[0]  # measured again (a second calibration) replaces, not repeats
+        info.note = (f"{base}{HELD_OUT_MARK}{point.good_count} good and {point.defect_count} defective labelled "
+                     f"images not used to choose it: rejects {counted(point.false_rejects, point.good_count)} "
+                     f"good, passes {counted(point.escapes, point.defect_count)} defects")
+    return info
+
+
+HELD_OUT_MARK = "; measured on "
+
+
+def counted(part: int, whole: int) -> str:
+    """'3 of 26 (11.5%)': a rate with the counts it comes from."""
+    return f"{part} of {whole} ({100.0 * part / whole:.1f}%)" if whole else f"{part} of 0"
+
+
+def labelled_rule_note(info: ThresholdInfo) -> str:
+    """The note of a threshold chosen on labelled images: the rule, plainly no guarantee, the in-sample rates."""
+    if info.rule == "escape_rate":
+        rule = (f"escape-rate rule: the threshold letting at most {info.target_escape_rate:g} of the labelled "
+                "defects pass with the fewest false rejects, then the fewest escapes")
+    else:
+        rule = "F1-optimal threshold on the labelled images"
+    unused = ""
+    if info.conformal_value is not None and info.target_false_reject_rate is not None:
+        unused = (f" (the conformal threshold {info.conformal_value:.6g} for a {info.target_false_reject_rate:g} "
+                  f"false-reject rate is {'' if info.conformal_certified else 'not certified and '}not used)")
+    parts = [f"{rule}; chosen on labelled images, so NO false-reject rate is guaranteed for new parts{unused}"]
+    if info.validation_good_count is not None and info.validation_defect_count is not None:
+        parts.append(f"in-sample, on the same images it was chosen on: rejects "
+                     f"{counted(info.validation_false_rejects or 0, info.validation_good_count)} good and passes "
+                     f"{counted(info.validation_escapes or 0, info.validation_defect_count)} defects; new parts "
+                     "will do worse")
+    else:
+        parts.append("its rates were not measured")
+    return "; ".join(parts)
+
+
+def review_band(good_scores: np.ndarray, fail_threshold: float, rate: float, folds: int = 5, seed: int = 0,
+                labelled_good: np.ndarray | None = None, labelled_defects: np.ndarray | None = None,
+                fail_in_sample: bool = False) -> ReviewBand | None:
+    """The review band for a target review rate of good parts, from out-of-sample good scores (the fit's k-fold
+    scores, plus labelled good images scored by the final model, which never trained on them), with its
+    cross-validated rate and, given labelled defects, what it does to them. None when these scores cannot
+    support a band at this rate (the fit says how many good images it needs).
+
+    Measured on fryum (patchcore defaults, 450 training + 26 dev good, 49 dev defects, 2-core VM): at 5% the band
+    passes at or under 8.602 below the threshold 9.805; cross-validated 23 of 476 good parts (4.8%) to review;
+    of the dev defects 10 of 49 (20.4%) are auto-passed (42.9% pass without the band), 11 go to review. At 10%:
+    8.380, 47 of 476 (9.9%), 8 of 49 defects auto-passed. The 26 dev good parts sent 0 and 1 to review: the
+    k-fold models saw less data, so their scores run high and the band errs towards fewer reviews.
+    """
+    extra = np.asarray([] if labelled_good is None else labelled_good, dtype=np.float64)
+    pooled = np.concatenate([np.asarray(good_scores, dtype=np.float64).reshape(-1), extra])
+    choice = band_pass_threshold(pooled, fail_threshold, rate)
+    if choice.pass_threshold is None:
+        log.warning("no review band: %d out-of-sample good scores cannot send at most %g of good parts to review "
+                    "(needs >= %d)", choice.good_count, rate, choice.images_needed)
+        return None
+    cv_count, _ = cross_validated_band(pooled, fail_threshold, rate, fold_ids(pooled.size, folds, seed))
+    band = ReviewBand(value=choice.pass_threshold, target_rate=float(rate), good_count=choice.good_count,
+                      good_in_band=choice.in_band, cross_validated_in_band=cv_count,
+                      cross_validated_rate=cv_count / choice.good_count, guaranteed=choice.guaranteed)
+    note = (f"review band: pass at or under {band.value:.6g}, review up to the threshold {fail_threshold:.6g}; at "
+            f"most {rate:g} of new good parts go to review (split-conformal on {choice.good_count} out-of-sample "
+            f"good scores); cross-validated ({folds} folds, each band chosen without the parts it judges): "
+            f"{counted(cv_count, choice.good_count)} good parts to review")
+    if labelled_defects is not None and labelled_good is not None:
+        outcome = band_outcome(labelled_good, labelled_defects, band.value, fail_threshold)
+        band.labelled_defect_count, band.defects_auto_passed = outcome.defect_count, outcome.defects_passed
+        band.defects_in_band = outcome.defects_review
+        band.labelled_good_count, band.labelled_good_in_band = outcome.good_count, outcome.good_review
+        band.labelled_good_failed = outcome.good_failed
+        note += (f"; on the labelled images: {counted(outcome.defects_passed, outcome.defect_count)} defects "
+                 f"auto-passed, {counted(outcome.defects_review, outcome.defect_count)} to review, "
+                 f"{counted(outcome.good_failed, outcome.good_count)} good parts auto-failed"
+                 + (" (the fail threshold was chosen on these images: in-sample)" if fail_in_sample else ""))
+    band.note = note
+    return band
 
 
 def score_stats(scores: np.ndarray) -> ScoreStats:
@@ -85,13 +197,18 @@ def score_stats(scores: np.ndarray) -> ScoreStats:
                       p99=float(np.percentile(s, 99)))
 
 
-def apply_f1_rule(info: ThresholdInfo, f1_value: float, use_f1: bool) -> ThresholdInfo:
-    """Record the F1-optimal threshold (from labelled defects) and make it the decision value if asked."""
+def apply_f1_rule(info: ThresholdInfo, f1_value: float, use_f1: bool, good: np.ndarray | None = None,
+                  defects: np.ndarray | None = None) -> ThresholdInfo:
+    """Record the F1-optimal threshold (from labelled defects) and make it the decision value if asked; then
+    the bundle is certified for nothing, and with the scores it was chosen on its in-sample rates are recorded."""
     info.f1_optimal_value = float(f1_value)
     if use_f1:
         info.value = float(f1_value)
         info.rule = "f1_optimal"
-        info.note += "; decision uses the F1-optimal threshold on the labelled validation images instead"
+        info.certified = False
+        if good is not None and defects is not None:
+            return record_rates(info, operating_point(good, defects, info.value))
+        info.note = labelled_rule_note(info)
     return info
 
 

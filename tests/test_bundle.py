@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, meta_digest, write_meta
+from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, finalize_bundle, meta_digest, write_meta
 from edge_inspector.core.errors import BundleError
 from service_helpers import (
     copy_world_readable,
@@ -110,7 +112,7 @@ def test_a_symlink_out_of_the_bundle_is_refused(copy, tmp_path):
     bundle = Bundle.load(copy, verify=False)
     bundle.meta.files["notes.txt"] = "0" * 64
     write_meta(copy, bundle.meta)
-    with pytest.raises(BundleError, match="link out of the bundle"):
+    with pytest.raises(BundleError, match="symbolic link or not a regular file"):
         Bundle.load(copy)
 
 
@@ -128,3 +130,141 @@ def test_an_unreadable_bundle_is_a_one_line_error_for_the_service_user(bundle):
         assert "bundle.yaml: cannot read (Permission denied" in done.stderr
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- every bundle file is a plain file, read once, within bounds (issue 29, attacks 1, 3, 6) ---------------
+
+
+SECRET = "root:$6$not-a-real-hash:20228:0:99999:7:::"
+
+
+def test_a_bundle_yaml_linked_to_another_file_is_refused_without_echoing_it(copy, tmp_path):
+    """Attack 3: bundle.yaml symlinked to /etc/shadow echoed the file in the error reply."""
+    secret = tmp_path / "shadow"
+    secret.write_text(SECRET + "\n")
+    (copy / BUNDLE_FILE).unlink()
+    os.symlink(secret, copy / BUNDLE_FILE)
+    with pytest.raises(BundleError) as refused:
+        Bundle.load(copy)
+    assert "symbolic link" in str(refused.value) and "root" not in str(refused.value)
+    (copy / BUNDLE_FILE).unlink()
+    os.link(secret, copy / BUNDLE_FILE)  # a hard link: the same content without a symlink
+    with pytest.raises(BundleError, match="2 hard links") as refused:
+        Bundle.load(copy)
+    assert "root" not in str(refused.value) and len(str(refused.value).splitlines()) == 1
+
+
+def test_a_symlinked_model_or_folder_inside_the_bundle_is_refused(copy, tmp_path):
+    genuine = tmp_path / "genuine.onnx"
+    shutil.move(copy / "model.onnx", genuine)
+    os.symlink(genuine, copy / "model.onnx")  # even a link to the right bytes: what is checked must be what runs
+    with pytest.raises(BundleError, match="model.onnx: a symbolic link or not a regular file"):
+        Bundle.load(copy)
+    (copy / "model.onnx").unlink()
+    shutil.move(genuine, copy / "model.onnx")
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "x.engine").write_bytes(b"engine")
+    os.symlink(engines, copy / "engines")
+    bundle = Bundle.load(copy, verify=False)
+    bundle.meta.files["engines/x.engine"] = Bundle.load(copy, verify=False).meta.files["model.onnx"]
+    write_meta(copy, bundle.meta)
+    with pytest.raises(BundleError, match="engines/x.engine: a symbolic link or not a regular file"):
+        Bundle.load(copy)
+
+
+def test_a_fifo_in_place_of_the_model_is_refused_at_once(copy):
+    (copy / "model.onnx").unlink()
+    os.mkfifo(copy / "model.onnx")  # no writer: a plain open() would block forever
+    with pytest.raises(BundleError, match="model.onnx: not a regular file"):
+        Bundle.load(copy)
+
+
+def test_the_model_bytes_verified_at_load_are_the_bytes_handed_to_the_backend(copy):
+    bundle = Bundle.load(copy)
+    genuine = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(b"\0" * len(genuine))  # swapped after the check
+    assert bundle.read_verified("model.onnx") == genuine  # the bytes hashed at load, not re-read
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        bundle.read_verified("model.onnx")  # handed out once; a second read is hashed again
+
+
+def billion_laughs() -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 9):
+        lines.append(f"{chr(97 + i)}: &{chr(97 + i)} [{','.join(['*' + chr(96 + i)] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_oversized_and_deep_documents_are_refused_in_one_line(copy):
+    (copy / BUNDLE_FILE).write_text(billion_laughs())
+    with pytest.raises(BundleError, match=r"bundle.yaml: YAML aliases and anchors are not accepted at line 1"):
+        Bundle.load(copy)
+    (copy / BUNDLE_FILE).write_bytes(b"k: " + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(BundleError, match=r"bundle.yaml: larger than 1024 KiB \(1048580 bytes; refused unread\)"):
+        Bundle.load(copy)
+    (copy / BUNDLE_FILE).write_text("a: " + "[" * 40 + "]" * 40 + "\n")
+    with pytest.raises(BundleError, match="nested deeper than 32 levels"):
+        Bundle.load(copy)
+
+
+@pytest.mark.parametrize("item", ["0", "{k: 0}", "'" + "x" * 4000 + "'"])
+def test_a_cap_sized_bundle_yaml_is_refused_or_parsed_in_one_short_line(copy, item):
+    """The largest documents the byte cap lets in (timing: benchmarks/hardening_bench.py). A value is shown
+    cut to 60 characters, and only from a plain file of the bundle's own (links are refused above), so an
+    error never shows what the sender could not already read."""
+    from edge_inspector.core.schema import MAX_YAML_BYTES
+
+    head, tail = "files: [", "]\n"
+    count = (MAX_YAML_BYTES - len(head) - len(tail)) // (len(item) + 1)
+    text = head + ",".join([item] * count) + tail
+    assert len(text.encode()) <= MAX_YAML_BYTES
+    (copy / BUNDLE_FILE).write_text(text)
+    with pytest.raises(BundleError) as refused:
+        Bundle.load(copy)
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and len(message) < 300
+    assert "more than 10000 YAML nodes" in message or "files: expected a mapping" in message
+
+
+def test_service_configs_are_read_within_the_same_bounds(tmp_path):
+    from edge_inspector.core.errors import ConfigError
+    from edge_inspector.service.config import load_config
+
+    config = tmp_path / "line.yaml"
+    config.write_text(billion_laughs())
+    with pytest.raises(ConfigError, match=r"line.yaml: YAML aliases and anchors are not accepted at line 1"):
+        load_config(config)
+    config.unlink()
+    os.mkfifo(config)  # no writer: opening it must neither block nor read
+    with pytest.raises(ConfigError, match=r"line.yaml: not a regular file \(refused\)"):
+        load_config(config)
+    config.unlink()
+    config.write_bytes(b"model:\n  bundle: " + b"b" * (1 << 20) + b"\n")
+    with pytest.raises(ConfigError, match=r"line.yaml: larger than 1024 KiB"):
+        load_config(config)
+
+
+def test_a_graph_with_external_data_runs_from_a_private_verified_copy(copy, bundle, tmp_path, monkeypatch):
+    """ONNX Runtime cannot take external weights with the graph's bytes: the two files are copied, verified,
+    into a 0700 folder of the service's own, loaded from there, and the folder is removed."""
+    import onnx
+
+    from edge_inspector.backends.onnxruntime import OnnxRuntimeBackend
+
+    model = onnx.load(str(copy / "model.onnx"))
+    onnx.save_model(model, str(copy / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    external = finalize_bundle(copy, Bundle.load(copy, verify=False).meta)
+    assert "model.onnx.data" in external.meta.files
+    private = tmp_path / "private"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))  # where mkdtemp puts the private copy
+    images = np.random.default_rng(0).integers(0, 255, (1, *bundle.input_size, 3), dtype=np.uint8)
+    scores = OnnxRuntimeBackend(external).infer(images).scores
+    reference = OnnxRuntimeBackend(Bundle.load(bundle.path)).infer(images).scores
+    assert np.allclose(scores, reference, rtol=1e-6) and list(private.iterdir()) == []
+    (copy / "model.onnx.data").write_bytes(b"\0" * (copy / "model.onnx.data").stat().st_size)
+    with pytest.raises(BundleError, match="model.onnx.data: sha256 mismatch"):
+        OnnxRuntimeBackend(Bundle.load(copy, verify=False))
+    assert list(private.iterdir()) == []

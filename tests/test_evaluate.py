@@ -422,3 +422,37 @@ def test_discover_mvtec_bottle():
     assert sum(i.label == 0 for i in items) == 20
     assert all(i.mask_path.is_file() for i in items if i.mask_path is not None)
     assert all(isinstance(i, LabeledImage) for i in items)
+
+
+# ---------------------------------------------------------------- the review band in replay's metrics
+
+def test_review_report_counts_by_hand():
+    """pass <= 2.0 < review <= 4.0 < fail: escapes among the auto-passed, false rejects among the auto-failed."""
+    scores = np.array([1.0, 1.5, 3.0, 4.5, 5.0, 1.8, 2.5, 3.5, 6.0, 7.0])
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    report = evaluate(scores, labels, threshold=4.0, review_threshold=2.0)
+    r = report.review
+    assert r is not None and (r.auto_passed, r.escapes_among_auto_passed) == (3, 1)  # 1.0, 1.5 good; 1.8 defect
+    assert (r.auto_failed, r.false_rejects_among_auto_failed) == (4, 2)  # 4.5, 5.0 good; 6.0, 7.0 defects
+    assert r.review == 3 and r.review_rate == pytest.approx(0.3)
+    assert r.good_review_rate == pytest.approx(0.2) and r.defects_review_rate == pytest.approx(0.4)
+    assert r.escape_rate_among_auto_passed == pytest.approx(1 / 3)
+    assert r.false_reject_rate_among_auto_failed == pytest.approx(0.5)
+    assert report.to_dict()["review"]["escapes_among_auto_passed"] == 1
+    assert "review band (pass at or under 2" in report.format_table()
+    assert evaluate(scores, labels, threshold=4.0).review is None and "review band" not in \
+        evaluate(scores, labels, threshold=4.0).format_table()
+
+
+def test_operating_point_counts_agree_with_the_confusion_replay_reports():
+    from edge_inspector.core.operating_point import operating_point
+
+    rng = np.random.default_rng(12)
+    scores = np.round(rng.normal(size=80), 1)
+    labels = (rng.random(80) < 0.4).astype(int)
+    for t in (-0.5, 0.0, 0.3, 1.1):
+        c = confusion_at(scores, labels, t)
+        p = operating_point(scores[labels == 0], scores[labels == 1], t)
+        assert (p.false_rejects, p.good_count, p.escapes, p.defect_count) == (c.fp, c.fp + c.tn, c.fn, c.fn + c.tp)
+        assert p.false_reject_rate == pytest.approx(c.false_reject_rate)
+        assert p.escape_rate == pytest.approx(c.escape_rate)

@@ -11,7 +11,9 @@ from click.testing import CliRunner
 
 from edge_inspector.core.bundle import Bundle
 from export.threshold import (
+    best_for_escape,
     format_tradeoff,
+    highest_threshold_for_escape,
     operating_point,
     threshold_for_escape,
     threshold_for_false_reject,
@@ -34,12 +36,51 @@ def test_threshold_for_false_reject_rate():
     assert threshold_for_false_reject(GOOD, 0.05) == 10.0  # half a part rounds down to none
 
 
-def test_threshold_for_target_escape_keeps_to_it_and_is_the_highest_that_does():
+def test_highest_threshold_for_target_escape_keeps_to_it_and_is_the_highest_that_does():
     for rate in (0.0, 0.125, 0.3, 0.5):
-        t = threshold_for_escape(DEFECTS, rate)
+        t = highest_threshold_for_escape(DEFECTS, rate)
+        assert threshold_for_escape(DEFECTS, rate) == t  # without good scores: the highest one
         assert operating_point(GOOD, DEFECTS, t).escape_rate <= rate + 1e-12
         above = np.nextafter(t, np.inf)
         assert operating_point(GOOD, DEFECTS, above).escape_rate > rate  # one step higher breaks it
+
+
+def test_escape_rule_takes_fewer_escapes_at_the_same_false_rejects():
+    """The fryum case in miniature: the highest threshold meeting 20% escapes passes a defect that a lower one
+    at the same false-reject count fails."""
+    good = np.array([1.0, 2.0, 3.0, 4.0, 8.2, 9.0])
+    defects = np.array([8.3, 8.4, 9.5, 10.0, 11.0])  # 20% of 5: one may pass; the highest limit is just under 8.4
+    highest = operating_point(good, defects, highest_threshold_for_escape(defects, 0.2))
+    best = best_for_escape(good, defects, 0.2)
+    assert (highest.false_rejects, highest.escapes) == (1, 1)  # 9.0 rejected, 8.3 passes
+    assert (best.false_rejects, best.escapes) == (1, 0)  # the same false reject, no escape
+    assert 8.2 < best.threshold < 8.3  # midway in the gap above the good score 8.2
+    assert threshold_for_escape(defects, 0.2, good) == best.threshold
+    assert (best.good_count, best.defect_count) == (6, 5)
+
+
+def test_escape_rule_is_the_best_trade_among_every_threshold_meeting_the_target():
+    """Brute force: over every threshold that keeps to the target, none has fewer false rejects, and none
+    with as few has fewer escapes."""
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        good = np.round(rng.normal(5.0, 1.0, 30), 1)  # ties on purpose
+        defects = np.round(rng.normal(6.0, 1.5, 25), 1)
+        rate = float(rng.choice([0.0, 0.05, 0.1, 0.2, 0.4]))
+        best = best_for_escape(good, defects, rate)
+        assert best.escape_rate <= rate + 1e-12 and best.threshold > 0
+        values = np.unique(np.concatenate([good, defects]))
+        candidates = np.concatenate([values, (values[:-1] + values[1:]) / 2, values - 1e-6])
+        feasible = [operating_point(good, defects, t) for t in candidates if t > 0]
+        feasible = [p for p in feasible if p.escape_rate <= rate + 1e-12]
+        fewest = min(p.false_rejects for p in feasible)
+        assert best.false_rejects == fewest, trial
+        assert best.escapes == min(p.escapes for p in feasible if p.false_rejects == fewest), trial
+
+
+def test_escape_rule_with_every_good_part_above_the_limit_passes_the_fewest_defects():
+    best = best_for_escape(np.array([20.0, 21.0]), np.array([5.0, 6.0, 7.0, 8.0]), 0.25)
+    assert (best.false_rejects, best.escapes) == (2, 0) and best.threshold < 5.0
 
 
 def test_tradeoff_table_runs_from_no_false_rejects_to_more_and_escapes_fall():
@@ -82,6 +123,9 @@ def test_fit_validation_records_escape_rate_and_curve_and_target_escape_rule(sma
     t = calibrated.meta.threshold
     assert t.rule == "escape_rate" and t.target_escape_rate == 0.25
     assert t.validation_escape_rate <= 0.25
+    assert not t.certified and t.in_sample and "P(false reject)" not in t.note and "in-sample" in t.note
+    assert t.validation_escapes == round(t.validation_escape_rate * t.validation_defect_count)
+    assert t.validation_false_rejects == round(t.validation_false_reject_rate * t.validation_good_count)
 
 
 @click.command()
@@ -146,3 +190,71 @@ def test_replay_report_prints_the_tradeoff_and_calls_out_a_threshold_that_lets_m
     assert report.to_dict()["tradeoff"][2]["false_reject_rate"] == pytest.approx(0.01)
     calm = evaluate(scores, labels, threshold=1.9).format_table()
     assert "WARNING" not in calm
+
+
+GUARANTEE_WORDS = ("certified", "P(false reject)", "guarantee")
+
+
+def _info_text(bundle_dir) -> tuple[str, dict]:
+    import json
+
+    from edge_inspector.cli import main as inspector
+
+    text = CliRunner().invoke(inspector, ["info", "--no-verify", str(bundle_dir)])
+    facts = CliRunner().invoke(inspector, ["info", "--json", "--no-verify", str(bundle_dir)])
+    assert text.exit_code == 0 and facts.exit_code == 0, text.output + facts.output
+    return text.output, json.loads(facts.output)
+
+
+@pytest.mark.parametrize("rule", ["frr", "f1", "escape"])
+def test_each_rule_fits_a_bundle_whose_info_claims_only_what_the_rule_gives(rule, synthetic_dataset, tmp_path):
+    """Through the real `fit` and `info` CLIs: only the conformal rule's bundle says `certified` and states a
+    false-reject bound; f1/escape bundles say no rate is guaranteed and call their rates in-sample, with counts."""
+    from export.cli import main
+
+    out = tmp_path / rule
+    extra = {"frr": [], "f1": ["--threshold-rule", "f1"], "escape": ["--threshold-rule", "escape",
+                                                                     "--target-escape", "0.2"]}[rule]
+    result = CliRunner().invoke(main, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
+                                       "--model", "padim", "--input-size", "64", "--feature-dim", "20",
+                                       "--folds", "2", "--target-frr", "0.1", "--validation",
+                                       str(synthetic_dataset), *extra])
+    assert result.exit_code == 0, result.output
+    t = Bundle.load(out).meta.threshold
+    text, facts = _info_text(out)
+    threshold_text = text[text.index("threshold   "):text.index("good scores")]
+    summary = next(line for line in result.output.splitlines() if line.startswith("threshold "))
+    v = facts["threshold"]["validation"]
+    assert v["good"] == 6 and v["defects"] == 12  # the synthetic test half: 6 good, 3 defect types x 4
+    if rule == "frr":
+        assert t.certified and not t.in_sample and facts["threshold"]["certified"]
+        assert "certified" in threshold_text and "P(false reject) <= 0.1" in t.note and "P(false reject)" in summary
+        assert "not used to choose it" in threshold_text and not v["in_sample"]
+    else:
+        assert not t.certified and t.in_sample and not facts["threshold"]["certified"] and v["in_sample"]
+        for words in (threshold_text, t.note, summary):
+            assert "P(false reject)" not in words and " certified" not in words.replace("not certified", "")
+        assert "no false-reject rate is guaranteed" in threshold_text and "in-sample" in threshold_text
+        assert "NO false-reject rate is guaranteed" in summary and "in-sample" in summary
+        assert f"{t.validation_false_rejects} of 6" in threshold_text and f"{t.validation_escapes} of 12" in text
+        assert "in-sample: the threshold was chosen on these images" in result.output
+    if rule == "escape":
+        assert t.validation_escape_rate <= 0.2
+
+
+def test_info_never_repeats_the_certified_flag_of_an_old_escape_rule_bundle(small_padim_bundle, tmp_path):
+    """A bundle written before this fix says `certified: true` beside an escape-rate threshold: `info` judges by
+    the rule, not the flag."""
+    from edge_inspector.core.bundle import write_meta
+
+    bundle_dir = tmp_path / "old"
+    shutil.copytree(small_padim_bundle.path, bundle_dir)
+    bundle = Bundle.load(bundle_dir)
+    t = bundle.meta.threshold
+    t.rule, t.certified, t.target_escape_rate = "escape_rate", True, 0.1
+    t.validation_escape_rate, t.validation_false_reject_rate = 0.08, 0.115
+    write_meta(bundle_dir, bundle.meta)
+    text, facts = _info_text(bundle_dir)
+    line = text[text.index("threshold   "):text.index("good scores")]
+    assert facts["threshold"]["certified"] is False and facts["threshold"]["validation"]["in_sample"]
+    assert "no false-reject rate is guaranteed" in line and "in-sample" in line and "11.5%" in line

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -154,6 +157,7 @@ def test_page_events_pictures_and_counters(bundle, tmp_path):
         camera = next(c for c in state["cameras"] if c["camera_id"] == "line9")
         kept = camera["fails"][-1]
         code, headers_png, png = get(view.url, kept["image"])
+        frame_reply = get(view.url, kept["frame"])
 
     assert status == 200 and headers["Content-Type"].startswith("text/html") and b"/static/view.js" in page
     assert script[0] == 200 and "javascript" in script[1]["Content-Type"] and b"EventSource" in script[2]
@@ -181,6 +185,43 @@ def test_page_events_pictures_and_counters(bundle, tmp_path):
     inside = heat[int(box["y"] * k):int((box["y"] + box["height"]) * k) + 1,
                   int(box["x"] * k):int((box["x"] + box["width"]) * k) + 1]
     assert inside.max() > 127  # over the threshold (127.5 at full_scale 2) where the defect box is
+    # ... and the judged frame itself (the service's frame message, asked for by the view's subscription):
+    # every result the browsers were told about came with it, the first one included.
+    assert frame_reply[0] == 200 and frame_reply[1]["Content-Type"] == "image/jpeg"
+    frame = cv2.imdecode(np.frombuffer(frame_reply[2], np.uint8), cv2.IMREAD_COLOR)
+    assert frame.shape == (PART, PART * LANES, 3)
+    assert all(item["frame"] for item in stream.results())
+
+
+def test_frames_are_sent_only_while_someone_asks_for_them(bundle, tmp_path):
+    """The service's side of the live view's picture: `frame.<camera>` messages go out only while a
+    subscriber holds that topic, right after their result, and stop when it leaves."""
+    from edge_inspector.tools.subscriber import Subscriber
+
+    service = LiveService(bundle, tmp_path).start()
+    try:
+        with Subscriber(service.endpoint, ("inspection.",)) as results:
+            wait_for(lambda: results.receive(5) is not None, 30, "results")
+            publisher = service.service.publisher
+            nobody_asked = set(publisher.frame_subscriptions)
+            with Subscriber(service.endpoint, ("inspection.", "frame.")) as view:
+                messages = []
+                wait_for(lambda: messages.append(view.receive(5)) or
+                         sum(1 for m in messages if m and m.header.get("type") == "frame") >= 3, 30, "frames")
+                asked = set(publisher.frame_subscriptions)
+            wait_for(lambda: not publisher.frame_subscriptions, 15, "the frame subscription to end")
+            plain = [results.receive(5) for _ in range(5)]
+    finally:
+        service.stop()
+    assert nobody_asked == set() and asked == {b"frame."}
+    messages = [m for m in messages if m is not None]
+    first = next(i for i, m in enumerate(messages) if m.is_result)  # joined between a result and its frame?
+    frames = [m for m in messages[first:] if m.header.get("type") == "frame"]
+    judged = {m.header["sequence"] for m in messages if m.is_result}
+    assert frames and all(f.header["sequence"] in judged for f in frames)  # each frame follows its own result
+    image = cv2.imdecode(np.frombuffer(frames[0].heatmap, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (frames[0].header["height"], frames[0].header["width"], 3) == (PART, PART * LANES, 3)
+    assert all(m is not None and m.is_result for m in plain)  # a results subscriber never sees a frame
 
 
 def test_threshold_and_reload_through_the_view(bundle, tmp_path):
@@ -243,7 +284,7 @@ def test_stalled_browser_costs_only_itself(bundle, tmp_path):
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect((host, port))
-        stalled.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads a byte
+        stalled.sendall(f"GET /events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())  # and never reads
         healthy = EventStream(view.url)
         try:
             wait_for(lambda: len(view.hub.stats()["clients"]) == 2, 10, "both browsers attached")
@@ -342,3 +383,263 @@ def test_cli_errors_are_one_line(tmp_path):
                               capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=60)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().startswith(expected) and len(done.stderr.strip().splitlines()) == 1
+
+
+# -- the locked door (issue 29, attacks 10-13): real HTTP on loopback sockets against a running view --------
+
+NOBODY = "tcp://127.0.0.1:9"  # nothing listens there: the view runs, waiting for its first message
+
+
+def raw(url: str, data: bytes, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
+    """A socket from `source` (any 127/8 address is a different client on Linux's loopback) that sent `data`."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout, source_address=(source, 0))
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def read_reply(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and whatever body came before the server closed or went quiet (reads no more than that)."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/1.1 "):
+        return 0, {}, data
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    length = int(headers.get("Content-Length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def ask(url: str, request: str, body: bytes = b"", source: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    with raw(url, request.encode() + body, source) as sock:
+        return read_reply(sock)
+
+
+def own_host(view: ViewServer) -> str:
+    return urlsplit(view.url).netloc
+
+
+def test_dns_rebinding_is_refused_and_the_own_origin_still_works(bundle, tmp_path):
+    """Attack 10: a page on evil.example whose DNS name points at the view. Host and Origin are the
+    attacker's; the view must answer neither the threshold nor the config (it moved 20 -> 23 before)."""
+    service = LiveService(bundle, tmp_path)
+    view = ViewServer([service.endpoint], [service.control], listen="127.0.0.1:0")
+    with running(service, view):
+        port = urlsplit(view.url).port
+        before = send_control(service.control, {"command": "status"})["threshold"]
+        evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        moved = post(view.url, "/api/control/line9/threshold", {"value": before * 1.1}, **evil)
+        config = get(view.url, "/api/control/line9/status", headers={"Host": f"evil.example:{port}"})
+        state = get(view.url, "/api/state", headers={"Host": f"evil.example:{port}"})
+        page = get(view.url, "/", headers={"Host": f"evil.example:{port}"})
+        events = ask(view.url, f"GET /events HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n")
+        other_port = get(view.url, "/api/state", headers={"Host": f"127.0.0.1:{port + 1}"})
+        cross_site = post(view.url, "/api/control/line9/threshold", {"value": before * 1.1},
+                          Origin=f"http://evil.example:{port}")
+        null_origin = post(view.url, "/api/control/line9/threshold", {"value": before * 1.1}, Origin="null")
+        fetch_site = get(view.url, "/api/state", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"})
+        untouched = send_control(service.control, {"command": "status"})["threshold"]
+        # The page's own origin, by address or by localhost, still works end to end.
+        own = post(view.url, "/api/control/line9/threshold", {"value": before * 1.1},
+                   Host=f"localhost:{port}", Origin=f"http://localhost:{port}")
+        after = send_control(service.control, {"command": "status"})["threshold"]
+        navigate = get(view.url, "/", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
+
+    assert moved[0] == 421 and "evil.example" in moved[1]["error"] and "--allow-host" in moved[1]["error"]
+    assert config[0] == 421 and b"threshold" not in config[2]
+    assert state[0] == page[0] == events[0] == other_port[0] == 421 and b"cameras" not in state[2]
+    assert cross_site[0] == null_origin[0] == fetch_site[0] == 403
+    assert untouched == pytest.approx(before)
+    assert own[0] == 200 and after == pytest.approx(before * 1.1)
+    assert navigate[0] == 200  # a link from another site may open the page itself
+
+
+def test_allowed_hosts_and_wildcard_binds():
+    from edge_inspector.tools.view.guard import HostPolicy
+
+    loop = HostPolicy("127.0.0.1", 8080, ["panel.lan", "proxy.lan:443"])
+    assert loop.host_ok("127.0.0.1:8080") and loop.host_ok("LOCALHOST:8080") and loop.host_ok("panel.lan:9")
+    assert loop.origin_ok("https://proxy.lan") and not loop.origin_ok("http://proxy.lan")
+    assert not loop.host_ok("127.0.0.1") and not loop.host_ok("10.0.0.5:8080") and not loop.host_ok("evil:8080")
+    assert not loop.host_ok("127.0.0.1:8080@evil") and not loop.host_ok("") and not loop.origin_ok("null")
+    wild = HostPolicy("0.0.0.0", 8080)
+    assert wild.host_ok("192.168.1.20:8080") and wild.host_ok("[fe80::1]:8080") and not wild.host_ok("evil:8080")
+    assert not HostPolicy("192.168.1.20", 8080).host_ok("192.168.1.21:8080")
+
+
+def test_bodies_are_refused_before_they_are_read(tmp_path):
+    """Attack 11: a body is read only after route, key and Content-Length passed (a 250 MB body, or
+    Content-Length -1 = read to end of stream, grew the view from 63 to 314 MB before). Every answer
+    below comes while the client still holds its body back: had the view started reading, it would wait."""
+    view = ViewServer([NOBODY], ["tcp://127.0.0.1:9"], listen="127.0.0.1:0", token="night-shift-key",
+                      header_timeout_s=3.0, body_timeout_s=1.0)
+    view.start()
+    try:
+        host = own_host(view)
+
+        def post_head(length: str | None, key: bool = True, extra: str = "") -> str:
+            lines = ["POST /api/control/line9/threshold HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
+            lines += [f"Content-Length: {length}"] if length is not None else []
+            lines += ["Authorization: Bearer night-shift-key"] if key else []
+            return "\r\n".join(lines) + extra + "\r\n\r\n"
+
+        no_key = ask(view.url, post_head(str(250 << 20), key=False))
+        too_big = ask(view.url, post_head(str(250 << 20)))
+        negative = ask(view.url, post_head("-1"))
+        missing = ask(view.url, post_head(None))
+        chunked = ask(view.url, post_head(None, extra="\r\nTransfer-Encoding: chunked"))
+        twice = ask(view.url, post_head("2", extra="\r\nContent-Length: 3"))
+        headers_flood = ask(view.url, f"GET / HTTP/1.1\r\nHost: {host}\r\n" + "X-Pad: " + "a" * 20000 + "\r\n\r\n")
+        # A body that never comes in full is cut at the body timeout, and is never acted on.
+        started = time.monotonic()
+        short = ask(view.url, post_head("100"), b'{"value": 1')
+        waited = time.monotonic() - started
+        pages = [get(view.url, path) for path in ("/", "/static/view.js", "/api/state", "/nope")]
+        pages.append(get(view.url, "/", headers={"Host": "evil.example"}))
+        pages.append((too_big[0], too_big[1], b""))
+    finally:
+        view.stop()
+    assert no_key[0] == 401 and too_big[0] == 413 and negative[0] == 400
+    assert missing[0] == chunked[0] == 411 and twice[0] == 400 and headers_flood[0] == 431
+    assert all(reply[1].get("Connection") == "close" for reply in (no_key, too_big, negative, missing))
+    assert short[0] == 400 and "shorter than its Content-Length" in json.loads(short[2])["error"]
+    assert 0.9 < waited < 4.5  # the body timeout (1 s), not the socket's (5 s)
+    for status, headers, _ in pages:  # every response, refusals included
+        csp = headers.get("Content-Security-Policy", "")
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp, status
+        assert headers.get("X-Content-Type-Options") == "nosniff" and headers.get("X-Frame-Options") == "DENY"
+        assert headers.get("Referrer-Policy") == "no-referrer"
+
+
+def open_stream(url: str, source: str) -> tuple[socket.socket, int]:
+    sock = raw(url, f"GET /events HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n\r\n".encode(), source)
+    status = read_reply(sock)[0]
+    return sock, status
+
+
+def test_one_client_cannot_take_every_event_stream():
+    """Attack 12: 16 held /events streams locked the 17th browser out. One address now holds at most
+    `max_streams_per_client` (its newest win), and a full view makes room for a client with fewer."""
+    view = ViewServer([NOBODY], listen="127.0.0.1:0", max_clients=6, max_streams_per_client=2)
+    view.start()
+    held: list[socket.socket] = []
+    try:
+        statuses = []
+        for _ in range(10):
+            sock, status = open_stream(view.url, "127.0.0.1")
+            held.append(sock)
+            statuses.append(status)
+        wait_for(lambda: len(view.hub.clients) == 2, 10, "the attacker's streams to be cut to 2")
+        others = []
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.4"):
+            sock, status = open_stream(view.url, source)
+            held.append(sock)
+            others.append(status)
+        wait_for(lambda: len(view.hub.clients) <= 6, 10, "streams within max_clients")
+        peers = [c.peer for c in view.hub.clients]
+        wrong_host = ask(view.url, "GET /events HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    finally:
+        for sock in held:
+            sock.close()
+        view.stop()
+    assert statuses == [200] * 10  # each new stream from the same client replaced its oldest
+    assert others == [200] * 5  # the 7th stream overall (from a 4th client) still got in
+    assert peers.count("127.0.0.1") <= 2 and "127.0.0.4" in peers and len(peers) == 6
+    assert wrong_host[0] == 421
+
+
+def test_half_sent_requests_are_bounded_and_time_out():
+    """Attack 13 (small): 40 half-sent requests held 40 threads and never timed out. Now one address holds
+    at most `max_connections_per_client`, newcomers push out the oldest half-sent ones, and every one of
+    them is closed after `header_timeout_s`. The full 400-socket attack: benchmarks/hardening_bench.py."""
+    view = ViewServer([NOBODY], listen="127.0.0.1:0", max_connections=24, max_connections_per_client=12,
+                      header_timeout_s=1.0, body_timeout_s=1.0)
+    view.start()
+    threads_before = threading.active_count()
+    attackers: list[socket.socket] = []
+    try:
+        for i in range(40):
+            attackers.append(raw(view.url, f"GET /api/state HTTP/1.1\r\nHost: {own_host(view)}\r\nX-{i}: ".encode()))
+        time.sleep(0.3)
+        held = view.http.connections.stats()["open"]
+        threads_held = threading.active_count() - threads_before
+        same_client = get(view.url, "/api/state")[0]  # from 127.0.0.1 too: pushes out a half-sent one
+        for source in ("127.0.0.3", "127.0.0.4"):  # two more clients: the total stays at max_connections
+            attackers += [raw(view.url, f"GET / HTTP/1.1\r\nHost: {own_host(view)}\r\n".encode(), source)
+                          for _ in range(10)]
+        time.sleep(0.3)
+        held_total = view.http.connections.stats()["open"]
+        other_client = ask(view.url, f"GET /api/state HTTP/1.1\r\nHost: {own_host(view)}\r\n\r\n", source="127.0.0.2")
+        closed = 0
+        deadline = time.monotonic() + 15
+        for sock in attackers:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                closed += sock.recv(1) == b""
+            except (ConnectionResetError, TimeoutError):
+                closed += 0
+        # A trickle (one header byte every 0.2 s) defeats a per-read timeout; the header deadline still holds.
+        trickle = raw(view.url, f"GET /api/state HTTP/1.1\r\nHost: {own_host(view)}\r\n".encode())
+        attackers.append(trickle)
+        started, cut_after = time.monotonic(), None
+        while time.monotonic() - started < 8:
+            try:
+                trickle.sendall(b"x")
+                time.sleep(0.2)
+                trickle.setblocking(False)
+                if trickle.recv(1) == b"":
+                    cut_after = time.monotonic() - started
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                cut_after = time.monotonic() - started
+                break
+            finally:
+                trickle.setblocking(True)
+        stats = view.http.connections.stats()
+    finally:
+        for sock in attackers:
+            sock.close()
+        view.stop()
+    assert held <= 12 and threads_held <= 12 + 2 and held_total <= 24
+    assert same_client == 200 and other_client[0] == 200
+    assert closed == 60  # every half-sent request was closed by the view: cut for a newcomer or timed out
+    assert stats["evicted"] >= 28 + 20 - (24 - 12)
+    assert cut_after is not None and cut_after < 4 and stats["timed_out"] >= 1
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_view_unit_scores_2_or_better(tmp_path):
+    unit = tmp_path / "edge-inspector-view@line1.service"
+    unit.write_text((REPO / "systemd" / "edge-inspector-view@.service").read_text())
+    done = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
+                          text=True, timeout=120)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout + done.stderr)
+    if match is None and "offline" in done.stderr:
+        pytest.skip("this systemd-analyze has no --offline mode")
+    assert match is not None, done.stdout[-2000:] + done.stderr[-2000:]
+    assert float(match.group(1)) <= 2.0
+
+
+def test_both_units_bound_file_descriptors():
+    for name in ("edge-inspector-view@.service", "edge-inspector@.service"):
+        values = re.findall(r"^LimitNOFILE=(\d+)$", (REPO / "systemd" / name).read_text(), re.MULTILINE)
+        assert len(values) == 1 and 64 <= int(values[0]) <= 65536, name
+    view_limit = int(re.findall(r"^LimitNOFILE=(\d+)$", (REPO / "systemd" / "edge-inspector-view@.service")
+                                .read_text(), re.MULTILINE)[0])
+    assert view_limit > 64 + 32  # the default --max-connections plus ZeroMQ and files fit under it

@@ -7,10 +7,23 @@ import logging
 import numpy as np
 
 from edge_inspector.backends.base import Backend, InferenceResult
-from edge_inspector.core.bundle import Bundle
-from edge_inspector.core.errors import BackendError
+from edge_inspector.core.bundle import MODEL_FILE, Bundle
+from edge_inspector.core.errors import BackendError, BundleError
 
 log = logging.getLogger(__name__)
+
+
+EXTERNAL_DATA = MODEL_FILE + ".data"  # export.onnx_export writes constants over 1.8 GB beside the graph
+
+
+def _session(ort, bundle: Bundle, options, providers: list[str]):
+    """A session on the verified bytes of model.onnx (Bundle.read_verified), never on a path an attacker could
+    swap between the check and the load. A graph with external data must be read from files: then from a
+    private verified copy (0700 folder of this user), removed once the session holds the weights."""
+    if EXTERNAL_DATA not in bundle.meta.files:
+        return ort.InferenceSession(bundle.read_verified(MODEL_FILE), options, providers=providers)
+    with bundle.verified_copy((MODEL_FILE, EXTERNAL_DATA)) as folder:
+        return ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -31,7 +44,9 @@ class OnnxRuntimeBackend(Backend):
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or [
             "CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(bundle.onnx_path), options, providers=providers)
+            self.session = _session(ort, bundle, options, providers)
+        except BundleError:
+            raise
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise BackendError(f"{bundle.onnx_path}: ONNX Runtime cannot load the model "
                                f"({str(err).splitlines()[0]})") from None

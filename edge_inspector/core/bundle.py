@@ -26,10 +26,18 @@ decision threshold, values above 1.0 fail and e.g. 0.5 is half-way from zero to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import hashlib
 import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
@@ -42,6 +50,7 @@ from edge_inspector.core import schema
 from edge_inspector.core.atomic import write_atomic
 from edge_inspector.core.errors import BundleError
 from edge_inspector.core.schema import Real, shown
+from edge_inspector.core.signing import MAX_SIGNATURE_BYTES, SIGNATURE_FILE, Signature, TrustPolicy
 
 # 2: bundle.yaml carries meta_sha256 (a digest of its own metadata). A format-1 runtime meeting a format-2
 # bundle says "newer than this runtime supports" instead of tripping over the unknown key.
@@ -54,7 +63,10 @@ META_DIGEST_KEY = "meta_sha256"
 ENGINE_PREFIX = "engines/"
 MODEL_KINDS = ("padim", "ae", "vae", "patchcore")
 TILE_MODES = ("shared", "per_tile")
+GOOD_SCORES_FILE = "report/good_scores.json"  # the good training images' out-of-sample scores (see ThresholdInfo)
 READ_ACCESS = "the service user needs read access to the bundle folder and its files"
+
+log = logging.getLogger(__name__)
 
 
 PositiveReal = Annotated[int, Meta(gt=0)] | Annotated[float, Meta(gt=0)]
@@ -66,13 +78,43 @@ BlurSigma = Annotated[int, Meta(ge=0, le=1024)] | Annotated[float, Meta(ge=0, le
 
 
 @dataclass
+class ReviewBand:
+    """The review band (fit --review-rate): parts scoring over `value` and not failing get the verdict review.
+
+    `value` is the pass threshold on the raw score, below ThresholdInfo.value (the fail threshold). It is a
+    split-conformal quantile of the good parts' out-of-sample scores chosen so that at most `target_rate` of new
+    good parts like them land in the band; `cross_validated_*` counts the good parts sent to review by bands
+    chosen without them (k folds), so the rate recorded never comes from an image judging itself.
+    """
+
+    value: PositiveReal
+    target_rate: Rate  # most of the good parts allowed to go to review
+    good_count: Count  # out-of-sample good scores the band was chosen from (training k-fold + labelled good)
+    good_in_band: Count  # of those, in the band
+    cross_validated_in_band: Count  # good parts in the band when each fold's band is chosen without that fold
+    cross_validated_rate: Rate
+    guaranteed: bool  # enough good scores for the split-conformal bound at target_rate
+    note: str = ""
+    # On labelled images (fit --validation), when given: defects auto-passed (escapes among the parts the
+    # band lets through), defects in review, and good parts auto-failed.
+    labelled_defect_count: Count | None = None
+    defects_auto_passed: Count | None = None
+    defects_in_band: Count | None = None
+    labelled_good_count: Count | None = None
+    labelled_good_in_band: Count | None = None
+    labelled_good_failed: Count | None = None
+
+
+@dataclass
 class ThresholdInfo:
     """The decision threshold on the raw score and how it was chosen (so an auditor can reproduce it)."""
 
     value: PositiveReal
-    rule: str  # "conformal_false_reject_rate" | "f1_optimal" | "manual"
+    rule: str  # "conformal_false_reject_rate" | "f1_optimal" | "escape_rate" | "manual"
     target_false_reject_rate: Rate | None = None
-    certified: bool = False  # True when enough good images exist to guarantee the target rate
+    # True only for the conformal rule with enough good images to guarantee the target rate; a threshold chosen on
+    # labelled images (f1_optimal, escape_rate) guarantees nothing, whatever the conformal one would have.
+    certified: bool = False
     images_needed: Count | None = None  # good images needed to certify the target rate
     conformal_value: Real | None = None
     f1_optimal_value: Real | None = None
@@ -82,6 +124,29 @@ class ThresholdInfo:
     validation_escape_rate: Rate | None = None  # share of validation defects passed at `value`
     validation_false_reject_rate: Rate | None = None  # share of validation good images rejected at `value`
     operating_curve: list[dict[str, Real]] | None = None  # {threshold, false_reject_rate, escape_rate} rows
+    # The counts those two rates come from, and whether they are in-sample: True when `value` was chosen on the
+    # same labelled images (rules "f1_optimal" and "escape_rate"), so they describe those images, not new parts.
+    validation_good_count: Count | None = None
+    validation_false_rejects: Count | None = None
+    validation_defect_count: Count | None = None
+    validation_escapes: Count | None = None
+    in_sample: bool = False
+    # Whether the conformal threshold (`conformal_value`) certifies its target; `certified` above says whether
+    # the threshold in use does, and only the conformal rule's can.
+    conformal_certified: bool | None = None
+    # The out-of-sample scores of the good training images (k-fold, ascending) the threshold was set from: the
+    # evidence a review band or any later threshold is judged on (an auditor can recompute every rate from it).
+    # In memory only between a fit and write_meta, which moves them to GOOD_SCORES_FILE (one score per training
+    # image: 10,000 images would pass bundle.yaml's node cap, and the device never needs them); read them with
+    # Bundle.good_scores(). An older bundle.yaml that holds them inline still loads.
+    good_scores: list[Real] | None = None
+    review: ReviewBand | None = None  # the review band's pass threshold and its rates (None: pass/fail only)
+
+    @property
+    def guarantees_false_reject_rate(self) -> bool:
+        """Whether `value` carries a false-reject guarantee: only a certified conformal threshold does (a bundle
+        written before that was enforced may say `certified: true` beside an escape-rate threshold)."""
+        return bool(self.certified and self.rule == "conformal_false_reject_rate")
 
 
 @dataclass
@@ -165,8 +230,10 @@ class BundleMeta:
     meta_sha256: str = ""  # sha256 of the canonical JSON of everything above (set by write_meta)
 
     def to_dict(self) -> dict[str, Any]:
+        """bundle.yaml's content: the good scores live in their own file (GOOD_SCORES_FILE), not here."""
         data = dataclasses.asdict(self)
         data["input_size"] = list(self.input_size)
+        data["threshold"].pop("good_scores", None)
         return data
 
     @classmethod
@@ -215,12 +282,107 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# -- reading a bundle's files safely -----------------------------------------------------------------------
+#
+# Every bundle file is opened relative to the bundle folder's descriptor, one path component at a time with
+# O_NOFOLLOW, and checked on the opened descriptor (fstat: a regular file): a symlink planted anywhere inside
+# the bundle, a FIFO or a device is refused, and what is hashed is read from the same descriptor as what is
+# used. Only the bundle folder itself may be a link (`bundles/current -> line1-v7` is a common deployment).
+
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang open()
+_OPEN_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECTORY
+
+
+def _open_inside(folder_fd: int, rel: str, where: Path) -> int:
+    """A descriptor on `rel` (a checked `files:` entry) under the folder open as `folder_fd`, no link followed."""
+    parts = PurePosixPath(rel).parts
+    current = folder_fd
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                fd = os.open(part, _OPEN_FILE if last else _OPEN_DIR, dir_fd=current)
+            except FileNotFoundError:
+                raise BundleError(f"{where}: listed in bundle.yaml but missing") from None
+            except PermissionError as err:
+                raise BundleError(f"{where}: cannot read ({err.strerror}; {READ_ACCESS})") from None
+            except OSError as err:  # ELOOP / ENOTDIR: a link where a file or folder should be
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise BundleError(f"{where}: a symbolic link or not a regular file (bundle files must be "
+                                      "plain files; refused)") from None
+                raise BundleError(f"{where}: cannot open ({err.strerror or err})") from None
+            if current != folder_fd:
+                os.close(current)
+            current = fd
+    except BaseException:
+        if current != folder_fd:
+            os.close(current)
+        raise
+    if not stat.S_ISREG(os.fstat(current).st_mode):
+        os.close(current)
+        raise BundleError(f"{where}: not a regular file (refused)")
+    return current
+
+
+def _read_fd(fd: int, where: Path, digest: Any | None = None, keep: bool = True) -> bytes:
+    """Read an open file to its end, feeding `digest`; the bytes are returned when `keep`."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            if digest is not None:
+                digest.update(chunk)
+            if keep:
+                chunks.append(chunk)
+    except OSError as err:
+        raise BundleError(f"{where}: cannot read ({err.strerror or err}; {READ_ACCESS})") from None
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def _folder(path: Path, within: Path | None = None) -> Iterator[int]:
+    """The bundle folder open as a descriptor; with `within`, it must really lie under that folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"{path}: bundle folder not found") from None
+    except OSError as err:
+        raise BundleError(f"{path}: cannot open the bundle folder ({err.strerror or err}; {READ_ACCESS})") from None
+    try:
+        if within is not None:
+            _check_within(fd, path, within)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def folder_of(fd: int, path: Path) -> Path:
+    """Where an open folder really is (Linux names it under /proc/self/fd; elsewhere the resolved path)."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # pragma: no cover - no /proc
+        return path.resolve()
+
+
+def _check_within(fd: int, path: Path, root: Path) -> None:
+    real, allowed = folder_of(fd, path), root.resolve()
+    if not real.is_relative_to(allowed):
+        raise BundleError(f"{path}: not a bundle folder under {allowed} (security.bundle_root; refused)")
+
+
 class Bundle:
     """A verified model bundle on disk."""
 
-    def __init__(self, path: Path, meta: BundleMeta):
+    def __init__(self, path: Path, meta: BundleMeta, signature: Signature | None = None):
         self.path = path
         self.meta = meta
+        self.signature = signature  # the bundle.sig that verified against a trusted key, when there was one
+        self._verified: dict[str, bytes] = {}  # bytes read and hashed by verify(), handed out once
+        # True when signatures are required: nothing this process writes into the bundle folder (a TensorRT
+        # engine it builds) would be trusted on the next start, so such files go to the state directory.
+        self.signed_only = False
 
     @property
     def onnx_path(self) -> Path:
@@ -229,6 +391,12 @@ class Bundle:
     @property
     def threshold(self) -> float:
         return float(self.meta.threshold.value)
+
+    @property
+    def review_threshold(self) -> float | None:
+        """The review band's pass threshold, or None (bundles without a band decide pass/fail as before)."""
+        review = self.meta.threshold.review
+        return None if review is None else float(review.value)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -243,6 +411,11 @@ class Bundle:
         return self.meta.meta_sha256
 
     @property
+    def identity_sha256(self) -> str:
+        """The digest a signature covers and the model id is made of (see identity_digest)."""
+        return identity_digest(self.meta)
+
+    @property
     def model_id(self) -> str:
         """`<kind>-<backbone>-<12 hex>`: the hex is the identity digest over model.onnx's sha256 and all the
         metadata, so a changed threshold or tiling is a new model id on the wire, like a changed graph."""
@@ -253,52 +426,169 @@ class Bundle:
         return float(score) / self.threshold if self.threshold > 0 else float("inf")
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
+    def load(cls, path: str | Path, verify: bool = True, trust: TrustPolicy | None = None,
+             within: Path | None = None) -> Bundle:
+        """Read bundle.yaml (once: the metadata used is the metadata checked), check it and, with `verify`,
+        every listed file's sha256. `trust`: the signature rule (security.trusted_keys and
+        require_signed_bundles); `within`: the folder the bundle must lie under (security.bundle_root)."""
         path = Path(path)
         meta_path = path / BUNDLE_FILE
-        if not path.is_dir():
-            raise BundleError(f"{path}: bundle folder not found")
-        if not meta_path.is_file():
-            raise BundleError(f"{meta_path}: missing (not a model bundle?)")
-        data = schema.read_yaml(meta_path, BundleError, access=READ_ACCESS)
-        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
-        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-            raise BundleError(f"{meta_path}: format_version {data['format_version']} is newer than this "
-                              f"runtime supports ({FORMAT_VERSION}); upgrade edge-inspector")
-        meta = BundleMeta.from_dict(data, str(meta_path))
-        _validate(meta, meta_path)
-        _check_digest(data, meta_path)
-        for rel in meta.files:
-            check_file_entry(rel, meta_path)
-        bundle = cls(path, meta)
-        if verify:
-            bundle.verify()
+        with _folder(path, within) as folder_fd:
+            data = _read_meta(folder_fd, meta_path)
+            version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+            if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+                raise BundleError(f"{meta_path}: format_version {data['format_version']} is newer than this "
+                                  f"runtime supports ({FORMAT_VERSION}); upgrade edge-inspector")
+            meta = BundleMeta.from_dict(data, str(meta_path))
+            _validate(meta, meta_path)
+            _check_digest(data, meta_path)
+            for rel in meta.files:
+                check_file_entry(rel, meta_path)
+            signature = None
+            if trust is not None:
+                signature = trust.check(_read_signature(folder_fd, path / SIGNATURE_FILE), identity_digest(meta),
+                                        path / SIGNATURE_FILE)
+                if trust.required:
+                    _drop_unsigned_engines(meta, signature, path)
+            bundle = cls(path, meta, signature)
+            bundle.signed_only = trust is not None and trust.required
+            if verify:
+                bundle._verify(folder_fd, keep=(MODEL_FILE,))
         return bundle
 
     def verify(self) -> None:
-        """Check every file listed in bundle.yaml exists and has the recorded sha256."""
+        """Check every file listed in bundle.yaml exists, is a plain file and has the recorded sha256."""
+        with _folder(self.path) as folder_fd:
+            self._verify(folder_fd, keep=())
+
+    def _verify(self, folder_fd: int, keep: Iterable[str]) -> None:
         if MODEL_FILE not in self.meta.files:
             raise BundleError(f"{self.path / BUNDLE_FILE}: files has no entry for {MODEL_FILE}")
-        root = self.path.resolve()
-        for rel, expected in self.meta.files.items():
-            check_file_entry(rel, self.path / BUNDLE_FILE)
-            file = self.path / rel
-            if not file.resolve().is_relative_to(root):
-                raise BundleError(f"{file}: a link out of the bundle folder (refused)")
-            if not file.is_file():
-                raise BundleError(f"{file}: listed in bundle.yaml but missing")
-            try:
-                actual = sha256_file(file)
-            except OSError as err:
-                raise BundleError(f"{file}: cannot read ({err.strerror or err}; {READ_ACCESS})") from None
-            if actual != expected:
-                raise BundleError(f"{file}: sha256 mismatch (file altered or truncated; expected "
-                                  f"{expected[:12]}..., found {actual[:12]}...)")
+        for rel in self.meta.files:
+            data = self._read_checked(folder_fd, rel, keep=rel in keep)
+            if rel in keep:
+                self._verified[rel] = data
+
+    def _read_checked(self, folder_fd: int, rel: str, keep: bool) -> bytes:
+        check_file_entry(rel, self.path / BUNDLE_FILE)
+        where = self.path / rel
+        fd = _open_inside(folder_fd, rel, where)
+        digest = hashlib.sha256()
+        try:
+            data = _read_fd(fd, where, digest, keep)
+        finally:
+            os.close(fd)
+        actual, expected = digest.hexdigest(), self.meta.files[rel]
+        if actual != expected:
+            raise BundleError(f"{where}: sha256 mismatch (file altered or truncated; expected "
+                              f"{expected[:12]}..., found {actual[:12]}...)")
+        return data
+
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of a listed file, hashed from exactly these bytes: what a backend loads is what was
+        verified, whatever happens to the file afterwards. model.onnx's bytes from load() are handed out
+        once (no second read); any other call reads and hashes again."""
+        if rel not in self.meta.files:
+            raise BundleError(f"{self.path / BUNDLE_FILE}: files has no entry for {rel}")
+        data = self._verified.pop(rel, None)
+        if data is not None:
+            return data
+        with _folder(self.path) as folder_fd:
+            return self._read_checked(folder_fd, rel, keep=True)
+
+    def good_scores(self) -> list[float] | None:
+        """The good training images' out-of-sample scores (GOOD_SCORES_FILE, verified), None when the bundle
+        has none (fitted before they were kept)."""
+        if self.meta.threshold.good_scores is not None:  # an older bundle.yaml holding them inline
+            return [float(v) for v in self.meta.threshold.good_scores]
+        if GOOD_SCORES_FILE not in self.meta.files:
+            return None
+        where = self.path / GOOD_SCORES_FILE
+        try:
+            scores = json.loads(self.read_verified(GOOD_SCORES_FILE))
+        except ValueError:
+            raise BundleError(f"{where}: not a JSON list of numbers") from None
+        if not isinstance(scores, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in scores):
+            raise BundleError(f"{where}: not a JSON list of numbers")
+        return [float(v) for v in scores]
+
+    def release(self) -> None:
+        """Drop bytes kept from load() that no backend took (e.g. a TensorRT start that used an engine)."""
+        self._verified.clear()
+
+    @contextlib.contextmanager
+    def verified_copy(self, rels: Iterable[str]) -> Iterator[Path]:
+        """A private folder (mode 0700, this process's user) holding verified copies of `rels`, for a loader
+        that must read from a path (ONNX external data); removed on exit."""
+        folder = Path(tempfile.mkdtemp(prefix="edge-bundle-"))
+        try:
+            for rel in rels:
+                target = folder / rel
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(self.read_verified(rel))
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def add_file(self, rel: str) -> None:
         """Record a file added after export (e.g. a TensorRT engine) so it is verified like the rest."""
         self.meta.files[rel] = sha256_file(self.path / rel)
         write_meta(self.path, self.meta)
+
+
+def _drop_unsigned_engines(meta: BundleMeta, signature: Signature | None, where: Path) -> None:
+    """With signatures required, an engines/ file the signature does not cover (recorded after signing, by a
+    device or by anyone who could write the folder) is left out of the files a backend may choose."""
+    signed = signature.engines if signature is not None else {}
+    for rel in [r for r in meta.files if r.startswith(ENGINE_PREFIX) and signed.get(r) != meta.files[r]]:
+        log.warning("%s: %s is not covered by the bundle's signature: not used (signed bundles required)", where,
+                    rel)
+        del meta.files[rel]
+
+
+def _read_meta(folder_fd: int, where: Path) -> Any:
+    """bundle.yaml, parsed within core.schema's caps. Refused when it is a link (symbolic or a second hard
+    link): an error reply about a file must never let a client read a file it could not read itself."""
+    try:
+        fd = os.open(BUNDLE_FILE, _OPEN_FILE, dir_fd=folder_fd)
+    except FileNotFoundError:
+        raise BundleError(f"{where}: missing (not a model bundle?)") from None
+    except PermissionError as err:
+        raise BundleError(f"{where}: cannot read ({err.strerror}; {READ_ACCESS})") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise BundleError(f"{where}: a symbolic link (bundle files must be plain files; refused)") from None
+        raise BundleError(f"{where}: cannot open ({err.strerror or err})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+            raise BundleError(f"{where}: has {info.st_nlink} hard links (bundle.yaml must be a file of its own; "
+                              "copy the bundle instead of linking it; refused)")
+        text = schema.read_capped(fd, where, BundleError)
+    except OSError as err:
+        raise BundleError(f"{where}: cannot read ({err.strerror or err}; {READ_ACCESS})") from None
+    finally:
+        os.close(fd)
+    return schema.parse_yaml(text, where, BundleError)
+
+
+def _read_signature(folder_fd: int, where: Path) -> bytes | None:
+    """bundle.sig's bytes (None when there is none); links and non-regular files refused like every file."""
+    try:
+        fd = os.open(SIGNATURE_FILE, _OPEN_FILE, dir_fd=folder_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise BundleError(f"{where}: a symbolic link (bundle files must be plain files; refused)") from None
+        raise BundleError(f"{where}: cannot open ({err.strerror or err}; {READ_ACCESS})") from None
+    try:
+        return schema.read_capped(fd, where, BundleError, limit=MAX_SIGNATURE_BYTES)
+    finally:
+        os.close(fd)
 
 
 def _validate(meta: BundleMeta, where: Path) -> None:
@@ -322,7 +612,13 @@ def _check_digest(data: dict[str, Any], where: Path) -> None:
 
 
 def write_meta(folder: Path, meta: BundleMeta) -> None:
-    """Write bundle.yaml atomically (a reader never sees half a file), with its metadata digest."""
+    """Write bundle.yaml atomically (a reader never sees half a file), with its metadata digest; good scores
+    held in memory go to GOOD_SCORES_FILE first, which is listed and hashed like every bundle file."""
+    if meta.threshold.good_scores is not None:
+        text = json.dumps([float(v) for v in meta.threshold.good_scores])
+        write_atomic(folder / GOOD_SCORES_FILE, text)
+        meta.files[GOOD_SCORES_FILE] = hashlib.sha256(text.encode()).hexdigest()
+        meta.threshold.good_scores = None
     meta.meta_sha256 = meta_digest(meta.to_dict())
     write_atomic(folder / BUNDLE_FILE, yaml.safe_dump(meta.to_dict(), sort_keys=False))
 
@@ -337,7 +633,7 @@ def finalize_bundle(folder: str | Path, meta: BundleMeta) -> Bundle:
     meta.created = meta.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     meta.files = {}
     for file in sorted(folder.rglob("*")):
-        if file.is_file() and file.name != BUNDLE_FILE and not file.name.endswith(".tmp"):
+        if file.is_file() and file.name not in (BUNDLE_FILE, SIGNATURE_FILE) and not file.name.endswith(".tmp"):
             meta.files[file.relative_to(folder).as_posix()] = sha256_file(file)
     write_meta(folder, meta)
     return Bundle.load(folder)

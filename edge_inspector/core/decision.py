@@ -5,6 +5,11 @@ socket). A frame fails when any tile's score is over the threshold and, when `mi
 connected over-threshold region of the stitched heatmap is larger than that many pixels: a single hot pixel
 from sensor noise then does not stop the line, while a real scratch still does. Boxes come from the same
 connected regions, so what the HMI draws is exactly what the decision saw.
+
+With a review band (`review_threshold`, the bundle's `threshold.review.value` or the config's
+`decision.review_threshold`), a frame that does not fail but scores over the review threshold gets the third
+verdict `review`: the uncertain parts a person should look at (a PLC sends them to a manual lane). A frame
+scoring at or under it passes. Without one the verdicts are pass and fail, as before the band existed.
 """
 
 from __future__ import annotations
@@ -25,11 +30,51 @@ class DecisionParams:
     threshold: float
     min_defect_area: int = 0
     max_boxes: int = 20
+    review_threshold: float | None = None  # pass at or under it, review between it and `threshold` (None: no band)
 
     def __post_init__(self):
         validate_threshold(self.threshold)
         if self.min_defect_area < 0:
             raise ConfigError(f"min_defect_area must be >= 0, got {self.min_defect_area}")
+        if self.review_threshold is not None:
+            check_review_threshold(self.review_threshold, self.threshold)
+
+
+def check_review_threshold(value: object, threshold: float, what: str = "review_threshold") -> float:
+    """The review band's pass threshold: a finite number > 0 below the fail threshold (at or above it the band
+    would be empty, or would pass parts that fail)."""
+    value = _positive(value, what)
+    if not value < threshold:
+        raise ConfigError(f"{what}: {value:.6g} must be below the threshold {threshold:.6g} (parts scoring "
+                          "between the two get the verdict review)")
+    return value
+
+
+def resolve_review(configured: float | str | None, bundle_review: float | None, threshold: float,
+                   where: str = "decision.review_threshold") -> float | None:
+    """The review band's pass threshold a line runs with: the config's (`off`: no band), else the bundle's.
+
+    A band must sit below the threshold in use; when a moved threshold (config or control socket) falls to or
+    under the bundle's pass threshold the band is not silently dropped or stretched: this refuses, naming what
+    to set, since which parts a person sees is the line's decision, not a side effect.
+    """
+    if configured == "off":
+        return None
+    if configured is not None:
+        return check_review_threshold(configured, threshold, where)
+    if bundle_review is None:
+        return None
+    if not bundle_review < threshold:
+        raise ConfigError(f"threshold {threshold:.6g} is at or under the bundle's review band (pass at or under "
+                          f"{bundle_review:.6g}): also set {where} (a number below the threshold, or off)")
+    return float(bundle_review)
+
+
+def _positive(value: object, what: str) -> float:
+    try:
+        return validate_threshold(value)
+    except ConfigError:
+        raise ConfigError(f"{what}: expected a finite number > 0, got {value!r}") from None
 
 
 # A threshold beyond this multiple of the worst good part's score passes almost anything the model can see.
@@ -84,7 +129,7 @@ class DefectBox:
 
 @dataclass
 class Decision:
-    verdict: str  # "pass" | "fail"
+    verdict: str  # "pass" | "review" | "fail"
     score: float  # max tile score (raw)
     normalised_score: float  # score / threshold
     threshold: float
@@ -92,6 +137,7 @@ class Decision:
     boxes: list[DefectBox] = field(default_factory=list)
     largest_area: int = 0
     min_defect_area: int = 0  # the parameter this verdict was decided with (the header reports it)
+    review_threshold: float | None = None  # the review band's pass threshold it was decided with (None: no band)
 
 
 def defect_regions(heatmap: np.ndarray, threshold: float, max_boxes: int) -> tuple[list[DefectBox], int]:
@@ -142,6 +188,17 @@ def decide(tile_scores: np.ndarray, heatmap: np.ndarray, params: DecisionParams)
     if over:  # the stitched map never exceeds the highest tile score, so below it there is nothing to find
         boxes, largest = defect_regions(heatmap, params.threshold, params.max_boxes)
     fail = over and (params.min_defect_area == 0 or largest > params.min_defect_area)
-    return Decision(verdict="fail" if fail else "pass", score=score, normalised_score=score / params.threshold,
-                    threshold=params.threshold, tile_scores=[float(s) for s in scores], boxes=boxes,
-                    largest_area=largest, min_defect_area=params.min_defect_area)
+    return Decision(verdict=verdict_for(score, fail, params.review_threshold), score=score,
+                    normalised_score=score / params.threshold, threshold=params.threshold,
+                    tile_scores=[float(s) for s in scores], boxes=boxes, largest_area=largest,
+                    min_defect_area=params.min_defect_area, review_threshold=params.review_threshold)
+
+
+def verdict_for(score: float, fail: bool, review_threshold: float | None) -> str:
+    """fail, else review when over the band's pass threshold, else pass. An over-threshold frame whose regions
+    are all under min_defect_area is uncertain too: review when there is a band, pass otherwise (as before)."""
+    if fail:
+        return "fail"
+    if review_threshold is not None and score > review_threshold:
+        return "review"
+    return "pass"

@@ -169,6 +169,12 @@ class Inspector:
             self._params = dataclasses.replace(self._params, threshold=threshold)
             return self._params
 
+    def set_thresholds(self, threshold: float, review_threshold: float | None) -> DecisionParams:
+        """Move the threshold and the review band's pass threshold together (None: no band) in one step."""
+        with self._lock:
+            self._params = dataclasses.replace(self._params, threshold=threshold, review_threshold=review_threshold)
+            return self._params
+
     def swap(self, model: Model, params: DecisionParams) -> None:
         """Install a new model with its parameters; the frame being judged finishes with the old one."""
         with self._lock:

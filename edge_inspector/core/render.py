@@ -29,7 +29,7 @@ def heatmap_size(frame_shape: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-VERDICT_COLOURS = {"pass": (60, 180, 60), "fail": (40, 40, 230)}  # BGR: green, red
+VERDICT_COLOURS = {"pass": (60, 180, 60), "review": (216, 91, 142), "fail": (40, 40, 230)}  # BGR: green, violet, red
 
 
 def overlay_image(image: np.ndarray, heatmap: np.ndarray, threshold: float, score: float | None = None,

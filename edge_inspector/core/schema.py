@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -54,6 +56,9 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import msgspec.inspect as mi
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from edge_inspector.core.errors import ConfigError, InspectorError
 
@@ -288,21 +293,131 @@ def _plural(t: mi.Type) -> str:
     return f"values ({words})"
 
 
-def read_yaml(path: Path, error: type[InspectorError] = ConfigError, missing: str = "not found",
-              access: str = "the service user needs read access to it") -> Any:
-    """Parse a YAML file; a missing, unreadable or malformed file is one `error` line with the position."""
+# -- bounded YAML --------------------------------------------------------------------------------------------
+
+# Limits on every YAML document this project reads (bundle.yaml, service and training configs). Real ones are
+# small: the session test bundle.yaml is 1.6 kB and ~100 nodes, the largest example config under 3 kB. The caps
+# make the worst document they let in cheap: on the 2-core dev VM (loaded by other jobs) libyaml took 2.1 s and
+# PyYAML's pure-Python loader 15.7 s on a 1 MB flow list of 500,000 scalars, so the node cap, not the byte cap,
+# bounds the time: 50,000 nodes took 0.2 s alone but 1.3-1.6 s as a reload beside a running pipeline, so the
+# cap is 10,000 (100x a real bundle.yaml; figures from benchmarks/hardening_bench.py). Aliases and anchors are
+# refused outright: nothing here needs them, and they are how a 1 kB "billion laughs" expands to gigabytes.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32
+
+try:  # libyaml's scanner and parser (C); the composition below stays Python so it can count and refuse
+    from yaml._yaml import CParser as _Parser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml: the pure-Python parser, slower
+    from yaml.parser import Parser as _PyParser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Parser(Reader, Scanner, _PyParser):  # type: ignore[no-redef]
+        def __init__(self, stream: Any) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            _PyParser.__init__(self)
+
+
+class YamlLimit(Exception):
+    """A document over one of the caps above; the message says which, never what the document holds."""
+
+
+class _BoundedLoader(Composer, _Parser, SafeConstructor, Resolver):
+    """yaml.SafeLoader's behaviour with aliases and anchors refused, and nodes and nesting counted."""
+
+    def __init__(self, stream: bytes) -> None:
+        _Parser.__init__(self, stream)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self.nodes = 0
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = f" at line {event.start_mark.line + 1}" if event.start_mark is not None else ""
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise YamlLimit(f"YAML aliases and anchors are not accepted{line}")
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES:
+            raise YamlLimit(f"more than {MAX_YAML_NODES} YAML nodes{line}")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels{line}")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+_QUOTED = re.compile(r"""\s*(?:'[^']*'|"[^"]*")""")
+
+
+def parse_yaml(data: bytes, where: str | Path, error: type[InspectorError] = ConfigError) -> Any:
+    """Parse one YAML document within the caps above; any problem is one `error` line naming the file and a
+    line number, never quoting the document (an error reply must not become a way to read a file)."""
+    if len(data) > MAX_YAML_BYTES:
+        raise error(f"{where}: larger than {MAX_YAML_BYTES // 1024} KiB ({len(data)} bytes; refused unread)")
+    loader = _BoundedLoader(data)
     try:
-        text = path.read_text()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        raise error(f"{path}: {missing}") from None
-    except PermissionError as err:
-        raise error(f"{path}: cannot read ({err.strerror}; {access})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise error(f"{path}: cannot read ({err})") from None
-    try:
-        return yaml.safe_load(text)
+        return loader.get_single_data()
+    except YamlLimit as err:
+        raise error(f"{where}: {err} (refused)") from None
+    except yaml.reader.ReaderError as err:
+        raise error(f"{where}: not UTF-8 text (undecodable byte at offset {err.position})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise error(f"{path}: invalid YAML{at} ({problem})") from None
+        problem = getattr(err, "problem", None) or "not a YAML document"
+        raise error(f"{where}: invalid YAML{at} ({_QUOTED.sub('', str(problem)).strip()})") from None
+    except (RecursionError, MemoryError):  # pragma: no cover - the caps above should make these unreachable
+        raise error(f"{where}: YAML too complex (refused)") from None
+    finally:
+        loader.dispose()
+
+
+def read_capped(fd: int, where: str | Path, error: type[InspectorError], limit: int = MAX_YAML_BYTES) -> bytes:
+    """Read an open descriptor's whole content if it is a regular file of at most `limit` bytes.
+
+    Checked on the descriptor (fstat), so a FIFO or device swapped in after a path check is still refused,
+    and at most limit+1 bytes are ever read (a file growing while it is read is refused too)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{where}: not a regular file (refused)")
+    if info.st_size > limit:
+        raise error(f"{where}: larger than {limit // 1024} KiB ({info.st_size} bytes; refused unread)")
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise error(f"{where}: larger than {limit // 1024} KiB (grew while read; refused)")
+    return b"".join(chunks)
+
+
+def read_yaml(path: Path, error: type[InspectorError] = ConfigError, missing: str = "not found",
+              access: str = "the service user needs read access to it") -> Any:
+    """Parse a YAML file (a config: links are followed, as configuration tools deploy them); a missing,
+    unreadable, non-regular, oversized or malformed file is one `error` line with the position."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO must not hang the open
+    except (FileNotFoundError, NotADirectoryError):
+        raise error(f"{path}: {missing}") from None
+    except PermissionError as err:
+        raise error(f"{path}: cannot read ({err.strerror}; {access})") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise error(f"{path}: {missing} (a folder)")
+        data = read_capped(fd, path, error)
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    return parse_yaml(data, path, error)

@@ -20,7 +20,10 @@ from edge_inspector.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: `verdict` may be `review` (the review band: uncertain parts for a person; a PLC sends them to a manual
+# lane), with the band's `review_threshold` in the header and `reviews` counted in health. A version-1 client
+# that only knows pass/fail must not treat `review` as pass: hence the bump.
+SCHEMA_VERSION = 2
 RESULT_TOPIC = "inspection"
 HEALTH_TOPIC = "health"
 # A ZeroMQ subscription is a byte prefix: `inspection.line1` also matched `inspection.line10`. Every topic
@@ -28,6 +31,9 @@ HEALTH_TOPIC = "health"
 # line1's topic only, while `inspection.` still takes every camera. NUL rather than a printable delimiter
 # ('.' or '/') so that no id in use today has to change: a printable one would have to be banned from ids.
 TOPIC_END = b"\x00"
+# The frame a result judged, as JPEG, for the live view: published only while a subscriber asks for this
+# topic (docs/wire-format.md, "Frame message"), so PLCs and HMIs that subscribe to results never pay for it.
+FRAME_TOPIC = "frame"
 # Control requests are a few hundred bytes; ZeroMQ itself drops a peer that sends a bigger message, before
 # it is buffered (without a cap, a 100 MB request was accepted and cost 336 MB of RSS).
 MAX_CONTROL_MESSAGE = 64 * 1024

@@ -35,15 +35,24 @@ from edge_inspector.core.bundle import Bundle
 from edge_inspector.core.decision import (
     DecisionParams,
     check_in_range,
+    check_review_threshold,
+    resolve_review,
     threshold_range,
     validate_threshold,
 )
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.inspect import Inspector, Model, probe_backend
+from edge_inspector.core.signing import TrustPolicy
 from edge_inspector.core.systemd import Notifier, extending_start
 from edge_inspector.core.tiling import Tiler
 from edge_inspector.service.archive import Archive
-from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config
+from edge_inspector.service.config import (
+    ServiceConfig,
+    bundle_root,
+    config_to_dict,
+    load_config,
+    trust_policy,
+)
 from edge_inspector.service.control import ControlServer
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
 from edge_inspector.service.publisher import Publisher
@@ -76,9 +85,16 @@ def checked_tiler(config: ServiceConfig, bundle: Bundle) -> Tiler:
                  roi=tiling.roi)
 
 
-def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
-    """Load, verify, check and warm up a bundle; the first real frame then runs at full speed."""
-    bundle = Bundle.load(bundle_path or config.bundle_path)
+def load_model(config: ServiceConfig, bundle_path: Path | None = None, trust: TrustPolicy | None = None,
+               within: Path | None = None) -> Model:
+    """Load, verify, check and warm up a bundle; the first real frame then runs at full speed.
+
+    trust: the signature rule (security.trusted_keys); within: the folder the bundle must lie under."""
+    bundle = Bundle.load(bundle_path or config.bundle_path, trust=trust, within=within)
+    if trust is not None and bundle.signature is not None:
+        log.info("bundle %s: signed by key %s", bundle.path, bundle.signature.key_id)
+    elif trust is not None:
+        log.warning("bundle %s is unsigned (taken: security.require_signed_bundles is off)", bundle.path)
     tiler = checked_tiler(config, bundle)
     bundle_range(config, bundle)  # a config threshold outside the new bundle's range is refused up front
     started = time.monotonic()
@@ -88,6 +104,7 @@ def load_model(config: ServiceConfig, bundle_path: Path | None = None) -> Model:
 
     backend = create_backend(bundle, config.model.backend, config.model.threads, warm_up=warm_up,
                              tiles=tiler.tiles)
+    bundle.release()  # verified bytes no backend took (a TensorRT engine ran instead of model.onnx)
     log.info("model %s loaded (%s, threshold %.4g), start and warm-up inference of %d tile(s) took %.0f ms",
              bundle.model_id, backend.describe(), bundle.threshold, tiler.tiles,
              (time.monotonic() - started) * 1000)
@@ -114,11 +131,12 @@ def bundle_range(config: ServiceConfig, bundle: Bundle) -> tuple[float, float]:
     decision = config.decision
     bounds = threshold_range(bundle.threshold, stats.p50 if stats else None, stats.max if stats else None,
                              decision.threshold_min, decision.threshold_max)
-    if decision.threshold is not None:
-        try:
+    try:
+        if decision.threshold is not None:
             check_in_range(decision.threshold, bounds, "decision.threshold")
-        except ConfigError as err:
-            raise ConfigError(f"{config.path}: {err} with bundle {bundle.path}") from None
+        resolve_review(decision.review_threshold, bundle.review_threshold, decision.threshold or bundle.threshold)
+    except ConfigError as err:
+        raise ConfigError(f"{config.path}: {err} with bundle {bundle.path}") from None
     return bounds
 
 
@@ -141,6 +159,8 @@ class Service:
         self.ready = threading.Event()
         self.threshold_source = "bundle"
         self.threshold_bounds: tuple[float, float] = (0.0, float("inf"))
+        self.trust: TrustPolicy | None = None  # security.trusted_keys, read once at start
+        self._reload_lock = threading.Lock()
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
@@ -176,9 +196,12 @@ class Service:
                                    context=self.context, curve=self.curve)
         if config.publish.control_endpoint:
             self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context,
-                                         curve=self.curve)
+                                         curve=self.curve, slow=("reload",))
+        self.trust = trust_policy(config)
+        if self.trust is not None:
+            log.info("bundles: %s", self.trust.describe())
         with extending_start(self.notifier, "loading the model (a TensorRT engine build takes minutes)"):
-            model = load_model(config)
+            model = load_model(config, trust=self.trust)
         if config.model.workers > 1 and not model.backend.thread_safe:
             log.warning("model.workers %d: %s is not thread-safe, so frames enter it one at a time (the workers "
                         "overlap only the steps around inference)", config.model.workers, model.backend.describe())
@@ -215,7 +238,9 @@ class Service:
     def _decision_params(self, bundle: Bundle, threshold: float | None = None) -> DecisionParams:
         decision = self.config.decision
         value = threshold or decision.threshold or bundle.threshold
-        return DecisionParams(threshold=value, min_defect_area=decision.min_defect_area, max_boxes=decision.max_boxes)
+        return DecisionParams(threshold=value, min_defect_area=decision.min_defect_area, max_boxes=decision.max_boxes,
+                              review_threshold=resolve_review(decision.review_threshold, bundle.review_threshold,
+                                                              value))
 
     # -- supervision -------------------------------------------------------------------------------------------
 
@@ -340,6 +365,7 @@ class Service:
             "processed": stats["processed"],
             "dropped": stats["dropped"],
             "fails": stats["fails"],
+            "reviews": stats["reviews"],
             "errors": stats["errors"],
             "reconnects": camera.get("reconnects", 0),
             "disconnects": camera.get("disconnects", 0),
@@ -351,7 +377,9 @@ class Service:
             "model": {"id": model.model_id, "sha256": model.sha256, "meta_sha256": model.bundle.meta_sha256}
             if model else None,
             "threshold": self.inspector.params.threshold if self.inspector else None,
+            "review_threshold": self.inspector.params.review_threshold if self.inspector else None,
             "threshold_source": self.threshold_source,
+            "threshold_certified": self._threshold_certified(),
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
         }
@@ -378,6 +406,8 @@ class Service:
                                                             "backend": model.backend.describe()},
                 "threshold": params.threshold, "bundle_threshold": model.bundle.threshold,
                 "threshold_range": list(self.threshold_bounds), "threshold_source": self.threshold_source,
+                "threshold_certified": self._threshold_certified(),
+                "review_threshold": params.review_threshold, "bundle_review_threshold": model.bundle.review_threshold,
                 "min_defect_area": params.min_defect_area, "tiling": model.tiler.describe(),
                 "config": {"path": self.config.path, **config_to_dict(self.config)}}
 
@@ -399,23 +429,69 @@ class Service:
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise ConfigError(f"threshold: expected a finite number > 0, got {shown}")
         value = check_in_range(validate_threshold(value), self.threshold_bounds)
-        previous = inspector.params.threshold
-        inspector.set_threshold(value)
+        previous, review = inspector.params.threshold, self._review_for(request, value, inspector.params)
+        inspector.set_thresholds(value, review)
         self.threshold_source = f"control socket ({request.get('_peer') or 'unknown peer'})"
         # WARNING, not INFO: a moved threshold changes verdicts, so it must stand out in the journal.
         log.warning("threshold changed: %.6g -> %.6g by the %s (bundle %s, allowed %.6g..%.6g)", previous, value,
                     self.threshold_source, inspector.model.model_id, *self.threshold_bounds)
         if self.publisher:
             self.publisher.request_health()  # subscribers see the new threshold at once, not 5 s later
-        return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds)}
+        return {"threshold": value, "previous": previous, "threshold_range": list(self.threshold_bounds),
+                "review_threshold": review}
+
+    def _threshold_certified(self) -> bool:
+        """True only while the bundle's own threshold is in use and it is a certified conformal one: a threshold
+        chosen on labelled images, or moved by config or the control socket, guarantees no false-reject rate."""
+        inspector = self.inspector
+        return bool(inspector is not None and self.threshold_source == "bundle"
+                    and inspector.model.bundle.meta.threshold.guarantees_false_reject_rate
+                    and inspector.params.threshold == inspector.model.bundle.threshold)
+
+    @staticmethod
+    def _review_for(request: dict[str, Any], threshold: float, params: DecisionParams) -> float | None:
+        """set_threshold and the review band: `review_threshold` in the request sets the band's pass threshold
+        too (null or "off": no band); without it the band keeps its pass threshold, and a threshold at or under
+        it is refused (the band is never dropped or moved as a side effect)."""
+        if "review_threshold" not in request:
+            current = params.review_threshold
+            if current is not None and not current < threshold:
+                raise ConfigError(f"threshold: {threshold:.6g} is at or under the review band's pass threshold "
+                                  f"{current:.6g}: send review_threshold too (a number below the threshold, or null "
+                                  "to turn the band off)")
+            return current
+        review = request["review_threshold"]
+        if review is None or review == "off":
+            return None
+        if isinstance(review, str):
+            try:
+                review = float(review)
+            except ValueError:
+                pass
+        if isinstance(review, bool) or not isinstance(review, (int, float)):
+            raise ConfigError(f"review_threshold: expected a finite number > 0 or null, got {str(review)[:40]!r}")
+        return check_review_threshold(review, threshold)
 
     def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Load a bundle (default: the configured folder again) and swap it in between two frames."""
+        """Load a bundle (default: the configured folder again) and swap it in between two frames.
+
+        Runs on its own thread (ControlServer `slow`). A folder named in the request resolves against the
+        config file's folder (never the working directory) and must lie under security.bundle_root; the
+        bundle must pass the signature rule the service started with."""
         path = request.get("bundle", request.get("value"))
         if path is not None and not isinstance(path, str):
             raise ConfigError(f"reload: bundle must be a folder path string, got {type(path).__name__}")
         inspector, _ = self._running()
-        model = load_model(self.config, Path(path) if path else None)
+        with self._reload_lock:
+            chosen = self.config.resolve(path).absolute() if path else None
+            model = load_model(self.config, chosen, trust=self.trust,
+                               within=bundle_root(self.config) if chosen is not None else None)
+            if self.stop_event.is_set():  # stopping meanwhile: the old model finishes the frames in flight
+                model.backend.close()
+                raise ConfigError("reload: the service is stopping")
+            return self._swap(inspector, model, request)
+
+    def _swap(self, inspector: Inspector, model: Model, request: dict[str, Any]) -> dict[str, Any]:
         previous = inspector.model.model_id
         params = self._decision_params(model.bundle)
         self.threshold_bounds = bundle_range(self.config, model.bundle)
@@ -425,7 +501,8 @@ class Service:
                     previous, model.model_id, params.threshold)
         if self.publisher:
             self.publisher.request_health()
-        return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold}
+        return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold,
+                "signed_by": model.bundle.signature.key_id if model.bundle.signature else None}
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -473,15 +550,19 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
     source = create_source(config.camera)
     line = f"{config_path}: OK (camera {config.camera.id}: {source.describe()}"
     if not skip_bundle:
-        bundle = Bundle.load(config.bundle_path)
+        bundle = Bundle.load(config.bundle_path, trust=trust_policy(config))
         tiler = checked_tiler(config, bundle)
         low, high = bundle_range(config, bundle)
         # The graph is run once on a mid-grey probe (CPU): a misshapen or NaN map is refused here too.
         create_backend(bundle, "onnxruntime", threads=1, warm_up=lambda b: probe_backend(b, bundle, tiler.tiles),
                        tiles=tiler.tiles).close()
         threshold = config.decision.threshold or bundle.threshold
+        review = resolve_review(config.decision.review_threshold, bundle.review_threshold, threshold)
         line += (f"; {tiler.describe()}; model {bundle.model_id}, threshold {threshold:.6g} "
-                 f"(allowed {low:.6g}..{high:.6g})")
+                 + (f"with a review band over {review:.6g} " if review is not None else "")
+                 + f"(allowed {low:.6g}..{high:.6g})")
+        if bundle.signature is not None:
+            line += f"; signed by key {bundle.signature.key_id}"
     if config.security.curve_secret_key:
         from edge_inspector.core.keys import load_client_keys, load_secret_key
 

@@ -58,6 +58,7 @@ class ArchiveStats:
     stale_removed: int = 0  # temporary files of interrupted writes, removed at start
     entries: int = 0
     bytes: int = 0
+    reviews: int = 0  # of `saved`, verdict review (the review band's parts, kept for the person judging them)
 
 
 class Archive:
@@ -175,6 +176,7 @@ class Archive:
             raise
         self.entries[stem] = sum(len(data) for _, data in blobs)
         self.stats.saved += 1
+        self.stats.reviews += result.verdict == "review"
         if self._failing:
             log.info("archive: writing to %s again", self.folder)
             self._failing = False
@@ -202,7 +204,7 @@ class Archive:
             self._failing = True
 
     def snapshot(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "saved": self.stats.saved, "skipped": self.stats.skipped,
-                "errors": self.stats.errors, "removed": self.stats.removed, "stale_removed": self.stats.stale_removed,
-                "entries": self.stats.entries,
+        return {"folder": str(self.folder), "saved": self.stats.saved, "reviews": self.stats.reviews,
+                "skipped": self.stats.skipped, "errors": self.stats.errors, "removed": self.stats.removed,
+                "stale_removed": self.stats.stale_removed, "entries": self.stats.entries,
                 "megabytes": round(self.stats.bytes / 1048576, 2), "failing": self._failing}

@@ -21,13 +21,14 @@ from msgspec import Meta
 from edge_inspector.core import schema
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.schema import NON_BLANK, Pair, Rect, Text, expect, internal
+from edge_inspector.core.signing import TrustPolicy, load_public_key
 from edge_inspector.core.tiling import MIN_MAP_SCALE
 from edge_inspector.core.wire import check_camera_id
 
 Source = Annotated[Annotated[int, Meta(ge=0)] | Annotated[str, Meta(pattern=NON_BLANK)],
                    expect("a device index (integer >= 0) or a path, URL or GStreamer pipeline")]
-Verdicts = Annotated[tuple[Literal["pass", "fail", "error"], ...], Meta(min_length=1),
-                     expect("a non-empty list of pass, fail, error")]
+Verdicts = Annotated[tuple[Literal["pass", "review", "fail", "error"], ...], Meta(min_length=1),
+                     expect("a non-empty list of pass, review, fail, error")]
 
 
 def doc(text: str) -> Meta:
@@ -89,6 +90,9 @@ class DecisionConfig:
     min_defect_area: Annotated[int, Meta(ge=0), doc("fail only when a connected over-threshold region exceeds "
                                                     "this many pixels")] = 0
     max_boxes: Annotated[int, Meta(ge=0, le=1000), doc("defect boxes reported per frame (largest first)")] = 20
+    review_threshold: Annotated[Annotated[float, Meta(gt=0.0)] | Literal["off"] | None,
+                                doc("review band's pass threshold override: parts over it that do not fail get "
+                                    "the verdict review (off: no band; null: the bundle's band, if any)")] = None
     threshold_min: Annotated[Annotated[float, Meta(gt=0.0)] | None,
                              doc("lowest threshold allowed (config or set_threshold); null: the bundle's median "
                                  "good-part score")] = None
@@ -134,7 +138,8 @@ class ArchiveConfig:
     folder: Annotated[Text | None, doc("where (relative paths: to this config file); null: "
                                        "$STATE_DIRECTORY/archive/<camera id> under systemd, else archive/ beside "
                                        "the config")] = None
-    verdicts: Annotated[Verdicts, doc("which verdicts to keep")] = ("fail",)
+    verdicts: Annotated[Verdicts, doc("which verdicts to keep (review: the review band's uncertain parts)")] = (
+        "fail", "review")
     max_files: Annotated[int, Meta(ge=1), doc("frames kept; oldest removed first")] = 1000
     max_megabytes: Annotated[float, Meta(gt=0.0), doc("total size cap; oldest removed first")] = 500.0
     image_format: Annotated[Literal["png", "jpg"], doc("frame file format")] = "png"
@@ -153,6 +158,13 @@ class SecurityConfig:
                                                "any client that has the service's public key")] = None
     control_clients: Annotated[Text | None, doc("folder of client public keys allowed on the control socket "
                                                 "(required with CURVE)")] = None
+    trusted_keys: Annotated[tuple[Text, ...], doc("public keys (.pub files from `edge-export keygen`) whose bundle "
+                                                  "signatures this device trusts; a signed bundle is checked "
+                                                  "against them (relative paths: to this config file)")] = ()
+    require_signed_bundles: Annotated[bool, doc("refuse, at start and reload, a bundle not signed by one of "
+                                                "trusted_keys (the production setting: true)")] = False
+    bundle_root: Annotated[Text | None, doc("`reload` takes only bundle folders under this folder (relative: to "
+                                            "this config file); null: the folder holding model.bundle")] = None
 
 
 @dataclass
@@ -201,6 +213,21 @@ class ServiceConfig:
         return ConfigError(f"{self.path}: {key}: {message}")
 
 
+def trust_policy(config: ServiceConfig) -> TrustPolicy | None:
+    """The signature rule for this service's bundles (None: no keys named, signatures are not checked)."""
+    security = config.security
+    if not security.trusted_keys:
+        return None
+    keys = [load_public_key(config.resolve(name)) for name in security.trusted_keys]
+    return TrustPolicy(keys, security.require_signed_bundles)
+
+
+def bundle_root(config: ServiceConfig) -> Path:
+    """The folder `reload` may take bundles from, absolute (resolved against the config file's folder)."""
+    root = config.resolve(config.security.bundle_root) if config.security.bundle_root else config.bundle_path.parent
+    return root.absolute()
+
+
 def _cross_checks(config: ServiceConfig) -> None:
     """Rules that involve more than one key."""
     if not config.model.bundle:
@@ -236,6 +263,9 @@ def _cross_checks(config: ServiceConfig) -> None:
     security = config.security
     if security.curve_secret_key is None and (security.result_clients or security.control_clients):
         raise config.error("security.curve_secret_key", "required when result_clients or control_clients is set")
+    if security.require_signed_bundles and not security.trusted_keys:
+        raise config.error("security.trusted_keys", "required with require_signed_bundles: the public key files "
+                           "of the workstations allowed to sign bundles")
     if security.curve_secret_key and config.publish.control_endpoint and not security.control_clients:
         raise config.error("security.control_clients", "required with CURVE: a folder with the public keys of the "
                            "clients allowed to change the threshold")

@@ -2,12 +2,16 @@
 
 Any local process can reach this socket (CURVE keys are optional), so it is built to survive anything it is
 sent: wrong frame counts, oversized or non-UTF-8 messages, deep nesting, unknown commands, handler bugs.
+Slow commands (`reload`: read, verify and warm up a bundle) run on a thread of their own and are answered
+when done, so the socket keeps answering `status` meanwhile, and a SIGTERM during a reload still closes it
+(a reload on this thread once held the socket silent for 42 s and kept the process from exiting).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -36,8 +40,11 @@ class ControlServer:
     MAX_FRAMES = 8  # envelope (identity, delimiter) + one request frame; more is malformed
 
     def __init__(self, endpoint: str, handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]],
-                 context: zmq.Context | None = None, curve: Any | None = None):
+                 context: zmq.Context | None = None, curve: Any | None = None, slow: tuple[str, ...] = ()):
         self.handlers = handlers
+        self.slow = frozenset(slow)  # commands run off this thread, one at a time each, answered when done
+        self._running: dict[str, threading.Thread] = {}
+        self._finished: queue.SimpleQueue[tuple[list[Any], dict[str, Any]]] = queue.SimpleQueue()
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -63,8 +70,9 @@ class ControlServer:
         try:
             while not self.stop_event.is_set():
                 try:
-                    if poller.poll(200):
+                    if poller.poll(20 if self._running else 200):
                         self._serve_one()
+                    self._send_finished()
                 except zmq.ContextTerminated:
                     return
                 except Exception:  # never leave the loop for a request's sake: log and take the next one
@@ -84,24 +92,72 @@ class ControlServer:
             got = len(frames) - len(envelope)
             reply: dict[str, Any] = {"ok": False, "error": f"request must be one frame, got {got}"}
         else:
-            reply = self.handle(body.bytes, peer_of(frames[0]))
+            request = self.parse(body.bytes, peer_of(frames[0]))
+            if "command" in request and request["command"] in self.slow:
+                started = self._start_slow(envelope, request)
+                if started is None:
+                    return  # answered by _send_finished when it is done
+                reply = started
+            else:
+                reply = request if "command" not in request else self.call(request)
             self.refused += int(not reply.get("ok"))
+        self._send(envelope, reply)
+
+    def _send(self, envelope: list[Any], reply: dict[str, Any]) -> None:
         try:
             self.socket.send_multipart([*envelope, dumps_strict(reply)], zmq.NOBLOCK)
         except zmq.Again:
             log.debug("control reply dropped: the client is not reading")
 
+    def _start_slow(self, envelope: list[Any], request: dict[str, Any]) -> dict[str, Any] | None:
+        """Run a slow command on its own thread (None), or the refusal when one of its kind is running."""
+        name = request["command"]
+        running = self._running.get(name)
+        if running is not None and running.is_alive():
+            return {"ok": False, "error": f"a {name} is already running; try again when it has answered"}
+
+        def work() -> None:
+            reply = self.call(request)
+            self._finished.put((envelope, reply))
+
+        thread = threading.Thread(target=work, name=f"edge-control-{name}", daemon=True)
+        self._running[name] = thread
+        thread.start()
+        return None
+
+    def _send_finished(self) -> None:
+        while True:
+            try:
+                envelope, reply = self._finished.get_nowait()
+            except queue.Empty:
+                break
+            self.refused += int(not reply.get("ok"))
+            self._send(envelope, reply)
+        for name in [n for n, t in self._running.items() if not t.is_alive()]:
+            del self._running[name]
+
     def handle(self, raw: bytes, peer: str = "") -> dict[str, Any]:
+        """The reply to one request, computed on the calling thread (slow commands included)."""
+        request = self.parse(raw, peer)
+        return request if "command" not in request else self.call(request)
+
+    def parse(self, raw: bytes, peer: str = "") -> dict[str, Any]:
+        """The request with `_peer` set, or an error reply (no `command` key) for a malformed one."""
         try:
             request = parse_request(raw)
         except ValueError as err:
             return {"ok": False, "error": str(err)}
         request["_peer"] = peer  # set here, after parsing: a client cannot claim another origin
         name = request["command"]
-        handler = self.handlers.get(name)
-        if handler is None:
+        if name not in self.handlers:
             shown = name if len(name) <= 40 else name[:37] + "..."
             return {"ok": False, "error": f"unknown command {shown!r} (expected one of {', '.join(self.handlers)})"}
+        return request
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run a parsed request's handler; any failure is a one-line error reply."""
+        name = request["command"]
+        handler = self.handlers[name]
         try:
             reply = handler(request)
         except InspectorError as err:

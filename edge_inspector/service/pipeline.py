@@ -56,7 +56,7 @@ PAUSE_GAP_S = 2.0
 class Result:
     sequence: int
     frame: Frame
-    verdict: str  # pass | fail | error
+    verdict: str  # pass | review | fail | error
     model_id: str
     model_sha256: str
     decision: Decision | None = None
@@ -84,6 +84,7 @@ class Stats:
         self.processed = 0
         self.passes = 0
         self.fails = 0
+        self.reviews = 0  # verdict review: the uncertain parts sent to a person (review band)
         self.errors = 0
         self.published = 0
         self.publish_errors = 0
@@ -117,7 +118,8 @@ class Stats:
 
         return {"uptime_s": round(time.monotonic() - self.started, 1), "fps": round(self.fps(), 2),
                 "captured": self.captured, "dropped": self.dropped, "processed": self.processed,
-                "passes": self.passes, "fails": self.fails, "errors": self.errors, "published": self.published,
+                "passes": self.passes, "fails": self.fails, "reviews": self.reviews, "errors": self.errors,
+                "published": self.published,
                 "publish_errors": self.publish_errors, "last_sequence": self.last_sequence,
                 "latency_ms": {"p50": pct(latency, 50), "p99": pct(latency, 99)},
                 "inference_ms": {"p50": pct(inference, 50), "p99": pct(inference, 99)}}
@@ -412,6 +414,8 @@ class Pipeline:
                 stats.fails += 1
             elif result.verdict == "pass":
                 stats.passes += 1
+            elif result.verdict == "review":
+                stats.reviews += 1
             else:
                 stats.errors += 1
                 if result.error != last_error or stats.errors % 100 == 1:

@@ -2,18 +2,20 @@
 
 A line engineer holding two bundle folders needs to tell them apart and to know what the threshold rests on
 without reading YAML: kind and backbone, input size and tiling, the threshold and whether the false-reject
-rate it claims is certified, what it was trained on, which engines are built, and how big it is.
+rate it claims is certified (only the conformal rule certifies one; a threshold chosen on labelled images shows its
+in-sample rates and says so), what it was trained on, which engines are built, and how big it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edge_inspector.core.bundle import Bundle
+from edge_inspector.core.bundle import Bundle, ThresholdInfo
 
 
 def _size(path: Path) -> int:
@@ -37,9 +39,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "map_blur_sigma": meta.map_blur_sigma,
         "tiling": {"rows": tiling.rows, "cols": tiling.cols, "mode": tiling.mode, "tile_size": tiling.tile_size,
                    "stride": tiling.stride, "roi": tiling.roi},
-        "threshold": {"value": t.value, "rule": t.rule, "target_false_reject_rate": t.target_false_reject_rate,
-                      "certified": t.certified, "images_needed": t.images_needed,
-                      "f1_optimal_value": t.f1_optimal_value, "note": t.note},
+        "threshold": threshold_facts(t),
         "score_stats": None if meta.score_stats is None else vars(meta.score_stats),
         "training": vars(training),
         "engines": [rel for rel in files if rel.startswith("engines/")],
@@ -62,16 +62,67 @@ def _tiling_line(tiling: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+CONFORMAL_RULE = "conformal_false_reject_rate"
+
+
+def threshold_facts(t: ThresholdInfo) -> dict[str, Any]:
+    """The threshold as `info` reports it. `certified` is true only for a certified conformal threshold: a
+    bundle written before that rule was enforced may say `certified: true` beside an escape-rate threshold
+    (fryum, 2026-12: it rejected 3 of 26 good parts), and `info` must not repeat that claim."""
+    return {"value": t.value, "rule": t.rule, "target_false_reject_rate": t.target_false_reject_rate,
+            "certified": t.guarantees_false_reject_rate, "images_needed": t.images_needed,
+            "conformal_value": t.conformal_value, "f1_optimal_value": t.f1_optimal_value,
+            "target_escape_rate": t.target_escape_rate,
+            "validation": None if t.validation_false_reject_rate is None else {
+                "false_reject_rate": t.validation_false_reject_rate, "false_rejects": t.validation_false_rejects,
+                "good": t.validation_good_count, "escape_rate": t.validation_escape_rate,
+                "escapes": t.validation_escapes, "defects": t.validation_defect_count,
+                "in_sample": bool(t.in_sample or t.rule != CONFORMAL_RULE)},
+            "review": None if t.review is None else dataclasses.asdict(t.review),
+            "note": t.note}
+
+
+def _rate(rate: float | None, part: int | None, whole: int | None) -> str:
+    shown = "?" if rate is None else f"{100 * rate:.1f}%"
+    return f"{part} of {whole} ({shown})" if part is not None and whole is not None else shown
+
+
 def _threshold_line(t: dict[str, Any]) -> str:
-    if t["rule"] == "conformal_false_reject_rate":
+    """One line that never claims more than the rule gives: a false-reject guarantee only for the conformal
+    rule, and the rates of a threshold chosen on labelled images called in-sample."""
+    if t["rule"] == CONFORMAL_RULE:
         rate = t["target_false_reject_rate"]
         status = ("certified" if t["certified"]
                   else f"NOT certified (needs >= {t['images_needed']} good training images)")
         line = f"{t['value']:.6g}, target false-reject rate {rate:g}: {status}"
     else:
-        line = f"{t['value']:.6g} ({t['rule']})"
+        target = f", target escape rate {t['target_escape_rate']:g}" if t["target_escape_rate"] is not None else ""
+        line = f"{t['value']:.6g} ({t['rule']}{target}): no false-reject rate is guaranteed"
+        if t["rule"] in ("f1_optimal", "escape_rate"):
+            line += " (chosen on labelled images)"
+        if t["conformal_value"] is not None:
+            line += f"; the conformal threshold {t['conformal_value']:.6g} is not used"
+    v = t["validation"]
+    if v is not None:
+        basis = ("in-sample, on the images it was chosen on" if v["in_sample"]
+                 else "on labelled images not used to choose it")
+        line += (f"\n            {basis}: rejects {_rate(v['false_reject_rate'], v['false_rejects'], v['good'])} "
+                 f"good, passes {_rate(v['escape_rate'], v['escapes'], v['defects'])} defects")
+        if v["in_sample"]:
+            line += "; new parts will do worse"
     if t["f1_optimal_value"] is not None:
         line += f"; F1-optimal on the validation folder {t['f1_optimal_value']:.6g}"
+    return line
+
+
+def _review_line(r: dict[str, Any]) -> str:
+    line = (f"pass at or under {r['value']:.6g}, review up to the threshold: at most {r['target_rate']:g} of good "
+            f"parts to review ({'split-conformal bound' if r['guaranteed'] else 'NOT guaranteed'}, "
+            f"{r['good_count']} out-of-sample good scores); cross-validated {r['cross_validated_in_band']} of "
+            f"{r['good_count']} ({100 * r['cross_validated_rate']:.1f}%)")
+    if r["labelled_defect_count"] is not None:
+        line += (f"; labelled: {r['defects_auto_passed']} of {r['labelled_defect_count']} defects auto-passed, "
+                 f"{r['defects_in_band']} to review")
     return line
 
 
@@ -89,6 +140,8 @@ def format_info(facts: dict[str, Any]) -> str:
         f"tiling      {_tiling_line(facts['tiling'])}",
         f"threshold   {_threshold_line(facts['threshold'])}",
     ]
+    review = facts["threshold"]["review"]
+    lines.append("review band " + ("none (verdicts pass / fail)" if review is None else _review_line(review)))
     if stats:
         lines.append(f"good scores out-of-sample: n={stats['count']}, median {stats['p50']:.4g}, "
                      f"p99 {stats['p99']:.4g}, max {stats['max']:.4g}")

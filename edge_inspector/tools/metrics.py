@@ -26,6 +26,7 @@ from edge_inspector.core.operating_point import (
     Confusion,
     OperatingPoint,
     as_labels,
+    band_outcome,
     confusion_at,
     f1_optimal_threshold,
     format_tradeoff,
@@ -179,6 +180,29 @@ def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
+class ReviewReport:
+    """The review band on labelled images: what the line's three verdicts do (scores only, like the confusion).
+
+    Shares "among" a verdict are of the parts given that verdict, the figures a line lives with: of the parts
+    shipped unchecked, how many were defective; of those scrapped, how many were good; and how much of the flow a
+    person has to look at.
+    """
+
+    review_threshold: float
+    auto_passed: int  # parts at or under the review threshold
+    escapes_among_auto_passed: int  # of those, defective
+    escape_rate_among_auto_passed: float
+    auto_failed: int  # parts over the threshold
+    false_rejects_among_auto_failed: int  # of those, good
+    false_reject_rate_among_auto_failed: float
+    review: int  # parts between the two
+    review_rate: float  # of all parts
+    good_review_rate: float  # of good parts: what the band costs in a person's time
+    defects_auto_passed_rate: float  # of defective parts: the escapes left with the band
+    defects_review_rate: float  # of defective parts: the ones a person now catches
+
+
+@dataclass
 class EvaluationReport:
     """All numbers replay shows for a labelled folder; scores and thresholds in the same (raw) units."""
 
@@ -201,6 +225,7 @@ class EvaluationReport:
     # False-reject vs escape rate at the thresholds that reach 0, 0.5, 1, 2, 5, 10, 20% false rejects on
     # these good images: what another threshold would cost (empty without both good and defective images).
     tradeoff: list[OperatingPoint] = field(default_factory=list)
+    review: ReviewReport | None = None  # with a review band (the bundle's or replay --review-threshold)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (python floats/ints, nested dicts)."""
@@ -228,12 +253,48 @@ class EvaluationReport:
         if self.num_defective and self.confusion.escape_rate > LOUD_ESCAPE_RATE:
             lines += ["", f"WARNING: the bundle threshold lets {_pct(self.confusion.escape_rate)} of these "
                           "defective parts pass; choose a threshold from the trade-off above"]
+        if self.review is not None:
+            lines += ["", self.review_lines()]
         lines += ["", f"{'defect type':<18}{'images':>8}{'flagged':>9}{'recall':>9}{'mean score':>12}"]
         for name, count in self.counts.items():
             recall = "-" if name == GOOD else _pct(self.per_defect_recall.get(name, 0.0))
             lines.append(f"{name:<18}{count:>8}{self.flagged.get(name, 0):>9}{recall:>9}"
                          f"{self.mean_score.get(name, float('nan')):>12.6g}")
         return "\n".join(lines)
+
+
+    def review_lines(self) -> str:
+        r = self.review
+        assert r is not None
+        return "\n".join([
+            f"review band (pass at or under {r.review_threshold:.6g}, fail over {self.threshold:.6g}):",
+            f"  auto-passed  {r.auto_passed:>6}   escapes among them {r.escapes_among_auto_passed} "
+            f"({_pct(r.escape_rate_among_auto_passed)}); {_pct(r.defects_auto_passed_rate)} of the defects",
+            f"  review       {r.review:>6}   {_pct(r.review_rate)} of all parts; {_pct(r.good_review_rate)} of good "
+            f"parts, {_pct(r.defects_review_rate)} of defects",
+            f"  auto-failed  {r.auto_failed:>6}   false rejects among them {r.false_rejects_among_auto_failed} "
+            f"({_pct(r.false_reject_rate_among_auto_failed)})"])
+
+
+def review_report(scores: np.ndarray, labels: np.ndarray, review_threshold: float,
+                  threshold: float) -> ReviewReport:
+    """The review band's three-way outcome on labelled scores (core.operating_point.band_outcome)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = as_labels(labels, scores.size)
+    o = band_outcome(scores[~labels], scores[labels], review_threshold, threshold)
+    return ReviewReport(
+        review_threshold=float(review_threshold), auto_passed=o.auto_passed,
+        escapes_among_auto_passed=o.defects_passed,
+        escape_rate_among_auto_passed=_share(o.defects_passed, o.auto_passed), auto_failed=o.auto_failed,
+        false_rejects_among_auto_failed=o.good_failed,
+        false_reject_rate_among_auto_failed=_share(o.good_failed, o.auto_failed), review=o.review,
+        review_rate=_share(o.review, scores.size), good_review_rate=_share(o.good_review, o.good_count),
+        defects_auto_passed_rate=_share(o.defects_passed, o.defect_count),
+        defects_review_rate=_share(o.defects_review, o.defect_count))
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
 
 
 def _fmt(value: float | None) -> str:
@@ -264,7 +325,7 @@ MasksLike = np.ndarray | Sequence[np.ndarray | None]
 
 def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float, maps: MapsLike | None = None,
              masks: MasksLike | None = None, defect_types: Sequence[str] | None = None,
-             fpr_limit: float = 0.3) -> EvaluationReport:
+             fpr_limit: float = 0.3, review_threshold: float | None = None) -> EvaluationReport:
     """Every metric for one replay run; metrics the data cannot support come back as None, not errors.
 
     `masks` may be an (N,H,W) bool array or a per-image list where None means "no mask": good images
@@ -294,6 +355,8 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float, maps: Map
     _fill_per_type(report, scores, labels, np.asarray(types, dtype=object), threshold)
     if both:
         report.tradeoff = tradeoff_table(scores[~labels], scores[labels])
+    if review_threshold is not None:
+        report.review = review_report(scores, labels, review_threshold, threshold)
     return report
 
 

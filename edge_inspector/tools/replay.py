@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_inspector.backends import BACKEND_KINDS, Backend, create_backend
 from edge_inspector.core.bundle import Bundle
-from edge_inspector.core.decision import DecisionParams
+from edge_inspector.core.decision import DecisionParams, resolve_review
 from edge_inspector.core.errors import DataError, InspectorError
 from edge_inspector.core.images import list_images, list_non_images, read_image, read_mask, shown
 from edge_inspector.core.inspect import Inspector, Model, bundle_tiler
@@ -40,7 +40,7 @@ class ReplayRow:
     path: str
     score: float | None
     normalised_score: float | None
-    verdict: str  # pass | fail | error
+    verdict: str  # pass | review | fail | error
     latency_ms: float | None
     error: str = ""
 
@@ -54,7 +54,7 @@ class ReplaySummary:
 
     @property
     def counts(self) -> dict[str, int]:
-        out = {"pass": 0, "fail": 0, "error": 0}
+        out = {"pass": 0, "review": 0, "fail": 0, "error": 0}
         for row in self.rows:
             out[row.verdict] += 1
         return out
@@ -78,7 +78,7 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
     paths = [item.path for item in labelled] if labelled is not None else list_images(folder)
     if not paths:
         raise DataError(f"{folder}: no images (png, jpg, bmp, tiff) found")
-    params = params or DecisionParams(threshold=bundle.threshold)
+    params = params or DecisionParams(threshold=bundle.threshold, review_threshold=bundle.review_threshold)
     inspector = Inspector(Model(bundle, backend, bundle_tiler(bundle)), params)
     summary = ReplaySummary(skipped_files=len(list_non_images(folder)))
     if summary.skipped_files:
@@ -111,7 +111,7 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
             kept_items.append(items[index])
             kept_scores.append(decision.score)
     if kept_items:
-        summary.report = _evaluate(kept_items, kept_scores, kept_maps, params.threshold)
+        summary.report = _evaluate(kept_items, kept_scores, kept_maps, params.threshold, params.review_threshold)
     return summary
 
 
@@ -126,7 +126,7 @@ def _count_unlisted(folder: Path, listed: list[Path], labels_csv: Path) -> int:
 
 
 def _evaluate(items: list[LabeledImage], scores: list[float], maps: list[np.ndarray],
-              threshold: float) -> EvaluationReport:
+              threshold: float, review_threshold: float | None = None) -> EvaluationReport:
     masks: list[np.ndarray | None] = []
     for item, heatmap in zip(items, maps):
         if item.mask_path is not None:
@@ -138,7 +138,7 @@ def _evaluate(items: list[LabeledImage], scores: list[float], maps: list[np.ndar
     has_masks = any(m is not None and m.any() for m in masks)
     return evaluate(np.asarray(scores), np.asarray([i.label for i in items]), threshold,
                     maps=maps if has_masks else None, masks=masks if has_masks else None,
-                    defect_types=[i.defect_type for i in items])
+                    defect_types=[i.defect_type for i in items], review_threshold=review_threshold)
 
 
 def _write_overlay(overlays: Path, folder: Path, path: Path, image: np.ndarray) -> None:
@@ -162,7 +162,18 @@ def write_results(path: Path, rows: list[ReplayRow]) -> None:
 
 
 def _area(params: DecisionParams) -> str:
-    return f", min defect area {params.min_defect_area} px" if params.min_defect_area else ""
+    band = f", review over {params.review_threshold:.6g}" if params.review_threshold is not None else ""
+    return band + (f", min defect area {params.min_defect_area} px" if params.min_defect_area else "")
+
+
+def _review_option(text: str | None) -> float | str | None:
+    """--review-threshold: a number, `off`, or absent (the bundle's band)."""
+    if text is None or text.strip().lower() == "off":
+        return None if text is None else "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"--review-threshold: expected a number > 0 or off, got {text!r}") from None
 
 
 def _num(value: float | None, digits: int = 6) -> str:
@@ -185,18 +196,23 @@ def _num(value: float | None, digits: int = 6) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (CPU).")
 @click.option("--threshold", type=float, default=None,
               help="Decide with this threshold instead of the bundle's (as the line's decision.threshold).")
+@click.option("--review-threshold", default=None,
+              help="The review band's pass threshold (as the line's decision.review_threshold), or off; default "
+                   "the bundle's band, if it has one.")
 @click.option("--min-defect-area", type=click.IntRange(min=0), default=0, show_default=True,
               help="Fail only when an over-threshold region exceeds this many pixels (the line's "
                    "decision.min_defect_area): replay then gives the verdicts that line would.")
 def replay_command(folder: Path, bundle_dir: Path, results: Path | None, overlays: Path | None,
                    labels_csv: Path | None, metrics_file: Path | None, backend: str, threads: int | None,
-                   threshold: float | None, min_defect_area: int) -> None:
+                   threshold: float | None, min_defect_area: int, review_threshold: str | None = None) -> None:
     """Score every image under FOLDER with a bundle; evaluate it when labels exist."""
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     bundle = Bundle.load(bundle_dir)
-    params = DecisionParams(threshold=threshold if threshold is not None else bundle.threshold,
-                            min_defect_area=min_defect_area)
+    value = threshold if threshold is not None else bundle.threshold
+    params = DecisionParams(threshold=value, min_defect_area=min_defect_area,
+                            review_threshold=resolve_review(_review_option(review_threshold), bundle.review_threshold,
+                                                            value, "--review-threshold"))
     runtime = create_backend(bundle, backend, threads=threads)
     summary = replay_folder(folder, bundle, runtime, overlays, labels_csv, params=params)
     results = results or Path(f"{folder.resolve().name}-results.csv")
@@ -204,12 +220,14 @@ def replay_command(folder: Path, bundle_dir: Path, results: Path | None, overlay
     counts = summary.counts
     skipped = f", {summary.skipped_files} non-image files skipped" if summary.skipped_files else ""
     unlisted = f", {summary.unlisted_images} images not in --labels" if summary.unlisted_images else ""
-    click.echo(f"{len(summary.rows)} images: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error"
+    reviewed = f", {counts['review']} review" if params.review_threshold is not None else ""
+    click.echo(f"{len(summary.rows)} images: {counts['pass']} pass{reviewed}, {counts['fail']} fail, "
+               f"{counts['error']} error"
                f"{skipped}{unlisted}  (threshold {params.threshold:.6g}{_area(params)}, model {bundle.model_id})"
                f" -> {results}")
     if overlays is not None:
         click.echo(f"overlays in {overlays}/ (banner: verdict and score / threshold; white outline: over threshold)")
-    if counts["pass"] + counts["fail"] == 0:
+    if counts["pass"] + counts["review"] + counts["fail"] == 0:
         raise DataError(f"{folder}: none of the {len(summary.rows)} images could be scored; see the error column "
                         f"of {results}")
     if summary.report is not None:

@@ -403,7 +403,7 @@ def choose_threshold(good: np.ndarray, graph: ReconstructionGraph, config: Train
         value, confusion = f1_optimal_threshold(scores, labels)
         log.info("F1-optimal threshold %.6g on %d out-of-sample good + %d defective images: F1 %.3f", value,
                  good.size, bad.size, confusion.f1)
-        info = apply_f1_rule(info, value, config.use_f1_threshold)
+        info = apply_f1_rule(info, value, config.use_f1_threshold, good, bad)
     return info
 
 

@@ -103,6 +103,11 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--target-escape", type=float, default=None,
               help="With --validation and --threshold-rule escape: the share of validation defects "
                    "allowed to pass; the threshold is the highest one that keeps to it.")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None,
+              help="Sign the bundle with this private key (edge-export keygen): writes bundle.sig.")
+@click.option("--review-rate", type=float, default=None,
+              help="Add a review band: parts between a pass threshold and the fail threshold get the verdict "
+                   "review, at most this share of good parts (from their out-of-sample scores).")
 def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, layers: str | None,
                 input_size: str,
                 feature_dim: int | None, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
@@ -111,9 +116,14 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
                 batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
                 target_escape: float | None, projection: str | None, position_offset: bool,
-                search_dims: int | None) -> None:
+                search_dims: int | None, sign_key: Path | None, review_rate: float | None = None) -> None:
     """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
     check_output_folder(out_dir, force)
+    signing_key = None
+    if sign_key is not None:  # a bad key fails before minutes of fitting, not after
+        from edge_inspector.core.signing import load_private_key
+
+        signing_key = load_private_key(sign_key)
     if threshold_rule in ("f1", "escape") and validation is None:
         raise DataError(f"--threshold-rule {threshold_rule} needs --validation FOLDER with labelled good and "
                         "defective images")
@@ -121,6 +131,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         raise DataError("--threshold-rule escape and --target-escape RATE go together")
     if target_escape is not None and not 0 <= target_escape < 1:
         raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
+    if review_rate is not None and not 0 < review_rate < 1:
+        raise DataError(f"--review-rate must be in (0, 1), got {review_rate}")
     patchcore_only: dict[str, Any] = {
         "bank_fraction": bank_fraction, "bank_size": bank_size, "projection_dim": projection_dim,
         "position_offset": position_offset or None, "search_dims": search_dims}
@@ -164,7 +176,17 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         from export.validation import calibrate_with_defects
 
         bundle = calibrate_with_defects(bundle, validation, validation_labels, use_f1=threshold_rule == "f1",
-                                        target_escape=target_escape)
+                                        target_escape=target_escape, review_rate=review_rate)
+    elif review_rate is not None:
+        from export.validation import apply_review_band
+
+        bundle = apply_review_band(bundle, review_rate)
+    if sign_key is not None:  # last: the signature covers the final metadata (threshold and band included)
+        from export.commands.sign import sign_bundle
+
+        bundle = sign_bundle(bundle.path, sign_key, signing_key)
+        assert bundle.signature is not None
+        click.echo(f"signed by key {bundle.signature.key_id}")
     t = bundle.meta.threshold
     click.echo(f"bundle written to {bundle.path} ({bundle.model_id})")
     click.echo(f"threshold {t.value:.6g} ({t.rule}): {t.note}")

@@ -128,11 +128,13 @@ def _network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _parse(trt, builder, logger, onnx_path: Path):
+def _parse(trt, builder, logger, onnx_path: Path, graph: bytes | None = None):
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    # parse_from_file (not parse(bytes)) so external weights beside the model are found.
-    if not parser.parse_from_file(str(onnx_path)):
+    # `graph`: the verified bytes (the engine is built from what was hashed); the path still lets the parser
+    # find external weights beside the model. Without bytes (the workstation's own files), parse the file.
+    parsed = parser.parse(graph, str(onnx_path)) if graph is not None else parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         for error in errors:
             log.error("TensorRT ONNX parser: %s", error)
@@ -178,13 +180,14 @@ def _config(trt, builder, options: BuildOptions, size: tuple[int, int], batches:
 
 
 def build_serialized(onnx_path: Path, size: tuple[int, int], options: BuildOptions, batches: tuple[int, int, int],
-                     timing_cache: Path | None = None) -> bytes:
-    """Parse `onnx_path` into a strongly typed network and build a serialized engine for `batches`."""
+                     timing_cache: Path | None = None, graph: bytes | None = None) -> bytes:
+    """Parse `onnx_path` (or its verified bytes `graph`) into a strongly typed network and build a serialized
+    engine for `batches`."""
     options.validate()
     trt = import_tensorrt()
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, onnx_path)
+    network, _parser = _parse(trt, builder, logger, onnx_path, graph)
     _check_network_io(trt, network, onnx_path, size)
     config = _config(trt, builder, options, size, batches)
     if timing_cache is not None:
@@ -238,8 +241,10 @@ def _build_and_save(bundle: Bundle, options: BuildOptions, device: DeviceInfo, w
     rel = f"{ENGINE_DIR}/{engine_filename(device, options.precision)}"
     batches = profile_batches(resolve_tiles(bundle, options.tiles), frame_group(bundle))
     start = time.monotonic()
-    engine = build_serialized(graph_for(bundle, options.precision), bundle.input_size, options, batches,
-                              bundle.path / TIMING_CACHE if writable else None)
+    graph_path = graph_for(bundle, options.precision)
+    graph = bundle.read_verified(graph_path.relative_to(bundle.path).as_posix())  # built from what was hashed
+    engine = build_serialized(graph_path, bundle.input_size, options, batches,
+                              bundle.path / TIMING_CACHE if writable else None, graph=graph)
     seconds = time.monotonic() - start
     saved = False
     if writable:
@@ -305,9 +310,11 @@ def ensure_engine(bundle: Bundle, device: DeviceInfo, precision: str | None,
         log.info("using TensorRT engine %s built earlier by this service", cached[0])
         return cached
     with bundle_lock(bundle) as writable:
-        # Another service on this device may have built it while we waited for the lock.
-        with contextlib.suppress(Exception):
-            bundle.meta.files.update(Bundle.load(bundle.path, verify=False).meta.files)
+        # Another service on this device may have built it while we waited for the lock (not with signatures
+        # required: an engine recorded in bundle.yaml after signing is not trusted; see core.bundle).
+        if not bundle.signed_only:
+            with contextlib.suppress(Exception):
+                bundle.meta.files.update(Bundle.load(bundle.path, verify=False).meta.files)
         chosen = select_engine(bundle.meta.files, device, precision)
         if chosen is not None:
             return chosen, read_verified(bundle, chosen)
@@ -315,7 +322,9 @@ def ensure_engine(bundle: Bundle, device: DeviceInfo, precision: str | None,
         options = BuildOptions(precision=precision, tiles=tiles)
         log.warning("no TensorRT engine in %s for %s (sm%s, TensorRT %s): building a %s engine now, this "
                     "takes minutes", bundle.path, device.gpu_name, device.sm, device.trt_version, precision)
-        result = _build_and_save(bundle, options, device, writable)
+        # With signatures required, an engine written into the bundle would not be trusted next start: keep it
+        # in the service's state directory instead (_keep).
+        result = _build_and_save(bundle, options, device, writable and not bundle.signed_only)
     return _keep(bundle, result, _graph_sha256(bundle, precision))
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_inspector.core.atomic import write_atomic
 from edge_inspector.core.bundle import Bundle
-from edge_inspector.core.errors import BackendError, ConfigError
+from edge_inspector.core.errors import BackendError, BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,12 @@ def graph_for(bundle: Bundle, precision: str) -> Path:
 
 
 def read_verified(bundle: Bundle, rel: str) -> bytes:
-    """An engine recorded in bundle.yaml, refused if it changed since the bundle was loaded."""
-    data = (bundle.path / rel).read_bytes()
-    if hashlib.sha256(data).hexdigest() != bundle.meta.files[rel]:
-        raise BackendError(f"{bundle.path / rel}: sha256 mismatch (engine altered or truncated since the "
-                           "bundle was loaded)")
-    return data
+    """An engine recorded in bundle.yaml, refused if it changed since the bundle was loaded: the bytes
+    deserialised are the bytes hashed (Bundle.read_verified: no link followed, a plain file only)."""
+    try:
+        return bundle.read_verified(rel)
+    except BundleError as err:
+        raise BackendError(f"{err} (engine changed since the bundle was loaded?)") from None
 
 
 def engine_cache_dir(bundle: Bundle, environ: dict[str, str] | None = None) -> Path | None:

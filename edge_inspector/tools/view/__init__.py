@@ -40,6 +40,15 @@ __all__ = ["ViewServer", "view_command"]
 @click.option("--client-buffer", type=click.IntRange(2, 10000), default=64, show_default=True,
               help="Events queued per browser; past it the browser gets a fresh snapshot instead.")
 @click.option("--max-browsers", type=click.IntRange(1, 1000), default=16, show_default=True)
+@click.option("--max-browsers-per-client", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="Event streams one address may hold; past it its oldest stream makes room for the new one.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME[:PORT]",
+              help="Another Host name the page may be opened by (a DNS name or a reverse proxy's); the bound "
+                   "address, localhost on loopback and this machine's name are always allowed (repeatable).")
+@click.option("--max-connections", type=click.IntRange(4, 4096), default=64, show_default=True,
+              help="HTTP connections held at once (one thread each); one address may hold a quarter.")
+@click.option("--request-timeout", type=click.FloatRange(0.5, 300), default=10.0, show_default=True,
+              help="Seconds a client may take to send a request's headers, and again its body.")
 @click.option("--server-key", type=click.Path(dir_okay=False), default=None,
               help="CURVE: the service's public key file (NAME.key), for results and control.")
 @click.option("--client-key", type=click.Path(dir_okay=False), default=None,
@@ -47,13 +56,19 @@ __all__ = ["ViewServer", "view_command"]
                    "in security.result_clients (and security.control_clients for --control).")
 def view_command(connect: tuple[str, ...], control: tuple[str, ...], listen: str, token_file: str | None,
                  keep_fails: int, keep_scores: int, silent_after: float, client_buffer: int,
-                 max_browsers: int, server_key: str | None, client_key: str | None) -> None:
+                 max_browsers: int, max_browsers_per_client: int, allow_hosts: tuple[str, ...],
+                 max_connections: int, request_timeout: float, server_key: str | None,
+                 client_key: str | None) -> None:
     """Serve the operator live view: latest verdicts, defects, failed parts, counters, health."""
     from edge_inspector.core.keys import client_keys_option
 
     server = ViewServer(list(connect), list(control), listen, token=read_token(token_file), keep_fails=keep_fails,
                         keep_scores=keep_scores, client_buffer=client_buffer, max_clients=max_browsers,
-                        silent_after_s=silent_after, keys=client_keys_option(server_key, client_key))
+                        silent_after_s=silent_after, keys=client_keys_option(server_key, client_key),
+                        allow_hosts=allow_hosts, max_connections=max_connections,
+                        max_connections_per_client=max(1, max_connections // 4),
+                        max_streams_per_client=max_browsers_per_client, header_timeout_s=request_timeout,
+                        body_timeout_s=request_timeout)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

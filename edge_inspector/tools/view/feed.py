@@ -70,8 +70,10 @@ class Feed:
         self._own_context = context is None
         # RCVHWM bounds what waits here if this thread falls behind; past it the service's PUB drops for
         # the view only (its per-subscriber send queue), never slowing the line.
-        self.subscribers = [Subscriber(endpoint, ("inspection.", "health."), context=self.context, rcvhwm=rcvhwm,
-                                       keys=keys)
+        # `frame.` asks the services for the judged frames too (sent only while someone subscribes to them):
+        # the page shows the part under its heatmap, not a heatmap alone.
+        self.subscribers = [Subscriber(endpoint, ("inspection.", "health.", "frame."), context=self.context,
+                                       rcvhwm=rcvhwm, keys=keys)
                             for endpoint in endpoints]
         self.links = [Link(endpoint) for endpoint in endpoints]
         self.monitors = [s.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -101,6 +103,7 @@ class Feed:
                     if subscriber.socket in ready:
                         self._drain(subscriber, link)
                 self._publish_link()
+                self.hub.flush_waiting()
         except Exception:  # a bug here must show on the page, not silently freeze it
             log.exception("view feed stopped")
             self.hub.set_link({"connected": False, "detail": "view feed crashed (see the view's log)",
@@ -136,9 +139,11 @@ class Feed:
                 self.hub.bad_messages += 1
                 continue
             if message.is_result:
-                self.hub.add_result(header, message.heatmap)
+                self.hub.add_result(header, message.heatmap, link.endpoint)
+            elif header.get("type") == "frame":
+                self.hub.add_frame(header, message.heatmap)  # the third part holds the frame's JPEG here
             elif header.get("type") == "health":
-                self.hub.add_health(header)
+                self.hub.add_health(header, link.endpoint)
 
     def link_state(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -27,15 +27,20 @@ def encode_event(name: str, data: Any) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-@dataclass(frozen=True)
+FRAME_WAIT_S = 0.5  # how long a result waits for its frame message before it is shown without one
+
+
+@dataclass
 class Item:
     """One received result. `id` is the view's own (unique across view restarts: it starts at the clock in
-    ms), so image URLs never collide when the service restarts and its `sequence` starts again at 1."""
+    ms), so image URLs never collide when the service restarts and its `sequence` starts again at 1.
+    `frame`: the JPEG of the judged frame from the service's `frame.<camera>` message, when it came."""
 
     id: int
     header: dict[str, Any]
     image: bytes
     received: float
+    frame: bytes = b""
 
     @property
     def content_type(self) -> str:
@@ -44,8 +49,9 @@ class Item:
 
     def to_json(self, camera_id: str, now: float | None = None) -> dict[str, Any]:
         image = f"/image/{camera_id}/{self.id}" if self.content_type else None
+        frame = f"/frame/{camera_id}/{self.id}" if self.frame else None
         age = None if now is None else round(max(0.0, now - self.received), 1)
-        return {"id": self.id, "header": self.header, "image": image, "age_s": age}
+        return {"id": self.id, "header": self.header, "image": image, "frame": frame, "age_s": age}
 
 
 @dataclass
@@ -62,6 +68,9 @@ class CameraState:
     epoch: int = 0  # +1 each time the service restarted (its sequence went backwards)
     last_sequence: int = 0
     results_seen: int = 0
+    endpoint: str = ""  # the --connect endpoint this camera's messages come from
+    frames_seen: int = 0
+    waiting: Item | None = None  # a result held back (at most FRAME_WAIT_S) until its frame arrives
     fails: deque = field(init=False)
     recent: deque = field(init=False)
     scores: deque = field(init=False)
@@ -111,7 +120,7 @@ class CameraState:
         with every part, not every `health_interval_s`)."""
         health = self.health if self.health_epoch == self.epoch else None
         after = int(health.get("last_sequence") or 0) if health else 0
-        extra = {"pass": 0, "fail": 0, "error": 0}
+        extra = {"pass": 0, "review": 0, "fail": 0, "error": 0}
         for epoch, sequence, verdict in reversed(self.verdicts):
             if epoch != self.epoch or sequence <= after:
                 break
@@ -121,6 +130,7 @@ class CameraState:
         return {
             "parts": int(health.get("processed", 0)) + sum(extra.values()),
             "fails": int(health.get("fails", 0)) + extra["fail"],
+            "reviews": int(health.get("reviews", 0)) + extra["review"],
             "errors": int(health.get("errors", 0)) + extra["error"],
             "dropped": health.get("dropped"),
             "fps": health.get("fps"),
@@ -137,6 +147,7 @@ class CameraState:
             "fails": [item.to_json(self.camera_id, now) for item in self.fails],
             "scores": [list(entry) for entry in self.scores],
             "results_seen": self.results_seen,
+            "endpoint": self.endpoint,
         }
 
 
@@ -152,6 +163,7 @@ class ClientQueue:
         self.resync = False
         self.dropped = 0
         self.sent = 0
+        self.replaced = False  # closed to make room for a newer stream (see Hub.attach)
 
     def put(self, event: bytes) -> None:
         with self.condition:
@@ -186,11 +198,13 @@ class Hub:
     snapshot and the events queued after it never overlap or leave a gap."""
 
     def __init__(self, keep_fails: int = 24, keep_scores: int = 500, client_buffer: int = 64,
-                 max_clients: int = 16, control_info: dict[str, Any] | None = None):
+                 max_clients: int = 16, max_per_client: int = 4, control_info: dict[str, Any] | None = None):
         self.keep_fails = keep_fails
         self.keep_scores = keep_scores
         self.client_buffer = client_buffer
         self.max_clients = max_clients
+        self.max_per_client = max_per_client
+        self.replaced = 0
         self.control_info = control_info or {"enabled": False, "auth": "none"}
         self.cameras: dict[str, CameraState] = {}
         self.clients: list[ClientQueue] = []
@@ -209,23 +223,65 @@ class Hub:
             state = self.cameras[camera_id] = CameraState(camera_id, self.keep_fails, self.keep_scores)
         return state
 
-    def add_result(self, header: dict[str, Any], image: bytes) -> Item:
+    def add_result(self, header: dict[str, Any], image: bytes, endpoint: str = "") -> Item:
+        """A result. Once a camera's service sends frames, its result is held back until its frame message
+        (sent right after it) arrives, at most FRAME_WAIT_S, so a browser gets each part whole: the frame
+        with its heatmap, never a heatmap alone that a moment later gets a frame under it."""
         camera_id = str(header.get("camera_id", "?"))
         with self.lock:
             self.messages += 1
             state = self.camera(camera_id)
+            state.endpoint = endpoint or state.endpoint
+            if state.waiting is not None:  # its frame never came: show it without one
+                self._publish_result(state, state.waiting)
             item = Item(next(self._ids), header, image, time.time())
             state.add_result(item)
-            event = encode_event("result", {"camera_id": camera_id, "item": item.to_json(camera_id, item.received),
-                                            "counters": state.counters()})
-            self._broadcast(event)
+            # A first result also waits: the service may send frames (it does since frame messages exist).
+            if (state.frames_seen or state.results_seen == 1) and header.get("verdict") != "error":
+                state.waiting = item
+            else:
+                self._publish_result(state, item)
         return item
 
-    def add_health(self, header: dict[str, Any]) -> None:
+    def add_frame(self, header: dict[str, Any], frame: bytes) -> None:
+        """A frame message: its result is the one waiting (or a recent one, if the frame came late)."""
+        camera_id = str(header.get("camera_id", "?"))
+        sequence = header.get("sequence")
+        with self.lock:
+            self.messages += 1
+            state = self.camera(camera_id)
+            state.frames_seen += 1
+            waiting = state.waiting
+            if waiting is not None and waiting.header.get("sequence") == sequence:
+                waiting.frame = frame
+                self._publish_result(state, waiting)
+                return
+            for item in reversed(state.recent):
+                if item.header.get("sequence") == sequence and not item.frame:
+                    item.frame = frame  # shown with it from now on (strip, review, snapshots)
+                    return
+
+    def flush_waiting(self, now: float | None = None) -> None:
+        """Results whose frame did not come within FRAME_WAIT_S go out without one (called by the feed)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            for state in self.cameras.values():
+                if state.waiting is not None and now - state.waiting.received > FRAME_WAIT_S:
+                    self._publish_result(state, state.waiting)
+
+    def _publish_result(self, state: CameraState, item: Item) -> None:
+        if state.waiting is item:
+            state.waiting = None
+        camera_id = state.camera_id
+        self._broadcast(encode_event("result", {"camera_id": camera_id, "item": item.to_json(camera_id, item.received),
+                                                "counters": state.counters()}))
+
+    def add_health(self, header: dict[str, Any], endpoint: str = "") -> None:
         camera_id = str(header.get("camera_id", "?"))
         with self.lock:
             self.messages += 1
             state = self.camera(camera_id)
+            state.endpoint = endpoint or state.endpoint
             state.add_health(header)
             self._broadcast(encode_event("health", {"camera_id": camera_id, "health": header,
                                                     "counters": state.counters()}))
@@ -254,10 +310,33 @@ class Hub:
             return self._snapshot()
 
     def attach(self, peer: str) -> tuple[ClientQueue, bytes] | None:
-        """A new browser's queue and the snapshot it starts from; None when max_clients are attached."""
+        """A new browser's queue and the snapshot it starts from, or None (every slot held, each by a
+        different client).
+
+        One client (address) cannot hold every slot: past `max_per_client` its own oldest stream is closed
+        for the new one (a reloaded tab leaves its old stream behind; a client opening streams in a loop
+        only replaces its own), and when all `max_clients` are held, the oldest stream of the client with
+        the most is closed if it holds more than the newcomer. 16 streams held by one address used to lock
+        every other browser out."""
         with self.lock:
-            if len(self.clients) >= self.max_clients:
-                return None
+            mine = [c for c in self.clients if c.peer == peer]
+            victim = None
+            if len(mine) >= self.max_per_client:
+                victim = mine[0]
+            elif len(self.clients) >= self.max_clients:
+                counts: dict[str, int] = {}
+                for c in self.clients:
+                    counts[c.peer] = counts.get(c.peer, 0) + 1
+                crowded = max(counts, key=lambda p: counts[p])
+                if counts[crowded] <= len(mine) + 1:
+                    return None
+                victim = next(c for c in self.clients if c.peer == crowded)
+            if victim is not None:
+                self.clients.remove(victim)
+                self.dropped_by_closed_clients += victim.dropped
+                self.replaced += 1
+                victim.replaced = True
+                victim.close()
             client = ClientQueue(self.client_buffer, peer)
             self.clients.append(client)
             return client, encode_event("snapshot", self._snapshot())
@@ -295,5 +374,5 @@ class Hub:
                     "cameras": sorted(self.cameras),
                     "clients": [{"peer": c.peer, "queued": len(c.events), "dropped": c.dropped, "sent": c.sent}
                                 for c in self.clients],
-                    "dropped_by_closed_clients": self.dropped_by_closed_clients}
+                    "dropped_by_closed_clients": self.dropped_by_closed_clients, "replaced": self.replaced}
 

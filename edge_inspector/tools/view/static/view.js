@@ -15,6 +15,7 @@
   const $ = (root, sel) => root.querySelector(sel);
   const fmt = (v, digits) => (v === null || v === undefined || Number.isNaN(v)) ? "–" : Number(v).toFixed(digits);
   const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  const partTime = (h) => (h.capture_time_iso || "").replace("T", " ").slice(0, 23) || "–";
 
   function jetLut() {  // the JET colour map the service uses for jpeg_overlay (OpenCV's COLORMAP_JET)
     const lut = new Uint8ClampedArray(256 * 3);
@@ -28,11 +29,17 @@
     return lut;
   }
 
-  function colorize(ctx, w, h) {  // grey PNG heatmap (R=G=B=value) -> JET, in place
+  // Over a frame, heat is see-through where it is low and strong where it matters: alpha is 0 up to a third
+  // of the threshold (v 40; the threshold is v 127.5 with the default full_scale 2), 0.6 at the threshold,
+  // 0.7 past it, so the part stays visible everywhere except under what the model flags.
+  const alphaOver = (v) => 0.7 * Math.max(0, Math.min(1, (v - 40) / 100));
+
+  function colorize(ctx, w, h, overFrame) {  // grey PNG heatmap (R=G=B=value) -> JET, in place
     const image = ctx.getImageData(0, 0, w, h), px = image.data;
     for (let i = 0; i < px.length; i += 4) {
-      const j = 3 * px[i];
-      px[i] = JET[j]; px[i + 1] = JET[j + 1]; px[i + 2] = JET[j + 2]; px[i + 3] = 255;
+      const v = px[i], j = 3 * v;
+      px[i] = JET[j]; px[i + 1] = JET[j + 1]; px[i + 2] = JET[j + 2];
+      px[i + 3] = overFrame ? Math.round(255 * alphaOver(v)) : 255;
     }
     ctx.putImageData(image, 0, 0);
   }
@@ -46,13 +53,37 @@
     });
   }
 
-  function paint(canvas, img, header, height) {
-    const w = height ? Math.max(1, Math.round(img.naturalWidth * height / img.naturalHeight)) : img.naturalWidth;
-    const h = height || img.naturalHeight;
+  function pictures(item) {  // [frame or null, heatmap/overlay or null], whichever of them exist
+    const get = (url) => url ? loadImage(url).catch(() => null) : Promise.resolve(null);
+    return Promise.all([get(item.frame), get(item.image)]);
+  }
+
+  // What a canvas shows: the frame with the heatmap over it ("png+frame", the default service settings);
+  // the overlay as published ("jpeg_overlay"); the frame alone ("frame": heatmap none or an error); or,
+  // from a service that sends no frames, the heatmap alone ("png").
+  function compose(canvas, item, frame, heat, height) {
+    const header = item.header, format = (header.heatmap || {}).format;
+    const base = format === "jpeg_overlay" && heat ? heat : (frame || heat);
+    if (!base) return null;
+    const w = height ? Math.max(1, Math.round(base.naturalWidth * height / base.naturalHeight)) : base.naturalWidth;
+    const h = height || base.naturalHeight;
     canvas.width = w; canvas.height = h;
     const ctx = canvas.getContext("2d", { willReadFrequently: true });
-    ctx.drawImage(img, 0, 0, w, h);
-    if ((header.heatmap || {}).format === "png") colorize(ctx, w, h);
+    ctx.drawImage(base, 0, 0, w, h);
+    let shown = base === frame ? "frame" : format;
+    if (format === "png" && heat && base === frame) {
+      const layer = document.createElement("canvas");
+      layer.width = heat.naturalWidth; layer.height = heat.naturalHeight;
+      const lctx = layer.getContext("2d", { willReadFrequently: true });
+      lctx.drawImage(heat, 0, 0);
+      colorize(lctx, layer.width, layer.height, true);
+      ctx.imageSmoothingEnabled = true;
+      ctx.drawImage(layer, 0, 0, w, h);
+      shown = "png+frame";
+    } else if (format === "png" && base === heat) {
+      colorize(ctx, w, h, false);
+    }
+    canvas.dataset.format = shown;
     return ctx;
   }
 
@@ -103,8 +134,9 @@
       this.hist = $(this.el, "canvas.histogram");
       this.scores = []; this.fails = []; this.latest = null; this.latestAt = 0; this.health = null;
       this.loading = false; this.pending = null; this.review = null; this.reviewTimer = null;
-      this.candidate = null;
+      this.candidate = null; this.endpoint = "";
       this.wire();
+      this.placeholder(this.waiting());
       document.getElementById("tiles").appendChild(this.el);
     }
 
@@ -171,7 +203,9 @@
       this.strip.replaceChildren();
       for (const item of cam.fails || []) this.addFail(item);
       this.setHealth(cam.health, cam.counters);
+      this.endpoint = cam.endpoint || this.endpoint;
       if (cam.latest) this.setLatest(cam.latest, cam.counters, false);
+      else this.placeholder(this.waiting());
       this.drawHistogram();
     }
 
@@ -192,8 +226,8 @@
       const h = item.header;
       const verdict = $(this.el, ".verdict");
       verdict.textContent = String(h.verdict || "?").toUpperCase();
-      verdict.className = `verdict verdict-${["pass", "fail", "error"].includes(h.verdict) ? h.verdict : "none"}`;
-      $(this.el, ".seq").textContent = `#${h.sequence} · frame ${h.frame_index}`;
+      verdict.className = `verdict verdict-${["pass", "review", "fail", "error"].includes(h.verdict) ? h.verdict : "none"}`;
+      $(this.el, ".seq").textContent = `#${h.sequence} · ${partTime(h).slice(11)}`;
       const full = (h.heatmap || {}).full_scale || 2;
       const fill = $(this.el, ".score-fill");
       fill.style.width = `${Math.min(1, (h.normalised_score || 0) / full) * 100}%`;
@@ -211,21 +245,19 @@
       this.pending = null;
       this.caption(item);
       drawBoxes(this.svg, item.header);
-      if (!item.image) {
-        const ctx = this.canvas.getContext("2d");
-        this.showing = item;
-        ctx.fillStyle = "#000"; ctx.fillRect(0, 0, this.canvas.width, this.canvas.height);
-        this.canvas.dataset.itemId = item.id; this.canvas.dataset.sequence = item.header.sequence;
-        return;
-      }
       this.loading = true;
       this.showing = item;
-      loadImage(item.image).then((img) => {
+      pictures(item).then(([frame, heat]) => {
         if (this.showing !== item) return;  // a review click replaced it meanwhile
-        paint(this.canvas, img, item.header);
+        if (!compose(this.canvas, item, frame, heat)) {
+          this.placeholder(`#${item.header.sequence}: no picture (${item.header.error || "heatmap: none, and no frame"})`);
+        } else {
+          this.placeholder(null);
+          const frameBox = $(this.el, ".frame-box");
+          frameBox.style.aspectRatio = `${this.canvas.width} / ${this.canvas.height}`;
+        }
         this.canvas.dataset.itemId = item.id;
         this.canvas.dataset.sequence = item.header.sequence;
-        this.canvas.dataset.format = (item.header.heatmap || {}).format;
       }).catch(() => { /* too old by the time we asked: the next result brings a new one */ })
         .finally(() => {
           this.loading = false;
@@ -234,12 +266,24 @@
         });
     }
 
+    waiting() { return `waiting for the first result from ${this.endpoint || endpointsText()}…`; }
+
+    placeholder(text) {  // instead of a black picture: what the tile waits for
+      const note = $(this.el, ".placeholder");
+      note.toggleAttribute("hidden", text === null);  // svg has no .hidden property: the attribute
+      this.canvas.toggleAttribute("hidden", text !== null);
+      this.svg.toggleAttribute("hidden", text !== null);
+      if (text !== null) note.textContent = text;
+    }
+
     caption(item) {
       const h = item.header, d = h.defects || [];
-      const parts = [`#${h.sequence}`, (h.capture_time_iso || "").replace("T", " ").slice(0, 23)];
+      const parts = [`#${h.sequence}`, `part time ${partTime(h)}`];
+      if (h.source_file) parts.push(String(h.source_file).split("/").pop());
       if (d.length) parts.push(`${plural(d.length, "defect")}, largest ${h.largest_defect_area} px`);
       if (h.error) parts.push(`error: ${h.error}`);
-      if (!item.image) parts.push("no picture published (heatmap: none)");
+      if (!item.image && !item.frame) parts.push("no picture published (heatmap: none)");
+      else if (!item.frame) parts.push("heatmap only: this service sends no frames");
       $(this.el, ".caption").textContent = parts.join(" · ");
     }
 
@@ -260,14 +304,13 @@
         this.strip.lastElementChild.remove();
       }
       $(this.el, ".strip-count").textContent = `(${this.fails.length})`;
-      if (item.image) {
-        loadImage(item.image).then((img) => {
-          const ctx = paint(canvas, img, item.header, 64);
-          const frame = item.header.frame, sx = canvas.width / frame.width, sy = canvas.height / frame.height;
-          ctx.strokeStyle = "#fff"; ctx.lineWidth = 2;
-          for (const d of item.header.defects || []) ctx.strokeRect(d.x * sx, d.y * sy, d.width * sx, d.height * sy);
-        }).catch(() => {});
-      }
+      pictures(item).then(([frame, heat]) => {
+        const ctx = compose(canvas, item, frame, heat, 64);
+        if (!ctx) return;
+        const size = item.header.frame, sx = canvas.width / size.width, sy = canvas.height / size.height;
+        ctx.strokeStyle = "#fff"; ctx.lineWidth = 2;
+        for (const d of item.header.defects || []) ctx.strokeRect(d.x * sx, d.y * sy, d.width * sx, d.height * sy);
+      }).catch(() => {});
     }
 
     startReview(item, button) {
@@ -295,6 +338,7 @@
     setHealth(health, counters) {
       if (counters) this.setCounters(counters);
       if (!health) return;
+      if (!this.latest) this.placeholder(this.waiting());
       this.health = health;
       const badge = $(this.el, ".health");
       const state = health.state || "?";
@@ -316,7 +360,7 @@
     setCounters(c) {
       if (!c) return;
       const set = (name, text) => { $(this.el, `[data-counter="${name}"]`).textContent = text; };
-      set("parts", c.parts); set("fails", c.fails); set("errors", c.errors);
+      set("parts", c.parts); set("fails", c.fails); set("reviews", c.reviews ?? 0); set("errors", c.errors);
       set("dropped", c.dropped ?? "–"); set("fps", fmt(c.fps, 1));
       set("latency_p50", c.latency_p50 == null ? "–" : `${fmt(c.latency_p50, 0)} ms`);
       set("latency_p99", c.latency_p99 == null ? "–" : `${fmt(c.latency_p99, 0)} ms`);
@@ -399,7 +443,12 @@
     return t;
   }
 
+  function endpointsText() {
+    return ((serviceLink || {}).endpoints || []).map((e) => e.endpoint).join(", ") || "the inspection service";
+  }
+
   function renderLink() {
+    document.getElementById("empty").textContent = `Waiting for the first result from ${endpointsText()}…`;
     const el = document.getElementById("link");
     let text = "LIVE", cls = "link-live";
     if (!viewUp) { text = "DISCONNECTED — view server unreachable, retrying…"; cls = "link-down"; }
