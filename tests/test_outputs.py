@@ -155,7 +155,8 @@ def test_mqtt_results_verdicts_and_a_broker_restart_mid_run(bundle, broker, tmp_
                 return zmq_health[-1]["outputs"]["mqtt"]["dropped"] if zmq_health else 0
             receive_until(lambda: dropped() > 0 and not zmq_health[-1]["outputs"]["mqtt"]["connected"], 30,
                           "MQTT drops counted in health")
-            assert zmq_results[-1]["sequence"] >= before_stop + 8  # the line did not wait for the broker
+            # The line does not wait for the broker: 20 more results (1.3 s at 15 frames/s) during the outage.
+            receive_until(lambda: zmq_results[-1]["sequence"] >= before_stop + 20, 15, "results during the outage")
             seen = [h["sequence"] for h in zmq_results]
             assert seen == list(range(seen[0], seen[0] + len(seen)))  # no ZeroMQ result lost meanwhile
 
@@ -164,9 +165,10 @@ def test_mqtt_results_verdicts_and_a_broker_restart_mid_run(bundle, broker, tmp_
             receive_until(lambda: any(h["sequence"] > restarted_at for h in listener.results()), 30,
                           "MQTT results after the restart")
             delivered = [h["sequence"] for h in listener.results()]
-            assert delivered == sorted(set(delivered))  # in order, none twice
-            # Of the results during the outage, at most the queue's 8 newest were kept and sent on reconnect.
-            assert len([s for s in delivered if mqtt_before < s <= restarted_at]) <= 8
+            assert delivered == sorted(delivered)  # in order (paho may re-send an unacknowledged one: dup)
+            # Of the outage's results, only the queue's 8 newest plus what paho held (capped at 8) are kept.
+            outage = {s for s in delivered if mqtt_before < s <= restarted_at}
+            assert len(outage) <= 16 < restarted_at - mqtt_before
             receive_until(lambda: zmq_health[-1]["outputs"]["mqtt"]["connects"] >= 2, 10, "the reconnect in health")
             assert zmq_health[-1]["outputs"]["mqtt"]["disconnects"] >= 1
         finally:
