@@ -286,3 +286,47 @@ def test_mqtt_password_file_missing_is_one_line(bundle, tmp_path):
     with pytest.raises(ConfigError) as info:
         Service(parse_config(data)).start()
     assert str(info.value).startswith("outputs.mqtt.password_file: cannot read") and "\n" not in str(info.value)
+
+
+def test_opcua_basic256sha256_refuses_plain_clients_and_serves_encrypted_ones(bundle, tmp_path):
+    """security: basic256sha256 with a generated certificate: a client without security finds no endpoint it
+    may use; one with its own certificate, signing and encrypting, reads the nodes."""
+    asyncua = pytest.importorskip("asyncua")
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    async def certificates() -> None:
+        for name, uri, use in (("server", "urn:edge-inspector", ExtendedKeyUsageOID.SERVER_AUTH),
+                               ("client", "urn:test:client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+            await setup_self_signed_certificate(tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.der", uri,
+                                                "localhost", [use], {"commonName": name})
+    asyncio.run(certificates())
+    url = f"opc.tcp://127.0.0.1:{free_port()}/edge-inspector/"
+    data = config_data(str(image_folder(tmp_path / "frames", 2)), bundle.path, camera={"kind": "folder"},
+                       outputs={"opcua": {"endpoint": url, "security": "basic256sha256",
+                                          "certificate": str(tmp_path / "server-cert.der"),
+                                          "private_key": str(tmp_path / "server-key.pem")}})
+    service = Service(parse_config(data))
+    service.start()
+    try:
+        async def plain() -> None:
+            async with asyncua.Client(url, timeout=5) as client:
+                await client.nodes.objects.get_children()
+
+        from asyncua.ua import UaError
+
+        with pytest.raises(UaError, match="No matching endpoints.*SecurityPolicy#None"):
+            asyncio.run(plain())
+
+        async def secure() -> str:
+            client = asyncua.Client(url, timeout=5)
+            client.application_uri = "urn:test:client"
+            await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{tmp_path / 'client-cert.der'},"
+                                             f"{tmp_path / 'client-key.pem'}")
+            async with client:
+                index = await client.get_namespace_index("urn:edge-inspector")
+                return await client.get_node(f"ns={index};s=line9.ModelId").read_value()
+
+        assert asyncio.run(secure()) in ("", bundle.model_id)
+    finally:
+        service.shutdown()

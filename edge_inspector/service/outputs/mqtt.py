@@ -54,6 +54,7 @@ class MqttOutput:
         self.connects = 0
         self.disconnects = 0
         self.last_reason = ""
+        self.closing = False
         self.broker = f"{config.host}:{config.port}"
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id or
                              f"edge-inspector-{camera_id}", protocol=mqtt.MQTTv311, clean_session=True)
@@ -111,7 +112,9 @@ class MqttOutput:
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _properties: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was:
+        if self.closing:
+            log.info("MQTT disconnected from %s at stop", self.broker)
+        elif was:
             self.disconnects += 1
             self.last_reason = str(reason)
             log.warning("MQTT broker %s lost (%s); reconnecting with backoff up to %d s", self.broker, reason,
@@ -151,6 +154,7 @@ class MqttOutput:
                 "connects": self.connects, "disconnects": self.disconnects, "last_reason": self.last_reason}
 
     def close(self) -> None:
+        self.closing = True
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
             try:
