@@ -231,6 +231,21 @@ def test_opcua_client_reads_the_last_verdict_and_counters(bundle, tmp_path):
                     return {name: await client.get_node(f"ns={index};s=line9.{name}").read_value()
                             for name in names}
 
+            async def tamper(action: str) -> None:
+                async with asyncua.Client(url, timeout=5) as client:
+                    index = await client.get_namespace_index("urn:test:line")
+                    node = client.get_node(f"ns={index};s=line9.LastVerdict")
+                    if action == "write":
+                        await node.write_value(asyncua.ua.Variant("pass", asyncua.ua.VariantType.String))
+                    else:
+                        await client.delete_nodes([node])
+
+            # Any local process can connect: anonymous clients may read, never change a verdict or the nodes.
+            for action in ("write", "delete"):
+                with pytest.raises(asyncua.ua.UaStatusCodeError) as refused:
+                    asyncio.run(tamper(action))
+                assert "Bad" in type(refused.value).__name__, action
+
             deadline = time.monotonic() + 10
             values = asyncio.run(read())
             while values["Sequence"] < 6 and time.monotonic() < deadline:
