@@ -345,3 +345,28 @@ def test_opcua_basic256sha256_refuses_plain_clients_and_serves_encrypted_ones(bu
         assert asyncio.run(secure()) in ("", bundle.model_id)
     finally:
         service.shutdown()
+
+
+def test_two_stations_into_one_broker_each_in_order(bundle, broker, tmp_path):
+    """A plant in small: two services publish into one mosquitto under <site>/<line>/<camera>; one subscriber
+    on the site gets every result of both, in order per station."""
+    listener = Listener(broker.port, "site1")
+    wait_for(lambda: listener.client.is_connected(), 10, "the test's MQTT subscriber")
+    services, runners = [], []
+    for line in ("line1", "line2"):
+        data = config_data(str(image_folder(tmp_path / line, 5, seed=len(line) + len(runners))), bundle.path,
+                           camera={"id": line, "kind": "folder"},
+                           outputs={"mqtt": {"port": broker.port, "topic_prefix": f"site1/{line}/cam1",
+                                             "client_id": f"station-{line}"}})
+        services.append(Service(parse_config(data)))
+    for service in services:
+        runners.append(run_in_thread(service))
+    for runner in runners:
+        runner.join(60)
+    assert not any(runner.is_alive() for runner in runners)
+    wait_for(lambda: len(listener.on("/result")) >= 10, 10, "both stations' results")
+    with listener.lock:
+        per_station = {line: [json.loads(p)["sequence"] for t, p, _ in listener.messages
+                              if t == f"site1/{line}/cam1/result"] for line in ("line1", "line2")}
+    assert per_station == {"line1": [1, 2, 3, 4, 5], "line2": [1, 2, 3, 4, 5]}
+    listener.close()
