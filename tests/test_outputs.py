@@ -370,3 +370,44 @@ def test_two_stations_into_one_broker_each_in_order(bundle, broker, tmp_path):
                               if t == f"site1/{line}/cam1/result"] for line in ("line1", "line2")}
     assert per_station == {"line1": [1, 2, 3, 4, 5], "line2": [1, 2, 3, 4, 5]}
     listener.close()
+
+
+def test_a_killed_service_is_announced_offline_by_its_last_will(bundle, broker, tmp_path):
+    """SIGKILL leaves no time for a goodbye: the broker itself publishes the retained `offline` Last Will,
+    so a PLC watching <prefix>/status knows the station is gone."""
+    import signal
+    import sys
+
+    import yaml
+
+    from service_helpers import REPO, subprocess_env
+
+    prefix = "site1/line7/cam1"
+    data = config_data(str(image_folder(tmp_path / "frames", 3)), bundle.path,
+                       camera={"kind": "folder", "fps": 5, "loop": True},
+                       outputs={"mqtt": {"port": broker.port, "topic_prefix": prefix}})
+    config = tmp_path / "service.yaml"
+    config.write_text(yaml.safe_dump(data))
+    listener = Listener(broker.port, prefix)
+    process = subprocess.Popen([sys.executable, "-m", "edge_inspector.cli", "run", "--config", str(config)],
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        wait_for(lambda: listener.on("/status")[-1:] == [b"online"] and listener.on("/verdict"), 90,
+                 "the service online with a verdict")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        wait_for(lambda: listener.on("/status")[-1:] == [b"offline"], 10, "the Last Will")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        listener.close()
+    # Retained: a subscriber that joins now still reads offline, and the latest verdict.
+    late = Listener(broker.port, prefix)
+    try:
+        wait_for(lambda: late.on("/status") == [b"offline"] and len(late.on("/verdict")) == 1, 10,
+                 "retained status and verdict")
+        with late.lock:
+            assert all(retained for topic, _, retained in late.messages)
+    finally:
+        late.close()

@@ -49,6 +49,9 @@ class MqttOutput:
             raise ConfigError("outputs.mqtt: needs paho-mqtt >= 2 (pip install 'edge-inspector[mqtt]')") from None
         self.config = config
         self.prefix = config.topic_prefix or f"edge-inspector/{camera_id}"
+        if any(c in self.prefix for c in "#+\x00"):
+            raise ConfigError(f"outputs.mqtt.topic_prefix: the default edge-inspector/<camera id> would be "
+                              f"{self.prefix!r}, which MQTT refuses (+, #); set outputs.mqtt.topic_prefix")
         self.status_topic = f"{self.prefix}/status"
         self.connected = threading.Event()
         self.connects = 0
@@ -146,7 +149,9 @@ class MqttOutput:
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
+        if info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0:
+            return  # the link died just now: paho keeps a QoS 1/2 message and sends it after the reconnect
+        if info.rc != self._mqtt.MQTT_ERR_SUCCESS:  # QUEUE_SIZE: paho's own cap (queue_size) is full
             raise RuntimeError(f"publish to {topic} failed: {self._mqtt.error_string(info.rc)}")
 
     def snapshot(self) -> dict[str, Any]:

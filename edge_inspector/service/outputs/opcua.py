@@ -82,6 +82,8 @@ class OpcuaOutput:
             import asyncua  # noqa: F401 (checked here: the error must name the extra, at start)
         except ImportError:
             raise ConfigError("outputs.opcua: needs asyncua (pip install 'edge-inspector[opcua]')") from None
+        logging.getLogger("asyncua").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is
+        # per request (sessions, subscriptions): a client polling every second would flood the journal
         self.config = config
         self.camera_id = camera_id
         self.resolve = resolve
