@@ -54,6 +54,7 @@ from edge_inspector.service.config import (
     trust_policy,
 )
 from edge_inspector.service.control import ControlServer
+from edge_inspector.service.outputs.fanout import OutputFanOut
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
@@ -155,6 +156,7 @@ class Service:
         self.inspector: Inspector | None = None
         self.camera: Camera | None = None
         self.archive: Archive | None = None
+        self.outputs: OutputFanOut | None = None  # ZeroMQ first, then MQTT / OPC UA (service/outputs/)
         self.curve: Any = None  # keys.CurveServer when security.curve_secret_key is set
         self.ready = threading.Event()
         self.threshold_source = "bundle"
@@ -194,6 +196,7 @@ class Service:
         self._start_curve(config)
         self.publisher = Publisher(config.publish, config.camera.id, self.health, archive=self.archive,
                                    context=self.context, curve=self.curve)
+        self.outputs = OutputFanOut.build(config, self.publisher)  # binds/connects like the sockets: first
         if config.publish.control_endpoint:
             self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context,
                                          curve=self.curve, slow=("reload",))
@@ -218,7 +221,7 @@ class Service:
             when_behind = "wait" if unpaced_media else "drop"
         engine = InferenceEngine(self.inspector, config.publish.heatmap_scale,
                                  picture_of_frame=config.publish.heatmap == "jpeg_overlay")
-        self.pipeline = Pipeline(self.camera, engine, self.publisher, queue_size=config.pipeline.queue_size,
+        self.pipeline = Pipeline(self.camera, engine, self.outputs, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats,
                                  workers=config.model.workers)
@@ -317,6 +320,8 @@ class Service:
     def _close_sockets(self) -> None:
         """Close what start opened. The final `stopped` health message is the publish thread's own last
         send (Publisher.finish), so nothing is published after it."""
+        if self.outputs:
+            self.outputs.close()
         if self.control:
             self.control.stop()
         publish_alive = self.pipeline is not None and self.pipeline.stages[2].thread.is_alive()
@@ -382,6 +387,7 @@ class Service:
             "threshold_certified": self._threshold_certified(),
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
+            "outputs": self.outputs.snapshot() if self.outputs else {},
         }
 
     # -- control socket ------------------------------------------------------------------------------------------
