@@ -4,6 +4,7 @@ and engine cache, watchdog retry and process pauses. Real processes, real socket
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,8 +50,6 @@ def installed(bundle):
         cv2.imwrite(str(frames / f"{i:02d}.png"), image)
         (frames / f"{i:02d}.png").chmod(0o644)
     yield folder
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -271,3 +270,119 @@ def test_a_whole_process_pause_is_not_a_stall(bundle, tmp_path):
     assert process.returncode == 0
     assert health and all(h["ok"] for h in health), [h["problems"] for h in health]
     assert "withholding watchdog" not in output and "the process was paused" in output
+
+
+# -- no tool is ever silent (issue 28, item 4) ------------------------------------------------------------------
+
+
+def _curve_server(socket_type: int):
+    """A real CURVE-only socket, as the service binds with security.curve_secret_key set."""
+    import zmq
+
+    context = zmq.Context.instance()
+    public, secret = zmq.curve_keypair()
+    socket = context.socket(socket_type)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.curve_server, socket.curve_secretkey, socket.curve_publickey = True, secret, public
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    return socket, f"tcp://127.0.0.1:{port}"
+
+
+def _run_cli(*args: str):
+    from click.testing import CliRunner
+
+    from edge_inspector.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_subscribe_says_what_it_waits_for_and_why_nothing_comes():
+    from service_helpers import free_port
+
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    done = _run_cli("subscribe", nobody, "--timeout", "1")
+    assert done.exit_code == 1
+    assert done.stderr.startswith(f"waiting for inspection messages and health messages from {nobody}")
+    assert f"nothing accepts connections at {nobody}" in done.stderr
+    import zmq
+
+    server, curve_only = _curve_server(zmq.PUB)
+    try:
+        done = _run_cli("subscribe", curve_only, "--timeout", "1")
+    finally:
+        server.close(0)
+    assert done.exit_code == 1 and f"{curve_only} requires CURVE" in done.stderr and "--server-key" in done.stderr
+
+
+def test_control_names_curve_when_the_service_requires_it():
+    import zmq
+
+    server, curve_only = _curve_server(zmq.REP)
+    try:
+        done = _run_cli("control", curve_only, "status", "--timeout", "0.5")
+    finally:
+        server.close(0)
+    assert done.exit_code == 1
+    line = done.stderr.strip()
+    assert line.startswith(f"error: no reply from {curve_only} within 0.5 s; {curve_only} requires CURVE")
+    assert "\n" not in line
+
+
+def test_check_config_probes_the_folder_camera_and_ports(installed, tmp_path):
+    import zmq
+
+    from service_helpers import free_port
+
+    data = config_data(str(installed / "frames"), installed / "bundle")
+    done = _run_cli("check-config", str(write_config(tmp_path, data)))
+    assert done.exit_code == 0, done.output
+    assert "checked: folder" in done.stdout and "3 image(s) at its top level" in done.stdout
+    assert done.stdout.count("is free") == 2
+
+    nested = tmp_path / "test"
+    shutil.copytree(installed / "frames", nested / "good")
+    done = _run_cli("check-config", str(write_config(tmp_path, config_data(str(nested) + "/", installed / "bundle"))))
+    assert done.exit_code == 2 and "3 images in subfolders are not read" in done.stderr
+    assert "OK" not in done.stdout
+
+    busy = zmq.Context.instance().socket(zmq.PUB)
+    port = free_port()
+    busy.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        data["publish"]["endpoint"] = f"tcp://127.0.0.1:{port}"
+        done = _run_cli("check-config", str(write_config(tmp_path, data)))
+    finally:
+        busy.close(0)
+    assert done.exit_code == 2 and f"publish.endpoint: cannot bind tcp://127.0.0.1:{port}" in done.stderr
+
+    camera = config_data("7", installed / "bundle")
+    camera["camera"]["source"] = 7
+    done = _run_cli("check-config", str(write_config(tmp_path, camera)))
+    assert done.exit_code == 0 and "warning: cannot open device 7" in done.stdout
+    assert "retry it forever" in done.stdout and "[ WARN" not in done.output
+
+
+def test_the_tiling_warning_is_logged_once(bundle, tmp_path, caplog):
+    from edge_inspector.service.app import check_tiling
+    from edge_inspector.service.config import load_config
+
+    data = config_data("frames/", bundle.path, tiling={"rows": 2, "cols": 2})
+    config = load_config(str(write_config(tmp_path, data)))
+    with caplog.at_level("WARNING"):
+        check_tiling(config, bundle)
+        check_tiling(config, bundle)
+    assert sum("differs from the" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_progress_prints_plain_lines_off_a_terminal(capsys):
+    from edge_inspector.core.progress import is_interactive, progress
+
+    assert not is_interactive()  # pytest captures stderr: not a terminal
+    for _ in progress(range(4), desc="fit: features", unit="batch", line_every_s=0.0):
+        pass
+    for _ in progress(range(4), desc="short loop", unit="batch"):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("fit: features: 1/4 batch (25%), 0 s, about 0 s left")
+    assert lines[-1].startswith("fit: features: done, 4 batch in")
+    assert not any("short loop" in line for line in lines)  # shorter than LINE_EVERY_S: nothing to say

@@ -47,6 +47,7 @@ from edge_inspector.service.archive import Archive
 from edge_inspector.service.config import ServiceConfig, config_to_dict, load_config
 from edge_inspector.service.control import ControlServer
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
+from edge_inspector.service.probes import ProbeReport, probe_config
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
 
@@ -64,9 +65,16 @@ def check_tiling(config: ServiceConfig, bundle: Bundle) -> None:
     if trained.mode == "per_tile":
         raise config.error("tiling", f"grid {rows}x{cols} does not match the bundle {bundle.path}, fit per tile "
                            f"on a {trained.rows}x{trained.cols} grid (set tiling.rows/cols to match or refit)")
+    seen = (str(bundle.path), bundle.meta_sha256, rows, cols)
+    if seen in _TILING_WARNED:  # once per bundle and grid: a reload of the same bundle says nothing new
+        return
+    _TILING_WARNED.add(seen)
     log.warning("tiling %dx%d differs from the %dx%d grid bundle %s was fit on; its shared statistics still "
                 "apply, but tiles now show parts at another scale than in training", rows, cols, trained.rows,
                 trained.cols, bundle.path)
+
+
+_TILING_WARNED: set[tuple[str, str, int, int]] = set()
 
 
 def checked_tiler(config: ServiceConfig, bundle: Bundle) -> Tiler:
@@ -466,8 +474,12 @@ def run_command(config_file: str | None, config_path: str | None) -> None:
 @click.argument("config_file", metavar="[FILE]", required=False)
 @click.option("--config", "config_path", help="The same as FILE.")
 @click.option("--skip-bundle", is_flag=True, help="Validate the YAML only, not the model bundle it names.")
-def check_config_command(config_file: str | None, config_path: str | None, skip_bundle: bool) -> None:
-    """Validate a service config (and its bundle) without starting anything."""
+@click.option("--no-probe", is_flag=True, help="Do not open the source or bind the ports (service/probes.py).")
+def check_config_command(config_file: str | None, config_path: str | None, skip_bundle: bool,
+                         no_probe: bool) -> None:
+    """Validate a service config (and its bundle), then try its source and ports without starting anything.
+
+    Exit status 2 when the service could not work as configured (a probe's `error:` lines say why)."""
     config_path = config_argument(config_file, config_path)
     config = load_config(config_path)
     source = create_source(config.camera)
@@ -488,4 +500,20 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
             if folder:
                 load_client_keys(config.resolve(folder), f"security.{key}")
         line += "; CURVE on"
-    click.echo(line + ")")
+    report_probes(config_path, line + ")", None if no_probe else probe_config(config, source))
+
+
+def report_probes(config_path: str, ok_line: str, report: ProbeReport | None) -> None:
+    """The OK line and what each probe found; probe errors go to stderr and exit 2, with no OK line."""
+    if report is None:
+        click.echo(ok_line)
+        return
+    if report.errors:
+        for line in report.lines():
+            click.echo(line)
+        for error in report.errors:
+            click.echo(f"error: {config_path}: {error}", err=True)
+        sys.exit(2)
+    click.echo(ok_line)
+    for line in report.lines():
+        click.echo(line)
