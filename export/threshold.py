@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -95,16 +98,49 @@ def apply_f1_rule(info: ThresholdInfo, f1_value: float, use_f1: bool) -> Thresho
     return info
 
 
-def report_outliers(names: Sequence[str], oos: np.ndarray, threshold: float, count: int = 3) -> None:
-    """Name the training images (`names`, in the order of `oos`) that score highest out of sample: a defective
+@dataclass
+class TrainingScores:
+    """One fit's out-of-sample good scores, as report_outliers saw them (for the fit summary and report)."""
+
+    paths: list[Path]
+    scores: np.ndarray
+    threshold: float
+
+    def highest(self, count: int = 3) -> list[tuple[Path, float]]:
+        order = np.argsort(self.scores)[::-1][:count]
+        return [(self.paths[i], float(self.scores[i])) for i in order]
+
+
+_collectors: list[list[TrainingScores]] = []
+
+
+@contextmanager
+def collect_training_scores() -> Iterator[list[TrainingScores]]:
+    """Within the block, every report_outliers call also appends its scores to the yielded list: how the fit
+    command gets them for its summary and contact sheet without widening every kind's fit function."""
+    collected: list[TrainingScores] = []
+    _collectors.append(collected)
+    try:
+        yield collected
+    finally:
+        _collectors.remove(collected)
+
+
+def report_outliers(paths: Sequence[str | Path], oos: np.ndarray, threshold: float, count: int = 3) -> None:
+    """Name the training images (`paths`, in the order of `oos`) that score highest out of sample: a defective
     part among the "good" ones or an odd capture there raises the threshold for every part after it, so the
     engineer should look. Shared by every model kind.
 
-    When one image alone sets the threshold far above the rest, say so as a WARNING: a part of another
-    product dropped into the good folder (tried: 30 bottle images and one magnetic tile) set a bottle
-    threshold of 19.1 against a median of 5.6 and the next image's 7.8, so any defect scoring under 19 would
-    pass, and an INFO line naming it was easy to miss.
+    When one image alone sets the threshold far above the rest (`threshold_set_alone`), say so as a WARNING: a
+    part of another product dropped into the good folder (tried: 30 bottle images and one magnetic tile) set a
+    bottle threshold of 19.1 against a median of 5.6 and the next image's 7.8, so any defect scoring under 19
+    would pass, and an INFO line naming it was easy to miss.
     """
+    files = [Path(p) for p in paths]
+    oos = np.asarray(oos, dtype=np.float64)
+    for collected in _collectors:
+        collected.append(TrainingScores(files, oos.copy(), float(threshold)))
+    names = [p.name for p in files]
     order = np.argsort(oos)[::-1][:count]
     listing = ", ".join(f"{names[i]} ({oos[i]:.4g})" for i in order)
     log.info("highest out-of-sample training scores (check these are really good parts): %s; "

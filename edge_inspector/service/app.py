@@ -425,15 +425,32 @@ class Service:
         inspector, _ = self._running()
         model = load_model(self.config, Path(path) if path else None)
         previous = inspector.model.model_id
-        params = self._decision_params(model.bundle)
-        self.threshold_bounds = bundle_range(self.config, model.bundle)
-        self.threshold_source = "config" if self.config.decision.threshold is not None else "bundle"
+        bounds = bundle_range(self.config, model.bundle)
+        kept, threshold_note = self._threshold_after_reload(inspector.params.threshold, bounds)
+        params = self._decision_params(model.bundle, kept)
+        self.threshold_bounds = bounds
+        if kept is None:
+            self.threshold_source = "config" if self.config.decision.threshold is not None else "bundle"
         inspector.swap(model, params)
-        log.warning("reload by the control socket (%s): %s -> %s (threshold %.6g)", request.get("_peer") or "unknown",
-                    previous, model.model_id, params.threshold)
+        log.warning("reload by the control socket (%s): %s -> %s (threshold %.6g: %s)", request.get("_peer") or
+                    "unknown", previous, model.model_id, params.threshold, threshold_note)
         if self.publisher:
             self.publisher.request_health()
-        return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold}
+        return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold,
+                "threshold_source": self.threshold_source, "threshold_note": threshold_note}
+
+    def _threshold_after_reload(self, current: float, bounds: tuple[float, float]) -> tuple[float | None, str]:
+        """An operator's threshold (set by set_threshold) survives a reload only inside the new bundle's range:
+        outside it the value means nothing for the new model's scores. Returns (value to keep or None, why)."""
+        fallback = "decision.threshold from the config" if self.config.decision.threshold else "the bundle's own"
+        if not self.threshold_source.startswith("control socket"):
+            return None, f"{fallback} threshold"
+        low, high = bounds
+        if low <= current <= high:
+            return current, (f"kept the threshold set by the {self.threshold_source}, inside the new bundle's range "
+                             f"{low:.6g}..{high:.6g}")
+        return None, (f"the threshold {current:.6g} set by the {self.threshold_source} is outside the new bundle's "
+                      f"range {low:.6g}..{high:.6g}, so {fallback} threshold applies")
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
