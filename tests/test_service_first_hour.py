@@ -302,7 +302,7 @@ def test_subscribe_says_what_it_waits_for_and_why_nothing_comes():
     nobody = f"tcp://127.0.0.1:{free_port()}"
     done = _run_cli("subscribe", nobody, "--timeout", "1")
     assert done.exit_code == 1
-    assert done.stderr.startswith(f"waiting for inspection messages and health messages from {nobody}")
+    assert done.stderr.startswith(f"waiting for inspection and health messages from {nobody}")
     assert f"nothing accepts connections at {nobody}" in done.stderr
     import zmq
 

@@ -133,8 +133,10 @@ class Subscriber:
     """SUB socket on a service's PUB endpoint. Topics are prefixes: `inspection.` for all cameras' results."""
 
     def __init__(self, endpoint: str, topics: tuple[str, ...] = ("inspection.", "health."),
-                 context: zmq.Context | None = None, rcvhwm: int = 1000, keys: Any | None = None):
-        """`keys`: an `edge_inspector.core.keys.ClientKeys` when the service runs with CURVE."""
+                 context: zmq.Context | None = None, rcvhwm: int = 1000, keys: Any | None = None,
+                 watch: bool = False):
+        """`keys`: an `edge_inspector.core.keys.ClientKeys` when the service runs with CURVE. `watch`: keep a
+        ConnectionWatch in `self.watch`, attached before connecting so no handshake event is missed."""
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -143,9 +145,12 @@ class Subscriber:
             keys.apply(self.socket)
         for topic in topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.watch = ConnectionWatch(self.socket, keys is not None) if watch else None
         try:
             self.socket.connect(connectable(endpoint))
         except zmq.ZMQError as err:
+            if self.watch:
+                self.watch.close()
             self.socket.close(0)
             raise ConfigError(f"endpoint {endpoint!r}: {err} (expected e.g. tcp://127.0.0.1:5556)") from None
 
@@ -158,6 +163,8 @@ class Subscriber:
         return Message(topic=parts[0].decode(), header=header, heatmap=parts[2] if len(parts) > 2 else b"")
 
     def close(self) -> None:
+        if self.watch:
+            self.watch.close()
         self.socket.close(0)
 
     def __enter__(self) -> Subscriber:
@@ -226,9 +233,10 @@ def subscribe_command(endpoint: str, camera: str, health: bool, as_json: bool, c
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
     received = 0
-    with Subscriber(endpoint, topics, keys=keys) as subscriber:
-        watch = ConnectionWatch(subscriber.socket, keys is not None)
-        click.echo(f"waiting for {' and '.join(t.rstrip('.') + ' messages' for t in topics)} from "
+    with Subscriber(endpoint, topics, keys=keys, watch=True) as subscriber:
+        watch = subscriber.watch
+        assert watch is not None
+        click.echo(f"waiting for {' and '.join(t.rstrip('.') for t in topics)} messages from "
                    f"{connectable(endpoint)} (Ctrl-C to stop)", err=True)
         quiet_since, hinted = time.monotonic(), False
         try:
@@ -258,8 +266,6 @@ def subscribe_command(endpoint: str, camera: str, health: bool, as_json: bool, c
                 sys.stdout.flush()
         except KeyboardInterrupt:
             pass
-        finally:
-            watch.close()
 
 
 def quiet_hint(watch: ConnectionWatch, endpoint: str, camera: str) -> str:
