@@ -58,6 +58,16 @@ class CameraConfig:
     max_frame_pixels: Annotated[int, Meta(ge=1, le=1_000_000_000),
                                 doc("folder: an image whose header declares more pixels is refused before decoding "
                                     "(an error result), so a decompression bomb cannot exhaust memory")] = 50_000_000
+    trigger: Annotated[Literal["free_run", "external"],
+                       doc("free_run: every frame is a part (folders, hardware-triggered cameras); external: one "
+                           "part per `trigger` command on the control socket, judged on the next frame after it "
+                           "(plus its delay_ms), frames in between skipped")] = "free_run"
+    trigger_timeout_ms: Annotated[int, Meta(ge=1, le=600_000),
+                                  doc("external: a trigger with no frame this long after its due time is an error "
+                                      "result for its part")] = 1000
+    trigger_queue: Annotated[int, Meta(ge=1, le=1024),
+                             doc("external: triggers waiting for a frame or inference; one more is refused (an error "
+                                 "result for its part)")] = 16
 
 
 @dataclass
@@ -253,6 +263,11 @@ def _cross_checks(config: ServiceConfig) -> None:
     if config.pipeline.stall_timeout_s <= slowest_camera_call:
         raise config.error("pipeline.stall_timeout_s", f"must exceed the camera's open/read timeouts "
                            f"({slowest_camera_call:g} s), or a slow camera would look like a hung service")
+    if camera.trigger == "external" and not config.publish.control_endpoint:
+        raise config.error("camera.trigger", "external needs publish.control_endpoint (triggers arrive there)")
+    if camera.trigger == "external" and config.pipeline.when_behind == "drop":
+        raise config.error("pipeline.when_behind", "drop would lose triggered parts; use auto or wait with "
+                           "camera.trigger external")
     if config.publish.control_endpoint == config.publish.endpoint and not config.publish.endpoint.endswith(":*"):
         raise config.error("publish.control_endpoint", "must differ from publish.endpoint")
     decision = config.decision

@@ -1,0 +1,205 @@
+"""`camera.trigger: external`: one result per trigger (per part), not one per frame.
+
+A photo-eye or the PLC says "a part is under the camera now" by sending a trigger (the control socket's
+`trigger` command, docs/wire-format.md); the next frame captured at or after the trigger's time plus its
+`delay_ms` is that part's image. Frames between triggers are read (the camera keeps streaming, so the frame
+taken after a trigger is fresh, not one that waited in a driver buffer) but not judged: they are counted as
+`frames_skipped`. Every trigger ends in exactly one result carrying its part id:
+
+- a frame in time: the part's frame goes down the pipeline like any frame (pass, review, fail, error);
+- no frame within `camera.trigger_timeout_ms` (camera lost, frozen, stopped): an `error` result for that part;
+- the trigger queue full (triggers faster than frames): an `error` result for the refused trigger, counted.
+
+Why the camera is read on a thread of its own here: a trigger must time out on time even while the camera
+is blocked in a read (up to camera.read_timeout_s) or waiting to reconnect (backoff up to reconnect_max_s).
+The capture stage then only waits for "a claimed frame or a trigger's deadline", so it alone puts parts
+into the frame queue, in order, and the pipeline's one-producer design is unchanged.
+
+Why parts are served in arrival order (first in, first out, each frame at most one part): a conveyor's
+parts pass the camera in the order their photo-eye saw them; with one fixed delay, FIFO is that order.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from edge_inspector.core.errors import ConfigError
+from edge_inspector.service.sources import Frame
+
+log = logging.getLogger(__name__)
+
+# Part ids travel to PLCs, HMIs, archives and logs: a strict charset and length keep them one safe token
+# in every one of those (no spaces, quotes, slashes, control characters).
+PART_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+PART_ID_RULE = "1-64 characters of A-Z a-z 0-9 . _ : - (starting with a letter or digit)"
+MAX_DELAY_MS = 60_000
+TRIGGER_FIELDS = frozenset({"command", "part_id", "delay_ms", "value", "_peer"})
+# Error results of refused triggers waiting for the capture stage (it waits on inference when inference is
+# behind); past this a refused trigger is refused in the reply only, and counted, so a flood of triggers
+# cannot grow memory without limit while inference is stuck (the watchdog reports that stall).
+MAX_REFUSED_WAITING = 1024
+
+
+@dataclass
+class Trigger:
+    part_id: str
+    received_time: float  # wall clock, for the result header
+    due: float  # monotonic: the first frame captured at or after this is the part's
+    deadline: float  # monotonic: no frame by then is an error result
+
+
+def parse_trigger(request: dict[str, Any]) -> tuple[str | None, int]:
+    """(part_id or None for "assign one", delay_ms) of a `trigger` request; ConfigError (one line) otherwise."""
+    unknown = sorted(str(key)[:40] for key in request if key not in TRIGGER_FIELDS)
+    if unknown:
+        raise ConfigError(f"trigger: unknown field(s) {', '.join(map(repr, unknown))} (expected part_id, delay_ms)")
+    part_id = request.get("part_id", request.get("value"))
+    if part_id is not None:
+        if not isinstance(part_id, str) or not PART_ID.fullmatch(part_id):
+            shown = repr(part_id)[:40]
+            raise ConfigError(f"trigger: part_id {shown} is not {PART_ID_RULE}")
+    delay = request.get("delay_ms", 0)
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_DELAY_MS:
+        raise ConfigError(f"trigger: delay_ms must be an integer 0-{MAX_DELAY_MS}, got {repr(delay)[:40]}")
+    return part_id, delay
+
+
+class TriggerGate:
+    """Pairs triggers with frames; see the module docstring. Thread-safe: triggers come from the control
+    thread, frames from the reader thread, and the capture stage takes parts."""
+
+    def __init__(self, timeout_ms: int, max_pending: int, camera_id: str):
+        self.timeout_s = timeout_ms / 1000.0
+        self.max_pending = max_pending
+        self.camera_id = camera_id
+        self.pending: collections.deque[Trigger] = collections.deque()
+        self.ready: collections.deque[Frame] = collections.deque()  # parts for the capture stage, in order
+        self.cond = threading.Condition()
+        self.next_part = 1  # ids the service assigns (a trigger without part_id)
+        self.received = 0
+        self.timeouts = 0
+        self.overflows = 0  # refused: the queue was full (each an error result while MAX_REFUSED_WAITING allows)
+        self.frames_skipped = 0
+        self.ended = False
+
+    # -- triggers (control thread) ---------------------------------------------------------------------------
+
+    def trigger(self, part_id: str | None, delay_ms: int) -> dict[str, Any]:
+        """Queue one trigger; the reply's fields. ConfigError when refused (the queue is full)."""
+        now = time.monotonic()
+        with self.cond:
+            if part_id is None:
+                part_id = str(self.next_part)
+                self.next_part += 1
+            self.received += 1
+            waiting = len(self.pending) + sum(1 for frame in self.ready if frame.error is None)
+            if self.ended or waiting >= self.max_pending:
+                self.overflows += 1
+                reason = ("the stream has ended" if self.ended else
+                          f"trigger queue full ({waiting} part(s) waiting for a frame or inference)")
+                if len(self.ready) < MAX_REFUSED_WAITING:
+                    self.ready.append(self._error_frame(part_id, time.time(), f"trigger refused: {reason}"))
+                    self.cond.notify_all()
+                log.warning("camera %s: trigger for part %s refused: %s (%d refused so far)", self.camera_id,
+                            part_id, reason, self.overflows)
+                raise ConfigError(f"trigger: part {part_id} refused: {reason}")
+            due = now + delay_ms / 1000.0
+            self.pending.append(Trigger(part_id, time.time(), due, due + self.timeout_s))
+            self.cond.notify_all()
+        return {"part_id": part_id, "queued": waiting + 1}
+
+    # -- frames (reader thread) ------------------------------------------------------------------------------
+
+    def offer(self, frame: Frame) -> None:
+        """A frame from the camera: the oldest due trigger's part image, or skipped."""
+        with self.cond:
+            head = self.pending[0] if self.pending else None
+            if head is None or frame.capture_mono < head.due:
+                self.frames_skipped += 1
+                return
+            self.pending.popleft()
+            frame.part_id = head.part_id
+            frame.trigger_time = head.received_time
+            self.ready.append(frame)
+            self.cond.notify_all()
+
+    def end(self) -> None:
+        """The camera's stream is over (finite file, or stopping): every waiting trigger gets its error now."""
+        with self.cond:
+            self._end_locked()
+
+    def _end_locked(self) -> None:
+        self.ended = True
+        while self.pending:
+            trigger = self.pending.popleft()
+            self.timeouts += 1
+            self.ready.append(self._error_frame(trigger.part_id, trigger.received_time,
+                                                "no frame for this trigger: the stream ended or the service stopped"))
+        self.cond.notify_all()
+
+    # -- parts (capture stage) -------------------------------------------------------------------------------
+
+    def parts(self, frames: Iterator[Frame], stop: threading.Event, beat: Callable[[], None]) -> Iterator[Frame]:
+        """The part frames, in order: claimed frames and the error frames of triggers that got none.
+
+        `frames` (the camera's) is read on a helper thread that offers each frame to the gate."""
+        reader = threading.Thread(target=self._read, args=(frames,), name="edge-trigger-reader", daemon=True)
+        reader.start()
+        while True:
+            beat()
+            with self.cond:
+                if stop.is_set() and not self.ended:  # stopping: waiting triggers get their errors now
+                    self._end_locked()
+                self._expire(time.monotonic())
+                if not self.ready:
+                    if self.ended:
+                        return
+                    self.cond.wait(self._wait_s())
+                    continue
+                frame = self.ready.popleft()
+            yield frame
+
+    def _read(self, frames: Iterator[Frame]) -> None:
+        try:
+            for frame in frames:
+                self.offer(frame)
+        except Exception:  # the capture stage must still end, and every trigger still get its result
+            log.exception("camera %s: trigger reader failed", self.camera_id)
+        finally:
+            self.end()
+
+    def _wait_s(self) -> float:
+        if not self.pending:
+            return 0.2
+        nearest = min(trigger.deadline for trigger in self.pending)
+        return min(0.2, max(0.001, nearest - time.monotonic()))
+
+    def _expire(self, now: float) -> None:
+        """Triggers past their deadline become error results (called with the lock held)."""
+        late = [trigger for trigger in self.pending if trigger.deadline <= now]
+        for trigger in late:
+            self.pending.remove(trigger)
+            self.timeouts += 1
+            log.warning("camera %s: no frame for part %s within %.0f ms of its trigger (%d timeouts so far)",
+                        self.camera_id, trigger.part_id, self.timeout_s * 1000, self.timeouts)
+            self.ready.append(self._error_frame(
+                trigger.part_id, trigger.received_time,
+                f"no frame within {self.timeout_s * 1000:.0f} ms of the trigger (camera.trigger_timeout_ms)"))
+
+    @staticmethod
+    def _error_frame(part_id: str, trigger_time: float, reason: str) -> Frame:
+        now = time.monotonic()
+        return Frame(image=None, index=-1, capture_time=time.time(), capture_mono=now, capture_ms=0.0,
+                     error=reason, part_id=part_id, trigger_time=trigger_time)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.cond:
+            return {"received": self.received, "pending": len(self.pending), "timeouts": self.timeouts,
+                    "refused": self.overflows, "frames_skipped": self.frames_skipped}
