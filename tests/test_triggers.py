@@ -16,6 +16,7 @@ from edge_inspector.core.wire import send_control
 from edge_inspector.service.app import Service
 from edge_inspector.service.config import parse_config
 from edge_inspector.service.triggers import parse_trigger
+from edge_inspector.tools.control import build_request
 from edge_inspector.tools.subscriber import Subscriber
 from service_helpers import config_data, conveyor_frames, wait_for, write_video
 
@@ -166,6 +167,8 @@ def test_parse_trigger_and_config_rules(bundle):
     assert parse_trigger({"command": "trigger"}) == (None, 0)
     assert parse_trigger({"command": "trigger", "value": "A-1"}) == ("A-1", 0)
     assert parse_trigger({"command": "trigger", "part_id": "Z9", "delay_ms": 250}) == ("Z9", 250)
+    assert build_request("trigger", "A-1") == {"command": "trigger", "part_id": "A-1"}
+    assert build_request("trigger", None) == {"command": "trigger"}
     data = triggered("/tmp/none/", bundle.path)
     data["publish"]["control_endpoint"] = None
     with pytest.raises(ConfigError, match="camera.trigger: external needs publish.control_endpoint"):
