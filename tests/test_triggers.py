@@ -18,6 +18,7 @@ from edge_inspector.service.config import parse_config
 from edge_inspector.service.triggers import parse_trigger
 from edge_inspector.tools.control import build_request
 from edge_inspector.tools.subscriber import Subscriber
+from export.synthetic import make_part
 from service_helpers import config_data, conveyor_frames, wait_for, write_video
 
 
@@ -175,8 +176,67 @@ def test_parse_trigger_and_config_rules(bundle):
         parse_config(data)
     data = triggered("/tmp/none/", bundle.path)
     data["pipeline"] = {"when_behind": "drop"}
-    with pytest.raises(ConfigError, match="pipeline.when_behind: drop would lose triggered parts"):
+    with pytest.raises(ConfigError, match="pipeline.when_behind: drop would lose parts"):
         parse_config(data)
     data = triggered("/tmp/none/", bundle.path, trigger="sometimes")
     with pytest.raises(ConfigError, match="camera.trigger"):
         parse_config(data)
+
+
+# -- presence ------------------------------------------------------------------------------------------------
+
+BELT = (128, 320)  # height, width
+PART_SIDE = 64
+SPEED = 16  # pixels per frame
+ROI = [128, 0, 64, 128]  # centred at x 160
+
+
+def conveyor_video(path: Path) -> tuple[Path, list[set[int]]]:
+    """A belt with four parts: one alone, two close together, one that stops in view for 30 frames, and
+    lighting flicker (the whole frame +-35 grey levels, over the threshold) on a third of the frames, empty
+    stretches included.
+
+    Returns the video and, per part, the frame indices where it is best placed (its centre at the ROI's)."""
+    rng = np.random.default_rng(11)
+    pictures = [make_part(rng, PART_SIDE)[0] for _ in range(4)]
+    # (first frame, frames stopped at the centre): left edge x = -64 + 16 k, centred (x = 128) at k = 12
+    schedule = [(12, 0), (50, 0), (60, 0), (100, 30)]  # parts 2 and 3: 160 px apart centre to centre
+    total = 175
+    frames, best = [], [set() for _ in schedule]
+    for t in range(total):
+        frame = np.full((*BELT, 3), 70, np.uint8)
+        frame = cv2.add(frame, rng.integers(0, 6, frame.shape, dtype=np.uint8))
+        for number, ((start, stop), picture) in enumerate(zip(schedule, pictures)):
+            k = t - start
+            if k < 0:
+                continue
+            k = k if k <= 12 else max(12, k - stop)
+            x = -PART_SIDE + SPEED * k
+            if x >= BELT[1] or x + PART_SIDE <= 0:
+                continue
+            if x == 128:
+                best[number].add(t)
+            left, right = max(0, x), min(BELT[1], x + PART_SIDE)
+            frame[32:32 + PART_SIDE, left:right] = picture[:, left - x:right - x]
+        if rng.random() < 0.33:
+            shift = np.full_like(frame, 35)  # over presence_threshold (25)
+            frame = cv2.add(frame, shift) if rng.random() < 0.5 else cv2.subtract(frame, shift)
+        frames.append(frame)
+    return write_video(path, frames, fps=20.0), best
+
+
+def test_presence_counts_each_part_once_on_its_best_placed_frame(bundle, tmp_path):
+    video, best = conveyor_video(tmp_path / "belt.avi")
+    data = config_data(str(video), bundle.path, camera={"trigger": "presence", "presence_roi": ROI},
+                       publish={"wait_for_subscriber_s": 30.0})
+    with running(data) as (service, subscriber):
+        got = results(subscriber, 4)
+        assert quiet(subscriber, 0.5) == []  # and no more: no part judged twice, flicker is no part
+        wait_for(lambda: service.pipeline is not None and service.pipeline.finished.is_set(), 30, "the end")
+        health = service.health()
+    assert [h["part_id"] for h in got] == ["1", "2", "3", "4"]
+    assert all(h["verdict"] != "error" for h in got), got
+    for header, frames in zip(got, best):  # judged on the frame where the part is centred in the ROI
+        assert header["frame_index"] in frames, (header["frame_index"], frames)
+    assert health["presence"]["parts"] == 4 and health["processed"] == 4
+    assert health["frames_skipped"] == 175 - 4

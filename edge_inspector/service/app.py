@@ -57,7 +57,7 @@ from edge_inspector.service.control import ControlServer
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
-from edge_inspector.service.triggers import TriggerGate, parse_trigger
+from edge_inspector.service.triggers import PresenceGate, PresenceSettings, TriggerGate, parse_trigger
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,10 @@ class Service:
         camera = config.camera  # camera.trigger external: parts come from triggers (service/triggers.py)
         self.trigger = (TriggerGate(camera.trigger_timeout_ms, camera.trigger_queue, camera.id)
                         if camera.trigger == "external" else None)
+        self.presence = PresenceGate(PresenceSettings(
+            camera.presence_roi, camera.presence_threshold, camera.presence_min_area, camera.presence_frames_on,
+            camera.presence_frames_off, camera.presence_max_s, camera.presence_background_frames),
+            camera.id) if camera.trigger == "presence" else None
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
@@ -219,13 +223,14 @@ class Service:
         when_behind = config.pipeline.when_behind
         if when_behind == "auto":
             unpaced_media = source.kind in ("file", "folder") and not config.camera.fps
-            when_behind = "wait" if unpaced_media or self.trigger else "drop"  # each triggered frame is a part
+            parts_only = self.trigger or self.presence  # each frame that reaches the queue is a part
+            when_behind = "wait" if unpaced_media or parts_only else "drop"
         engine = InferenceEngine(self.inspector, config.publish.heatmap_scale,
                                  picture_of_frame=config.publish.heatmap == "jpeg_overlay")
         self.pipeline = Pipeline(self.camera, engine, self.publisher, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats,
-                                 workers=config.model.workers, trigger=self.trigger)
+                                 workers=config.model.workers, trigger=self.trigger or self.presence)
         if config.publish.wait_for_subscriber_s > 0:
             self.pipeline.gate.clear()
         log.info("camera %s: %s; %s; when behind: %s; %d inference worker(s); results on %s%s%s",
@@ -387,8 +392,10 @@ class Service:
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
             "trigger": self.config.camera.trigger,
-            "frames_skipped": self.trigger.frames_skipped if self.trigger else 0,
+            "frames_skipped": self.trigger.frames_skipped if self.trigger else (
+                self.presence.frames_skipped if self.presence else 0),
             "triggers": self.trigger.snapshot() if self.trigger else None,
+            "presence": self.presence.snapshot() if self.presence else None,
         }
 
     # -- control socket ------------------------------------------------------------------------------------------

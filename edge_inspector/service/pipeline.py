@@ -39,7 +39,7 @@ from edge_inspector.core.images import is_shortage, shown
 from edge_inspector.core.inspect import Inspector, MapScale, ModelOutputError
 from edge_inspector.service.queues import FrameQueue, InOrder, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
-from edge_inspector.service.triggers import TriggerGate
+from edge_inspector.service.triggers import PresenceGate, TriggerGate
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +263,9 @@ class Pipeline:
 
     def __init__(self, camera: Camera, engine: InferenceEngine, sink: ResultSink, queue_size: int = 2,
                  drop_when_behind: bool = True, stall_timeout_s: float = 10.0, stats: Stats | None = None,
-                 workers: int = 1, trigger: TriggerGate | None = None):
+                 workers: int = 1, trigger: TriggerGate | PresenceGate | None = None):
         self.camera = camera
-        self.trigger = trigger  # camera.trigger external: only triggered frames are judged
+        self.trigger = trigger  # camera.trigger external/presence: one frame per part is judged
         self.engine = engine
         self.sink = sink
         self.stats = stats or Stats()

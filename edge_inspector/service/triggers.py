@@ -30,6 +30,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
+import numpy as np
+
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.service.sources import Frame
 
@@ -203,3 +206,163 @@ class TriggerGate:
         with self.cond:
             return {"received": self.received, "pending": len(self.pending), "timeouts": self.timeouts,
                     "refused": self.overflows, "frames_skipped": self.frames_skipped}
+
+
+# -- camera.trigger: presence ---------------------------------------------------------------------------------
+
+PRESENCE_WIDTH = 320  # frames are looked at this wide at most: presence needs blobs, not detail
+
+
+@dataclass
+class PresenceSettings:
+    roi: tuple[int, int, int, int] | None  # [x, y, width, height] in frame pixels; None: the whole frame
+    threshold: float  # grey levels a pixel must differ from the empty belt (after flicker correction)
+    min_area: float  # share of the ROI's pixels that must differ for "a part is in view"
+    frames_on: int  # consecutive frames in view before a part counts as entered
+    frames_off: int  # consecutive frames empty before it counts as gone
+    max_s: float  # a part in view longer (stopped on the belt) is judged then, and counted once
+    background_frames: int  # the empty-belt reference: the median of the stream's first frames
+
+
+class PresenceGate:
+    """Finds parts in a region of interest and hands one frame per part to the pipeline: the best-placed
+    one (the part's centre nearest the ROI's centre), when the part has left.
+
+    How a part is seen: each frame (shrunk to PRESENCE_WIDTH) is compared with an empty-belt reference, the
+    median of the stream's first `background_frames` frames (start the line empty), updated slowly while the
+    ROI is empty. Lighting flicker moves the whole frame's grey level: the frame's median difference to the
+    reference is subtracted first, so flicker is not a part (parts must cover under half the frame). A part
+    enters after `frames_on` frames in view and leaves after `frames_off` empty ones, so one noisy frame
+    neither makes nor splits a part; two parts close together are two parts when the ROI is empty between
+    them for `frames_off` frames (make the ROI narrower than the gap between parts). A part that stops on
+    the belt is judged once after `max_s` and not again until the ROI has been empty.
+
+    Only the best-placed frame so far is held (one frame of memory); the others are counted as skipped.
+    """
+
+    def __init__(self, settings: PresenceSettings, camera_id: str):
+        self.settings = settings
+        self.camera_id = camera_id
+        self.background: np.ndarray | None = None
+        self._warmup: list[np.ndarray] = []
+        self.next_part = 1
+        self.parts_found = 0
+        self.forced_out = 0  # parts judged after max_s in view (stopped on the belt)
+        self.frames_skipped = 0
+        self.in_view = False
+        self._on = 0
+        self._off = 0
+        self._held = False  # the current part was already judged (max_s): wait for the ROI to empty
+        self._best: tuple[float, Frame] | None = None
+        self._entered = 0.0
+        self._entered_wall = 0.0
+        self._full_width = PRESENCE_WIDTH  # the last frame's width before shrinking (the ROI is in its pixels)
+
+    def parts(self, frames: Iterator[Frame], stop: threading.Event, beat: Callable[[], None]) -> Iterator[Frame]:
+        for frame in frames:
+            beat()
+            part = self._look(frame)
+            if part is not None:
+                yield part
+        if self._best is not None:  # the stream ended (or stopping) with a part in view: judge it still
+            yield self._close()
+
+    def _look(self, frame: Frame) -> Frame | None:
+        """The frame of a part that has just left (or stayed max_s), or None."""
+        if frame.image is None:  # an unreadable frame is not a part; while one is in view it is just skipped
+            self.frames_skipped += 1
+            return None
+        grey = self._small_grey(frame.image)
+        if self.background is None:
+            self._warmup.append(grey)
+            self.frames_skipped += 1
+            if len(self._warmup) >= self.settings.background_frames:
+                self.background = np.median(np.stack(self._warmup), axis=0).astype(np.float32)
+                self._warmup = []
+            return None
+        seen, placement = self._measure(grey)
+        return self._step(frame, seen, placement)
+
+    def _small_grey(self, image: np.ndarray) -> np.ndarray:
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+        self._full_width = grey.shape[1]
+        scale = min(1.0, PRESENCE_WIDTH / grey.shape[1])
+        if scale < 1.0:
+            grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        return grey.astype(np.float32)
+
+    def _roi(self, shape: tuple[int, ...], full_width: int) -> tuple[slice, slice]:
+        roi = self.settings.roi
+        if roi is None:
+            return slice(None), slice(None)
+        scale = shape[1] / full_width
+        x, y, w, h = (round(v * scale) for v in roi)
+        return slice(y, y + max(1, h)), slice(x, x + max(1, w))
+
+    def _measure(self, grey: np.ndarray) -> tuple[bool, float]:
+        """(a part is in view, how far its centre is from the ROI's centre as a share of the ROI)."""
+        assert self.background is not None
+        if grey.shape != self.background.shape:  # the camera changed resolution: start the reference over
+            self.background = None
+            return False, 1.0
+        difference = grey - self.background
+        difference -= float(np.median(difference))  # flicker: the whole frame brighter or darker
+        rows, cols = self._roi(grey.shape, self._full_width)
+        mask = np.abs(difference[rows, cols]) > self.settings.threshold
+        area = float(mask.mean()) if mask.size else 0.0
+        if area < self.settings.min_area:
+            if not self.in_view:  # empty belt: follow slow changes (daylight, dust)
+                self.background += 0.05 * (grey - self.background)
+            return False, 1.0
+        ys, xs = np.nonzero(mask)
+        height, width = mask.shape
+        distance = float(np.hypot((xs.mean() - width / 2) / width, (ys.mean() - height / 2) / height))
+        return True, distance
+
+    def _step(self, frame: Frame, seen: bool, placement: float) -> Frame | None:
+        settings = self.settings
+        if seen:
+            self._on += 1
+            self._off = 0
+            if not self.in_view and self._on >= settings.frames_on:
+                self.in_view = True
+                self._entered, self._entered_wall = time.monotonic(), time.time()
+            if self.in_view and not self._held:
+                if self._best is None or placement < self._best[0]:
+                    if self._best is not None:
+                        self.frames_skipped += 1
+                    self._best = (placement, frame)
+                else:
+                    self.frames_skipped += 1
+                if time.monotonic() - self._entered >= settings.max_s:
+                    self.forced_out += 1
+                    self._held = True
+                    log.warning("camera %s: a part has been in view for %.0f s (stopped on the belt?): judged "
+                                "now, counted once", self.camera_id, settings.max_s)
+                    return self._close()
+                return None
+            self.frames_skipped += 1
+            return None
+        self._on = 0
+        self.frames_skipped += 1
+        if self.in_view:
+            self._off += 1
+            if self._off >= settings.frames_off:
+                self.in_view, self._held = False, False
+                if self._best is not None:
+                    return self._close()
+        return None
+
+    def _close(self) -> Frame:
+        assert self._best is not None
+        frame = self._best[1]
+        self._best = None
+        frame.part_id = str(self.next_part)
+        frame.trigger_time = self._entered_wall
+        self.next_part += 1
+        self.parts_found += 1
+        return frame
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"parts": self.parts_found, "in_view": self.in_view, "stopped_parts": self.forced_out,
+                "frames_skipped": self.frames_skipped, "background_ready": self.background is not None}
