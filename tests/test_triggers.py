@@ -240,3 +240,19 @@ def test_presence_counts_each_part_once_on_its_best_placed_frame(bundle, tmp_pat
         assert header["frame_index"] in frames, (header["frame_index"], frames)
     assert health["presence"]["parts"] == 4 and health["processed"] == 4
     assert health["frames_skipped"] == 175 - 4
+
+
+def test_triggers_waiting_at_stop_get_their_error_results(bundle, tmp_path):
+    data = triggered(str(tmp_path / "absent") + "/", bundle.path, trigger_timeout_ms=600_000)
+    control = data["publish"]["control_endpoint"]
+    service = Service(parse_config(data))
+    runner = threading.Thread(target=service.run, kwargs={"install_signals": False})
+    with Subscriber(data["publish"]["endpoint"], ("inspection.",)) as subscriber:
+        runner.start()
+        wait_for(lambda: service.camera is not None and service.camera.state == "waiting", 30, "a waiting camera")
+        assert send_control(control, "trigger S-1")["ok"] and send_control(control, "trigger S-2")["ok"]
+        service.stop()  # the drain publishes every part the service knows of
+        got = results(subscriber, 2, timeout=15)
+        runner.join(30)
+    assert [h["part_id"] for h in got] == ["S-1", "S-2"]
+    assert all(h["verdict"] == "error" and "service stopped" in h["error"] for h in got)
