@@ -256,3 +256,21 @@ def test_triggers_waiting_at_stop_get_their_error_results(bundle, tmp_path):
         runner.join(30)
     assert [h["part_id"] for h in got] == ["S-1", "S-2"]
     assert all(h["verdict"] == "error" and "service stopped" in h["error"] for h in got)
+
+
+def test_a_trigger_flood_loses_no_part_and_stays_bounded(bundle, video):
+    """200 triggers as fast as one client can send them, queue 8: every part id gets exactly one result."""
+    data = triggered(str(video), bundle.path, fps=20.0, loop=True, trigger_queue=8)
+    control = data["publish"]["control_endpoint"]
+    with running(data) as (service, subscriber):
+        wait_for(lambda: service.camera is not None and service.camera.state == "connected", 30, "the camera")
+        replies = [send_control(control, {"command": "trigger", "part_id": f"F-{i}"}) for i in range(200)]
+        accepted = [r["part_id"] for r in replies if r["ok"]]
+        assert 8 <= len(accepted) < 200  # the queue bound held
+        got = results(subscriber, 200, timeout=60)
+        triggers = service.health()["triggers"]
+    assert sorted(h["part_id"] for h in got) == sorted(f"F-{i}" for i in range(200))  # one result each
+    judged = [h["part_id"] for h in got if h["verdict"] != "error"]
+    assert judged == accepted  # the accepted ones, judged in the order they were sent
+    assert all("trigger queue full" in h["error"] for h in got if h["part_id"] not in accepted)
+    assert triggers["refused"] == 200 - len(accepted) and triggers["pending"] == 0
