@@ -274,3 +274,28 @@ def test_a_trigger_flood_loses_no_part_and_stays_bounded(bundle, video):
     assert judged == accepted  # the accepted ones, judged in the order they were sent
     assert all("trigger queue full" in h["error"] for h in got if h["part_id"] not in accepted)
     assert triggers["refused"] == 200 - len(accepted) and triggers["pending"] == 0
+
+
+def test_presence_worst_judges_every_frame_of_a_part_and_keeps_the_worst(bundle, tmp_path):
+    video, _ = conveyor_video(tmp_path / "belt.avi")
+
+    def run(**camera) -> tuple[list[dict], dict]:
+        data = config_data(str(video), bundle.path, camera={"trigger": "presence", "presence_roi": ROI, **camera},
+                           publish={"wait_for_subscriber_s": 30.0})
+        with running(data) as (service, subscriber):
+            got = results(subscriber, 4)
+            assert quiet(subscriber, 0.5) == []
+            wait_for(lambda: service.pipeline is not None and service.pipeline.finished.is_set(), 30, "the end")
+            return got, service.health()
+
+    best, _ = run()
+    worst, health = run(presence_judge="worst", presence_max_frames=100)
+    assert [h["part_id"] for h in worst] == ["1", "2", "3", "4"]
+    assert [h["sequence"] for h in worst] == [1, 2, 3, 4]  # renumbered: no gaps where frames were merged
+    assert health["processed"] == 4 and health["presence"]["parts"] == 4
+    assert health["presence"]["frames_judged"] >= 4 * 5  # every frame of each part while in view
+    # every frame was judged, the best-placed one among them: the worst is at least as bad, and for some
+    # part another frame (the part half in view) scored higher
+    pairs = [(w["score"], b["score"]) for w, b in zip(worst, best)]
+    assert all(w >= b - 1e-6 for w, b in pairs), pairs
+    assert any(w > b for w, b in pairs), pairs

@@ -59,7 +59,13 @@ from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
 from edge_inspector.service.probes import ProbeReport, probe_config
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
-from edge_inspector.service.triggers import PresenceGate, PresenceSettings, TriggerGate, parse_trigger
+from edge_inspector.service.triggers import (
+    PartMerger,
+    PresenceGate,
+    PresenceSettings,
+    TriggerGate,
+    parse_trigger,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +183,9 @@ class Service:
                         if camera.trigger == "external" else None)
         self.presence = PresenceGate(PresenceSettings(
             camera.presence_roi, camera.presence_threshold, camera.presence_min_area, camera.presence_frames_on,
-            camera.presence_frames_off, camera.presence_max_s, camera.presence_background_frames),
-            camera.id) if camera.trigger == "presence" else None
+            camera.presence_frames_off, camera.presence_max_s, camera.presence_background_frames,
+            camera.presence_judge, camera.presence_max_frames), camera.id) if camera.trigger == "presence" else None
+        self.merger: PartMerger | None = None  # presence_judge worst
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
@@ -238,7 +245,10 @@ class Service:
             when_behind = "wait" if unpaced_media or parts_only else "drop"
         engine = InferenceEngine(self.inspector, config.publish.heatmap_scale,
                                  picture_of_frame=config.publish.heatmap == "jpeg_overlay")
-        self.pipeline = Pipeline(self.camera, engine, self.outputs, queue_size=config.pipeline.queue_size,
+        sink: Any = self.outputs
+        if self.presence is not None and config.camera.presence_judge == "worst":
+            sink = self.merger = PartMerger(self.outputs, self.stats)  # one result per part, its worst frame
+        self.pipeline = Pipeline(self.camera, engine, sink, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats,
                                  workers=config.model.workers, trigger=self.trigger or self.presence)
@@ -408,7 +418,8 @@ class Service:
             "frames_skipped": self.trigger.frames_skipped if self.trigger else (
                 self.presence.frames_skipped if self.presence else 0),
             "triggers": self.trigger.snapshot() if self.trigger else None,
-            "presence": self.presence.snapshot() if self.presence else None,
+            "presence": {**self.presence.snapshot(), "frames_judged": self.merger.frames_judged if self.merger else
+                         self.presence.parts_found} if self.presence else None,
             "outputs": self.outputs.snapshot() if self.outputs else {},
         }
 

@@ -85,6 +85,12 @@ class CameraConfig:
     presence_background_frames: Annotated[int, Meta(ge=1, le=1000),
                                           doc("presence: the empty-belt reference is the median of this many "
                                               "first frames (start with the belt empty)")] = 5
+    presence_judge: Annotated[Literal["best_placed", "worst"],
+                              doc("presence: judge each part on its best-placed frame (one inference per part), "
+                                  "or on up to presence_max_frames of its frames keeping the worst result")] = (
+        "best_placed")
+    presence_max_frames: Annotated[int, Meta(ge=1, le=1000),
+                                   doc("presence worst: frames judged per part at most (the rest skipped)")] = 8
 
 
 @dataclass

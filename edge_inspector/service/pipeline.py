@@ -410,6 +410,8 @@ class Pipeline:
     def _count(self, result: Result, last_error: str | None) -> str | None:
         """Add a result to the stats; log error results (a bad ROI fails every frame: each new reason, then
         every 100th repeat). Returns the error last logged by this worker."""
+        if result.frame.part_step is not None:  # one frame of several of a part: counted per part when merged
+            return last_error
         with self._counting:
             stats = self.stats
             stats.processed += 1
@@ -442,7 +444,8 @@ class Pipeline:
                     continue
                 try:
                     self.sink.send(result)
-                    self.stats.record_published(result)
+                    if result.frame.part_step != "more":  # a part's earlier frames are merged, not sent
+                        self.stats.record_published(result)
                 except Exception:  # keep publishing later results; this one is logged with its sequence
                     self.stats.publish_errors += 1
                     log.exception("could not publish result sequence %d", result.sequence)

@@ -73,6 +73,7 @@ class Frame:
     tiles: Tiles | None = None  # model inputs cut by the capture stage ahead of inference (pipeline.py)
     part_id: str | None = None  # camera.trigger external: the trigger's part (service/triggers.py)
     trigger_time: float | None = None  # wall clock when that trigger arrived
+    part_step: str | None = None  # presence judged on every frame: "more" frames of this part follow, or "last"
 
 
 def detect_kind(source: int | str) -> str:

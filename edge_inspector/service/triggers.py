@@ -222,6 +222,8 @@ class PresenceSettings:
     frames_off: int  # consecutive frames empty before it counts as gone
     max_s: float  # a part in view longer (stopped on the belt) is judged then, and counted once
     background_frames: int  # the empty-belt reference: the median of the stream's first frames
+    judge: str = "best_placed"  # best_placed: one frame per part; worst: up to max_frames, the worst kept
+    max_frames: int = 8
 
 
 class PresenceGate:
@@ -253,7 +255,9 @@ class PresenceGate:
         self._on = 0
         self._off = 0
         self._held = False  # the current part was already judged (max_s): wait for the ROI to empty
-        self._best: tuple[float, Frame] | None = None
+        self._best: tuple[float, Frame] | None = None  # the frame held: best placed, or (worst) the latest
+        self._part_id = ""
+        self._part_frames = 0  # worst: frames of the current part sent to be judged
         self._entered = 0.0
         self._entered_wall = 0.0
         self._full_width = PRESENCE_WIDTH  # the last frame's width before shrinking (the ROI is in its pixels)
@@ -261,17 +265,15 @@ class PresenceGate:
     def parts(self, frames: Iterator[Frame], stop: threading.Event, beat: Callable[[], None]) -> Iterator[Frame]:
         for frame in frames:
             beat()
-            part = self._look(frame)
-            if part is not None:
-                yield part
+            yield from self._look(frame)
         if self._best is not None:  # the stream ended (or stopping) with a part in view: judge it still
             yield self._close()
 
-    def _look(self, frame: Frame) -> Frame | None:
-        """The frame of a part that has just left (or stayed max_s), or None."""
+    def _look(self, frame: Frame) -> list[Frame]:
+        """The frames to judge now: a part's that has just left (or stayed max_s), or (worst) one of its frames."""
         if frame.image is None:  # an unreadable frame is not a part; while one is in view it is just skipped
             self.frames_skipped += 1
-            return None
+            return []
         grey = self._small_grey(frame.image)
         if self.background is None:
             self._warmup.append(grey)
@@ -279,7 +281,7 @@ class PresenceGate:
             if len(self._warmup) >= self.settings.background_frames:
                 self.background = np.median(np.stack(self._warmup), axis=0).astype(np.float32)
                 self._warmup = []
-            return None
+            return []
         seen, placement = self._measure(grey)
         return self._step(frame, seen, placement)
 
@@ -319,30 +321,27 @@ class PresenceGate:
         distance = float(np.hypot((xs.mean() - width / 2) / width, (ys.mean() - height / 2) / height))
         return True, distance
 
-    def _step(self, frame: Frame, seen: bool, placement: float) -> Frame | None:
+    def _step(self, frame: Frame, seen: bool, placement: float) -> list[Frame]:
         settings = self.settings
         if seen:
             self._on += 1
             self._off = 0
             if not self.in_view and self._on >= settings.frames_on:
-                self.in_view = True
+                self.in_view, self._part_frames = True, 0
                 self._entered, self._entered_wall = time.monotonic(), time.time()
+                self._part_id = str(self.next_part)
+                self.next_part += 1
             if self.in_view and not self._held:
-                if self._best is None or placement < self._best[0]:
-                    if self._best is not None:
-                        self.frames_skipped += 1
-                    self._best = (placement, frame)
-                else:
-                    self.frames_skipped += 1
+                out = self._keep(frame, placement)
                 if time.monotonic() - self._entered >= settings.max_s:
                     self.forced_out += 1
                     self._held = True
                     log.warning("camera %s: a part has been in view for %.0f s (stopped on the belt?): judged "
                                 "now, counted once", self.camera_id, settings.max_s)
-                    return self._close()
-                return None
+                    return [*out, self._close()]
+                return out
             self.frames_skipped += 1
-            return None
+            return []
         self._on = 0
         self.frames_skipped += 1
         if self.in_view:
@@ -350,19 +349,104 @@ class PresenceGate:
             if self._off >= settings.frames_off:
                 self.in_view, self._held = False, False
                 if self._best is not None:
-                    return self._close()
-        return None
+                    return [self._close()]
+        return []
+
+    def _keep(self, frame: Frame, placement: float) -> list[Frame]:
+        """Best-placed: hold the frame if better placed than the one held. Worst: every frame (up to
+        max_frames) is judged; the one held goes out marked "more", this one is held (the last one held goes
+        out marked "last" when the part leaves, so the merge after inference knows the part is complete)."""
+        if self.settings.judge == "best_placed":
+            if self._best is None or placement < self._best[0]:
+                if self._best is not None:
+                    self.frames_skipped += 1
+                self._best = (placement, frame)
+            else:
+                self.frames_skipped += 1
+            return []
+        if self._part_frames >= self.settings.max_frames:
+            self.frames_skipped += 1
+            return []
+        self._part_frames += 1
+        held, self._best = self._best, (placement, frame)
+        if held is None:
+            return []
+        return [self._mark(held[1], "more")]
+
+    def _mark(self, frame: Frame, step: str) -> Frame:
+        frame.part_id = self._part_id
+        frame.trigger_time = self._entered_wall
+        frame.part_step = step if self.settings.judge == "worst" else None
+        return frame
 
     def _close(self) -> Frame:
         assert self._best is not None
         frame = self._best[1]
         self._best = None
-        frame.part_id = str(self.next_part)
-        frame.trigger_time = self._entered_wall
-        self.next_part += 1
         self.parts_found += 1
-        return frame
+        return self._mark(frame, "last")
 
     def snapshot(self) -> dict[str, Any]:
         return {"parts": self.parts_found, "in_view": self.in_view, "stopped_parts": self.forced_out,
                 "frames_skipped": self.frames_skipped, "background_ready": self.background is not None}
+
+
+SEVERITY = {"pass": 0, "review": 1, "fail": 2, "error": 3}
+
+
+class PartMerger:
+    """presence_judge worst: the results of one part's frames become one result, the worst of them.
+
+    Worst means the most severe verdict (error > fail > review > pass: a frame that could not be judged
+    makes the part "do not ship unchecked"), then the highest score. It sits between the pipeline's publish
+    stage and the real sink (publish thread only), renumbers what it forwards (sequence 1, 2, ... per part,
+    no gaps, as the wire format promises) and counts parts in the stats; the inference stage leaves frames
+    marked `part_step` uncounted (Pipeline._count). Only the worst result so far is held per part.
+    """
+
+    def __init__(self, sink: Any, stats: Any):
+        self.sink = sink
+        self.stats = stats
+        self.sequence = 0
+        self.frames_judged = 0
+        self._worst: Any = None
+
+    def send(self, result: Any) -> None:
+        step = result.frame.part_step
+        if step is None:  # not a part's frame (counted by the pipeline already): passed on as it is
+            self.sink.send(result)
+            return
+        self.frames_judged += 1
+        if self._worst is None or self._rank(result) > self._rank(self._worst):
+            self._worst = result
+        if step == "last":
+            worst, self._worst = self._worst, None
+            self._forward(worst)
+
+    @staticmethod
+    def _rank(result: Any) -> tuple[int, float]:
+        score = result.decision.score if result.decision is not None else float("inf")
+        return SEVERITY.get(result.verdict, 3), score if np.isfinite(score) else float("inf")
+
+    def _forward(self, result: Any) -> None:
+        self.sequence += 1
+        result.sequence = self.sequence
+        stats = self.stats
+        stats.processed += 1
+        stats.last_sequence = self.sequence
+        counter = {"pass": "passes", "fail": "fails", "review": "reviews"}.get(result.verdict, "errors")
+        setattr(stats, counter, getattr(stats, counter) + 1)
+        if result.verdict == "error":
+            log.warning("part %s: %s", result.frame.part_id, result.error)
+        self.sink.send(result)
+
+    def idle(self) -> None:
+        self.sink.idle()
+
+    def finish(self) -> None:
+        if self._worst is not None:  # a part cut short at stop: its worst frame so far is its result
+            worst, self._worst = self._worst, None
+            self._forward(worst)
+        finish = getattr(self.sink, "finish", None)
+        if finish is not None:
+            finish()
