@@ -15,7 +15,7 @@ from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.wire import send_control
 from edge_inspector.service.app import Service
 from edge_inspector.service.config import parse_config
-from edge_inspector.service.triggers import parse_trigger
+from edge_inspector.service.triggers import PartCounter, TriggerGate, counter_file, parse_trigger
 from edge_inspector.tools.control import build_request
 from edge_inspector.tools.subscriber import Subscriber
 from export.synthetic import make_part
@@ -299,3 +299,23 @@ def test_presence_worst_judges_every_frame_of_a_part_and_keeps_the_worst(bundle,
     pairs = [(w["score"], b["score"]) for w, b in zip(worst, best)]
     assert all(w >= b - 1e-6 for w, b in pairs), pairs
     assert any(w > b for w, b in pairs), pairs
+
+
+def test_part_ids_the_service_assigns_never_repeat_across_restarts(tmp_path):
+    path = tmp_path / "state" / "parts" / "line9"
+    first = PartCounter(path)
+    ids = [int(first.take()) for _ in range(PartCounter.BLOCK + 5)]  # past one reserved block
+    assert ids == list(range(1, PartCounter.BLOCK + 6))
+    second = PartCounter(path)  # a restart (or SIGKILL: the file is written before ids are used)
+    assert int(second.take()) > ids[-1]
+    gate = TriggerGate(1000, 4, "line9", PartCounter(path))  # the gates take their ids from it
+    assert int(gate.trigger(None, 0)["part_id"]) > ids[-1]
+    for bad in ("", "12x", "-3", "9" * 20):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=f"{path}: expected the next part id"):
+            PartCounter(path)
+    assert counter_file(None, "", "line9") is None  # outside systemd, no file: ids start at 1 each run
+    under_systemd = counter_file(None, "/var/lib/edge-inspector", "a/../b")
+    assert under_systemd is not None and under_systemd.parent == Path("/var/lib/edge-inspector/parts")
+    assert under_systemd.name.startswith("a_.._b-")  # one file name inside parts/, whatever the id holds
+    assert counter_file(None, "/s", "a/b") != counter_file(None, "/s", "a_b")  # two cameras, two files

@@ -60,10 +60,12 @@ from edge_inspector.service.probes import ProbeReport, probe_config
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
 from edge_inspector.service.triggers import (
+    PartCounter,
     PartMerger,
     PresenceGate,
     PresenceSettings,
     TriggerGate,
+    counter_file,
     parse_trigger,
 )
 
@@ -179,12 +181,16 @@ class Service:
         self.trust: TrustPolicy | None = None  # security.trusted_keys, read once at start
         self._reload_lock = threading.Lock()
         camera = config.camera  # camera.trigger external: parts come from triggers (service/triggers.py)
-        self.trigger = (TriggerGate(camera.trigger_timeout_ms, camera.trigger_queue, camera.id)
+        counter = PartCounter(counter_file(config.resolve(camera.part_counter_file) if camera.part_counter_file
+                                           else None, os.environ.get("STATE_DIRECTORY", "").split(":")[0],
+                                           camera.id)) if camera.trigger != "free_run" else None
+        self.trigger = (TriggerGate(camera.trigger_timeout_ms, camera.trigger_queue, camera.id, counter)
                         if camera.trigger == "external" else None)
         self.presence = PresenceGate(PresenceSettings(
             camera.presence_roi, camera.presence_threshold, camera.presence_min_area, camera.presence_frames_on,
             camera.presence_frames_off, camera.presence_max_s, camera.presence_background_frames,
-            camera.presence_judge, camera.presence_max_frames), camera.id) if camera.trigger == "presence" else None
+            camera.presence_judge, camera.presence_max_frames), camera.id, counter) if (
+            camera.trigger == "presence") else None
         self.merger: PartMerger | None = None  # presence_judge worst
 
     # -- start-up ---------------------------------------------------------------------------------------------

@@ -70,6 +70,10 @@ class CameraConfig:
     trigger_queue: Annotated[int, Meta(ge=1, le=1024),
                              doc("external: triggers waiting for a frame or inference; one more is refused (an error "
                                  "result for its part)")] = 16
+    part_counter_file: Annotated[Text | None,
+                                 doc("external/presence: file keeping the service's part-id counter across restarts "
+                                     "(relative: to this config file); null: $STATE_DIRECTORY/parts/ under "
+                                     "systemd, else not kept (ids start at 1 each run)")] = None
     presence_roi: Annotated[Rect | None, doc("presence: [x, y, width, height] where parts are looked for (null: "
                                              "the whole frame); narrower than the gap between two parts")] = None
     presence_threshold: Annotated[float, Meta(gt=0.0, le=255.0),

@@ -22,17 +22,20 @@ parts pass the camera in the order their photo-eye saw them; with one fixed dela
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from edge_inspector.core.atomic import write_atomic
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.service.sources import Frame
 
@@ -78,14 +81,14 @@ class TriggerGate:
     """Pairs triggers with frames; see the module docstring. Thread-safe: triggers come from the control
     thread, frames from the reader thread, and the capture stage takes parts."""
 
-    def __init__(self, timeout_ms: int, max_pending: int, camera_id: str):
+    def __init__(self, timeout_ms: int, max_pending: int, camera_id: str, counter: PartCounter | None = None):
+        self.counter = counter or PartCounter()  # ids the service assigns (a trigger without part_id)
         self.timeout_s = timeout_ms / 1000.0
         self.max_pending = max_pending
         self.camera_id = camera_id
         self.pending: collections.deque[Trigger] = collections.deque()
         self.ready: collections.deque[Frame] = collections.deque()  # parts for the capture stage, in order
         self.cond = threading.Condition()
-        self.next_part = 1  # ids the service assigns (a trigger without part_id)
         self.received = 0
         self.timeouts = 0
         self.overflows = 0  # refused: the queue was full (each an error result while MAX_REFUSED_WAITING allows)
@@ -99,8 +102,7 @@ class TriggerGate:
         now = time.monotonic()
         with self.cond:
             if part_id is None:
-                part_id = str(self.next_part)
-                self.next_part += 1
+                part_id = self.counter.take()
             self.received += 1
             waiting = len(self.pending) + sum(1 for frame in self.ready if frame.error is None)
             if self.ended or waiting >= self.max_pending:
@@ -242,12 +244,12 @@ class PresenceGate:
     Only the best-placed frame so far is held (one frame of memory); the others are counted as skipped.
     """
 
-    def __init__(self, settings: PresenceSettings, camera_id: str):
+    def __init__(self, settings: PresenceSettings, camera_id: str, counter: PartCounter | None = None):
+        self.counter = counter or PartCounter()
         self.settings = settings
         self.camera_id = camera_id
         self.background: np.ndarray | None = None
         self._warmup: list[np.ndarray] = []
-        self.next_part = 1
         self.parts_found = 0
         self.forced_out = 0  # parts judged after max_s in view (stopped on the belt)
         self.frames_skipped = 0
@@ -329,8 +331,7 @@ class PresenceGate:
             if not self.in_view and self._on >= settings.frames_on:
                 self.in_view, self._part_frames = True, 0
                 self._entered, self._entered_wall = time.monotonic(), time.time()
-                self._part_id = str(self.next_part)
-                self.next_part += 1
+                self._part_id = self.counter.take()
             if self.in_view and not self._held:
                 out = self._keep(frame, placement)
                 if time.monotonic() - self._entered >= settings.max_s:
@@ -450,3 +451,66 @@ class PartMerger:
         finish = getattr(self.sink, "finish", None)
         if finish is not None:
             finish()
+
+
+class PartCounter:
+    """The ids the service gives parts (triggers without part_id, presence parts): 1, 2, 3, ... per camera,
+    never repeated across restarts when a file keeps them (camera.part_counter_file).
+
+    Why blocks: a write per part (fsync'd, atomic) would cost the line a disk write per part and wear an
+    SD card; instead the file holds the first id the *next* run may use, BLOCK ids ahead. A restart (even
+    after SIGKILL or power loss) starts there: ids stay increasing and unique, with a gap of at most BLOCK.
+    A file that cannot be written is logged and counting goes on (ids may then repeat after a restart).
+    """
+
+    BLOCK = 1000
+    MAX = 10**15
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.next = 1
+        self.reserved_until = 0
+        self.write_errors = 0
+        if path is not None and path.exists():
+            self.next = self._read(path)
+        self._reserve()
+
+    @staticmethod
+    def _read(path: Path) -> int:
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the part counter ({err})") from None
+        if not text.isdigit() or not 1 <= int(text) <= PartCounter.MAX:
+            raise ConfigError(f"{path}: expected the next part id, an integer 1-{PartCounter.MAX}, got {text[:40]!r} "
+                              "(remove the file to start at 1, or write a number above the last id used)")
+        return int(text)
+
+    def take(self) -> str:
+        if self.next >= self.reserved_until:
+            self._reserve()
+        value = self.next
+        self.next += 1
+        return str(value)
+
+    def _reserve(self) -> None:
+        self.reserved_until = self.next + self.BLOCK
+        if self.path is None:
+            return
+        try:
+            write_atomic(self.path, f"{self.reserved_until}\n")
+        except OSError as err:
+            self.write_errors += 1
+            log.error("part counter %s: cannot write (%s); part ids may repeat after a restart", self.path, err)
+
+
+def counter_file(configured: Path | str | None, state_directory: str, camera_id: str) -> Path | None:
+    """Where the part counter lives: the configured file, else systemd's StateDirectory (a file named after
+    the camera id, its unsafe characters replaced and a digest added so two ids cannot share it), else None."""
+    if configured:
+        return Path(configured)
+    if not state_directory:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", camera_id)[:64]
+    digest = hashlib.sha256(camera_id.encode()).hexdigest()[:8]
+    return Path(state_directory) / "parts" / f"{safe}-{digest}"
