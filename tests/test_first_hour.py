@@ -176,6 +176,24 @@ def test_overlay_carries_the_verdict_banner(tmp_path):
     assert (failed[strip + 19, 0:30] == 255).all(axis=1).any()  # and the corner region's outline shows
 
 
+def test_overlay_banner_names_the_file_and_keeps_the_image_resolution():
+    """Replay's overlays carry the file name on a second banner line, shrunk to fit a small part's width,
+    and keep the source image's own size (a 1024 px image gives a 1024 px overlay, not the model's 256)."""
+    from edge_inspector.core.render import VERDICT_COLOURS, overlay_image
+
+    for side in (256, 1024):
+        image = np.full((side, side, 3), 128, np.uint8)
+        heatmap = np.zeros((side, side), np.float32)
+        plain = overlay_image(image, heatmap, threshold=2.0, score=1.0)
+        named = overlay_image(image, heatmap, threshold=2.0, score=1.0,
+                              label="broken_large/a_rather_long_file_name_from_the_line_camera_0001.png")
+        assert plain.shape[1] == named.shape[1] == side and named.shape[0] > plain.shape[0] > side
+        second_line = named[plain.shape[0] - side:named.shape[0] - side]
+        assert (second_line == 255).all(axis=2).any()  # white text on the second line
+        assert tuple(int(v) for v in second_line[0, -1]) == VERDICT_COLOURS["pass"]  # the text fits the width
+        assert np.array_equal(named[named.shape[0] - side:], plain[plain.shape[0] - side:])  # the picture unchanged
+
+
 def test_info_says_what_a_bundle_is(small_padim_bundle):
     result = CliRunner().invoke(inspector, ["info", str(small_padim_bundle.path)])
     assert result.exit_code == 0, result.output

@@ -104,7 +104,7 @@ def replay_folder(folder: Path, bundle: Bundle, backend: Backend, overlays: Path
                                       latency))
         if overlays is not None:
             _write_overlay(overlays, folder, path, overlay_image(image, heatmap, decision.threshold, decision.score,
-                                                                decision.verdict))
+                                                                decision.verdict, label=_overlay_label(folder, path)))
         if items is not None:
             size = _eval_size(heatmap.shape)
             kept_maps.append(cv2.resize(heatmap, (size[1], size[0]), interpolation=cv2.INTER_AREA))
@@ -139,6 +139,16 @@ def _evaluate(items: list[LabeledImage], scores: list[float], maps: list[np.ndar
     return evaluate(np.asarray(scores), np.asarray([i.label for i in items]), threshold,
                     maps=maps if has_masks else None, masks=masks if has_masks else None,
                     defect_types=[i.defect_type for i in items], review_threshold=review_threshold)
+
+
+def _overlay_label(folder: Path, path: Path) -> str:
+    """The file an overlay shows, relative to the replayed folder (`broken_large/000.png`), control characters
+    escaped: the banner names the image, so an overlay copied into a report still says what it is."""
+    try:
+        rel = path.relative_to(folder)
+    except ValueError:
+        rel = Path(path.name)
+    return shown(rel.as_posix())
 
 
 def _write_overlay(overlays: Path, folder: Path, path: Path, image: np.ndarray) -> None:
@@ -226,7 +236,8 @@ def replay_command(folder: Path, bundle_dir: Path, results: Path | None, overlay
                f"{skipped}{unlisted}  (threshold {params.threshold:.6g}{_area(params)}, model {bundle.model_id})"
                f" -> {results}")
     if overlays is not None:
-        click.echo(f"overlays in {overlays}/ (banner: verdict and score / threshold; white outline: over threshold)")
+        click.echo(f"overlays in {overlays}/ at each image's own resolution (banner: verdict, score / threshold, "
+                   "file name; white outline: over threshold)")
     if counts["pass"] + counts["review"] + counts["fail"] == 0:
         raise DataError(f"{folder}: none of the {len(summary.rows)} images could be scored; see the error column "
                         f"of {results}")
