@@ -467,8 +467,7 @@ class ViewServer:
         self.control = ControlLink(control or [], keys=keys)
         self.hub = Hub(keep_fails=keep_fails, keep_scores=keep_scores, client_buffer=client_buffer,
                        max_clients=max_clients, max_per_client=max_streams_per_client,
-                       control_info={"enabled": self.control.enabled, "auth": "token" if token else "none",
-                                     "labels": labels is not None})
+                       control_info={"enabled": self.control.enabled, "auth": "token" if token else "none"})
         for entry in allow_hosts:
             if split_host(entry) is None:
                 raise ConfigError(f"--allow-host {entry!r}: expected NAME or NAME:PORT, e.g. panel-line1.lan:8080")
