@@ -213,3 +213,28 @@ def test_conformal_threshold_coverage_on_exchangeable_scores():
     sigma = np.sqrt(alpha * (1 - alpha) / trials)
     assert rate <= alpha + 3 * sigma  # the guarantee
     assert rate >= alpha - 3 * sigma  # and not wastefully conservative: exact at n = 99, alpha = 1%
+
+
+def test_fit_prints_a_summary_and_draws_a_contact_sheet_that_info_links(synthetic_dataset, tmp_path):
+    """After `fit`: time, images, threshold and what certifies it, the three highest training images, and
+    BUNDLE/report/contact_sheet.png with training outliers and, with labelled images, image | heatmap | mask."""
+    from export.report import PANEL
+
+    out = tmp_path / "b"
+    result = CliRunner().invoke(exporter, ["fit", str(synthetic_dataset / "train" / "good"), "--out", str(out),
+                                           "--model", "padim", "--input-size", "64", "--feature-dim", "8",
+                                           "--folds", "2", "--validation", str(synthetic_dataset / "test")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("fit: padim on 24 images in ") for line in lines)
+    assert any(line.startswith("threshold ") and "NOT certified" in line for line in lines)
+    top = next(line for line in lines if line.startswith("highest out-of-sample training scores: "))
+    assert top.count("x threshold)") == 3 and "(1.00x threshold)" in top  # the highest one set the threshold
+    sheet = out / "report" / "contact_sheet.png"
+    assert f"contact sheet: {sheet}" in lines
+    picture = cv2.imread(str(sheet))
+    assert picture is not None and picture.shape[1] >= 3 * PANEL
+    # labelled rows have three panels: the mask panel of a defect is mostly black with some white
+    assert (picture == 255).all(axis=2).sum() > 50
+    info = CliRunner().invoke(inspector, ["info", str(out)])
+    assert info.exit_code == 0 and f"report      {sheet}" in info.output

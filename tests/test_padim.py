@@ -479,15 +479,45 @@ def test_folded_head_equals_upsampling_then_blur(grid, size, sigma):
 
 
 def test_threshold_set_alone_names_the_image_far_above_the_rest():
-    from export.threshold import threshold_set_alone
+    from export.threshold import lone_score, threshold_set_alone
 
     bulk = np.linspace(5.0, 7.8, 30)
-    with_foreign = np.append(bulk, 19.1)
+    with_foreign = np.append(bulk, 19.1)  # 30 bottle images and one magnetic tile (PaDiM): 19.1, next 7.8
     assert threshold_set_alone(with_foreign, float(np.nextafter(np.float32(19.1), np.float32(np.inf)))) == 30
     assert threshold_set_alone(bulk, 7.8) is None  # the top of a continuous bulk
     bottle = np.append(np.linspace(3.0, 7.2, 29), [8.13, 10.39])  # PaDiM's bottle fit: median 5.1, 8.13, 10.39
-    assert threshold_set_alone(bottle, 10.39) is None  # its odd image stands 5.3 above the median, the next 3.0
+    assert threshold_set_alone(bottle, 10.39) is None
     assert threshold_set_alone(with_foreign, 7.8) is None  # the threshold is below the foreign image: it did not set it
+    assert lone_score(np.array([1.0, 1.1, 5.0]), 5.0) is None  # 3 images: no tail to compare a lead with
+
+
+def test_the_outlier_rule_stays_quiet_on_ordinary_tails():
+    """Good scores drawn from light and heavy-ish tails, 300 fits of 30-500 images each: the rule's p-value is
+    exact for an exponential tail, so it may fire in about 0.1% of such fits, and less on lighter ones."""
+    from export.threshold import OUTLIER_P_VALUE, threshold_set_alone
+
+    rng = np.random.default_rng(7)
+    fired = {"normal": 0, "gamma": 0, "exponential": 0}
+    for _ in range(300):
+        n = int(rng.integers(30, 500))
+        samples = {"normal": rng.normal(8.0, 0.4, n), "gamma": 5.0 + rng.gamma(4.0, 0.5, n),
+                   "exponential": 5.0 + rng.exponential(1.0, n)}
+        for name, scores in samples.items():
+            fired[name] += threshold_set_alone(scores, float(scores.max())) is not None
+    assert OUTLIER_P_VALUE == 1e-3
+    assert fired["normal"] == 0 and fired["gamma"] <= 2 and fired["exponential"] <= 3, fired
+
+
+def test_too_few_training_images_get_one_line_instead_of_the_outlier_check(caplog):
+    import logging
+
+    from export.threshold import report_outliers
+
+    with caplog.at_level(logging.INFO, logger="export.threshold"):
+        report_outliers(["a.png", "b.png", "c.png"], np.array([1.0, 1.1, 5.0]), 5.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["3 training images are too few to tell an odd one from the rest (the outlier check needs "
+                        "at least 10); look at the highest-scoring ones above yourself"]
 
 
 def test_fit_warns_when_a_foreign_image_sets_the_threshold(synthetic_dataset, tmp_path, caplog):

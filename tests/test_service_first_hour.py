@@ -4,6 +4,7 @@ and engine cache, watchdog retry and process pauses. Real processes, real socket
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,8 +50,6 @@ def installed(bundle):
         cv2.imwrite(str(frames / f"{i:02d}.png"), image)
         (frames / f"{i:02d}.png").chmod(0o644)
     yield folder
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -271,3 +270,268 @@ def test_a_whole_process_pause_is_not_a_stall(bundle, tmp_path):
     assert process.returncode == 0
     assert health and all(h["ok"] for h in health), [h["problems"] for h in health]
     assert "withholding watchdog" not in output and "the process was paused" in output
+
+
+# -- no tool is ever silent (issue 28, item 4) ------------------------------------------------------------------
+
+
+def _curve_server(socket_type: int):
+    """A real CURVE-only socket, as the service binds with security.curve_secret_key set."""
+    import zmq
+
+    context = zmq.Context.instance()
+    public, secret = zmq.curve_keypair()
+    socket = context.socket(socket_type)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.curve_server, socket.curve_secretkey, socket.curve_publickey = True, secret, public
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    return socket, f"tcp://127.0.0.1:{port}"
+
+
+def _run_cli(*args: str):
+    from click.testing import CliRunner
+
+    from edge_inspector.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_subscribe_says_what_it_waits_for_and_why_nothing_comes():
+    from service_helpers import free_port
+
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    done = _run_cli("subscribe", nobody, "--timeout", "1")
+    assert done.exit_code == 1
+    assert done.stderr.startswith(f"waiting for inspection and health messages from {nobody}")
+    assert f"nothing accepts connections at {nobody}" in done.stderr
+    import zmq
+
+    server, curve_only = _curve_server(zmq.PUB)
+    try:
+        done = _run_cli("subscribe", curve_only, "--timeout", "1")
+    finally:
+        server.close(0)
+    assert done.exit_code == 1 and f"{curve_only} requires CURVE" in done.stderr and "--server-key" in done.stderr
+
+
+def test_control_names_curve_when_the_service_requires_it():
+    import zmq
+
+    server, curve_only = _curve_server(zmq.REP)
+    try:
+        done = _run_cli("control", curve_only, "status", "--timeout", "0.5")
+    finally:
+        server.close(0)
+    assert done.exit_code == 1
+    line = done.stderr.strip()
+    assert line.startswith(f"error: no reply from {curve_only} within 0.5 s; {curve_only} requires CURVE")
+    assert "\n" not in line
+
+
+def test_check_config_probes_the_folder_camera_and_ports(installed, tmp_path):
+    import zmq
+
+    from service_helpers import free_port
+
+    data = config_data(str(installed / "frames"), installed / "bundle")
+    done = _run_cli("check-config", str(write_config(tmp_path, data)))
+    assert done.exit_code == 0, done.output
+    assert "checked: folder" in done.stdout and "3 image(s) at its top level" in done.stdout
+    assert done.stdout.count("is free") == 2
+
+    nested = tmp_path / "test"
+    shutil.copytree(installed / "frames", nested / "good")
+    done = _run_cli("check-config", str(write_config(tmp_path, config_data(str(nested) + "/", installed / "bundle"))))
+    assert done.exit_code == 2 and "3 images in subfolders are not read" in done.stderr
+    assert "OK" not in done.stdout
+
+    busy = zmq.Context.instance().socket(zmq.PUB)
+    port = free_port()
+    busy.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        data["publish"]["endpoint"] = f"tcp://127.0.0.1:{port}"
+        done = _run_cli("check-config", str(write_config(tmp_path, data)))
+    finally:
+        busy.close(0)
+    assert done.exit_code == 2 and f"publish.endpoint: cannot bind tcp://127.0.0.1:{port}" in done.stderr
+
+    camera = config_data("7", installed / "bundle")
+    camera["camera"]["source"] = 7
+    done = _run_cli("check-config", str(write_config(tmp_path, camera)))
+    assert done.exit_code == 0 and "warning: cannot open device 7" in done.stdout
+    assert "retry it forever" in done.stdout and "[ WARN" not in done.output
+
+
+def test_the_tiling_warning_is_logged_once(bundle, tmp_path, caplog):
+    from edge_inspector.service.app import check_tiling
+    from edge_inspector.service.config import load_config
+
+    data = config_data("frames/", bundle.path, tiling={"rows": 2, "cols": 2})
+    config = load_config(str(write_config(tmp_path, data)))
+    with caplog.at_level("WARNING"):
+        check_tiling(config, bundle)
+        check_tiling(config, bundle)
+    assert sum("differs from the" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_progress_prints_plain_lines_off_a_terminal(capsys):
+    from edge_inspector.core.progress import is_interactive, progress
+
+    assert not is_interactive()  # pytest captures stderr: not a terminal
+    for _ in progress(range(4), desc="fit: features", unit="batch", line_every_s=0.0):
+        pass
+    for _ in progress(range(4), desc="short loop", unit="batch"):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("fit: features: 1/4 batch (25%), 0 s, about 0 s left")
+    assert lines[-1].startswith("fit: features: done, 4 batch in")
+    assert not any("short loop" in line for line in lines)  # shorter than LINE_EVERY_S: nothing to say
+
+
+# -- example configs run README's path (issue 28, item 5) -------------------------------------------------------
+
+
+def _example(name: str, folder: Path, source: str, bundle_path: Path) -> Path:
+    """configs/NAME with only what README says to edit (camera.source, model.bundle); the ports move to free ones
+    only because tests run beside other tests on this machine."""
+    from service_helpers import endpoint
+
+    data = yaml.safe_load((REPO / "configs" / name).read_text())
+    data["camera"]["source"], data["model"]["bundle"] = source, str(bundle_path)
+    data["publish"]["endpoint"] = endpoint()
+    data["publish"]["control_endpoint"] = endpoint()
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _washer_frames(synthetic_dataset: Path, folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = sorted((synthetic_dataset / "test" / "good").glob("*.png"))[:count]
+    return [Path(shutil.copy(p, folder / f"{i:03d}.png")) for i, p in enumerate(images)]
+
+
+@pytest.mark.parametrize("name", ["service-replay-folder.yaml", "service-usb.yaml"])
+def test_example_configs_run_the_readme_path_with_only_source_and_bundle_edited(name, small_padim_bundle,
+                                                                                synthetic_dataset, tmp_path):
+    from edge_inspector.core.wire import send_control
+    from edge_inspector.service.config import load_config
+
+    frames = _washer_frames(synthetic_dataset, tmp_path / "frames", 4)
+    if name == "service-usb.yaml":  # no camera here: a recorded video stands in for it (README: edit the source)
+        images = [cv2.imread(str(p)) for p in frames] * 15  # 60 frames: 4 s at the config's 15 fps, a live feed
+        source = str(write_video(tmp_path / "line1.avi", images))
+    else:
+        source = str(tmp_path / "frames")
+    config = load_config(str(_example(name, tmp_path, source, small_padim_bundle.path)))
+    assert config.tiling.rows == config.tiling.cols == 1  # the grid README's `fit` makes: no tiling warning
+    service = Service(config)
+    runner = threading.Thread(target=service.run, kwargs={"install_signals": False})
+    runner.start()
+    try:
+        wait_for(service.ready.is_set, 60, "service ready")
+        time.sleep(1.5)  # the user opens the second terminal a moment later
+        with Subscriber(config.publish.endpoint, ("inspection.",)) as subscriber:
+            first = subscriber.receive(30)
+            assert first is not None, "no result reached the late subscriber"
+            if name == "service-replay-folder.yaml":  # wait_for_subscriber_s held the first frame for it
+                assert first.header["frame_index"] == 0, first.header
+        status = send_control(config.publish.control_endpoint, {"command": "status"}, timeout_s=10)
+        assert status["ok"] and status["camera_id"] == config.camera.id
+    finally:
+        service.stop()
+        runner.join(30)
+
+
+def test_reload_keeps_an_operator_threshold_only_inside_the_new_range(bundle, tmp_path, caplog):
+    from edge_inspector.core.bundle import Bundle, finalize_bundle
+    from edge_inspector.core.wire import send_control
+
+    video = write_video(tmp_path / "v.avi", conveyor_frames(np.random.default_rng(5), 6, [False] * 6)[0])
+    data = config_data(str(video), bundle.path, camera={"loop": True, "fps": 10})
+    far = tmp_path / "far"  # the same graph re-issued with a threshold 100 x higher: a range far above the old one
+    shutil.copytree(bundle.path, far)
+    meta = Bundle.load(far).meta
+    meta.threshold.value = bundle.threshold * 100
+    meta.score_stats = None
+    finalize_bundle(far, meta)
+    service = Service(parse_config(data))
+    runner = threading.Thread(target=service.run, kwargs={"install_signals": False})
+    runner.start()
+    control = data["publish"]["control_endpoint"]
+    try:
+        wait_for(service.ready.is_set, 60, "service ready")
+        low, high = send_control(control, {"command": "status"})["threshold_range"]
+        operator = round((bundle.threshold + high) / 2, 4)
+        assert send_control(control, {"command": "set_threshold", "value": operator})["ok"]
+        with caplog.at_level("WARNING"):
+            same = send_control(control, {"command": "reload"}, timeout_s=60)
+            assert same["ok"] and same["threshold"] == pytest.approx(operator)
+            assert same["threshold_note"].startswith("kept the threshold set by the control socket")
+            moved = send_control(control, {"command": "reload", "bundle": str(far)}, timeout_s=60)
+        assert moved["ok"] and moved["threshold"] == pytest.approx(bundle.threshold * 100)
+        assert f"the threshold {operator:.6g} set by the control socket" in moved["threshold_note"]
+        assert "outside the new bundle's range" in moved["threshold_note"] and moved["threshold_source"] == "bundle"
+        logged = [r.getMessage() for r in caplog.records if "reload by the control socket" in r.getMessage()]
+        assert len(logged) == 2 and "kept the threshold" in logged[0] and "outside the new bundle's" in logged[1]
+    finally:
+        service.stop()
+        runner.join(30)
+
+
+# -- one install path in docs/service.md and docs/jetson.md (issue 28, item 5) ----------------------------------
+
+LINK_STEP = "sudo ln -sf /opt/edge-inspector/venv/bin/edge-inspector /usr/local/bin/edge-inspector"
+USER_STEP = "sudo useradd --system --no-create-home --shell /usr/sbin/nologin --groups video edge-inspector"
+
+
+def _drop_in(doc: str, name: str) -> str:
+    """The exact drop-in text a doc gives for `sudo tee .../edge-inspector@.service.d/NAME <<'END'`."""
+    text = (REPO / "docs" / doc).read_text()
+    head = f"/etc/systemd/system/edge-inspector@.service.d/{name} >/dev/null <<'END'\n"
+    assert head in text, f"docs/{doc} gives no {name} drop-in"
+    return text.split(head, 1)[1].split("\nEND\n", 1)[0] + "\n"
+
+
+def test_the_two_install_guides_are_one_path():
+    service, jetson = ((REPO / "docs" / name).read_text() for name in ("service.md", "jetson.md"))
+    unit = (REPO / "systemd" / "edge-inspector@.service").read_text()
+    assert "ExecStart=/usr/local/bin/edge-inspector run --config /etc/edge-inspector/%i.yaml" in unit
+    for text in (service, jetson):
+        assert LINK_STEP in text and USER_STEP in text
+        assert "sudo chown -R edge-inspector:edge-inspector /var/lib/edge-inspector\n" in text
+        assert "/var/lib/edge-inspector/bundles/" in text and "/opt/edge-inspector/bundles" not in text
+    assert "BindPaths=/tmp/argus_socket" in _drop_in("jetson.md", "jetson.conf")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verifies_the_units_and_drop_ins_at_the_documented_paths(tmp_path):
+    """A scratch root laid out as the docs install it: the venv's script, the link the unit runs, the config
+    folder, both units and both drop-ins; `systemd-analyze verify --root` then checks every directive and
+    that ExecStart= names an executable."""
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True)
+    for unit in (REPO / "systemd").glob("*.service"):
+        shutil.copy(unit, units / unit.name)
+    (units / "edge-inspector@.service.d").mkdir()
+    (units / "edge-inspector@.service.d" / "gpu.conf").write_text(_drop_in("service.md", "gpu.conf"))
+    (units / "edge-inspector@.service.d" / "jetson.conf").write_text(_drop_in("jetson.md", "jetson.conf"))
+    script = root / "opt/edge-inspector/venv/bin/edge-inspector"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    (root / "usr/local/bin").mkdir(parents=True)
+    target, link = LINK_STEP.split()[-2:]
+    (root / link.lstrip("/")).symlink_to(target)  # absolute, as `ln -sf` makes it: resolved inside the root
+    (root / "etc/edge-inspector").mkdir()
+    (root / "etc/edge-inspector/view-line1.env").write_text("VIEW_OPTIONS=--connect tcp://127.0.0.1:5556\n")
+    done = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "edge-inspector@line1.service",
+                           "edge-inspector-view@line1.service"], capture_output=True, text=True, timeout=60)
+    ours = [line for line in done.stderr.splitlines() if "edge-inspector" in line]
+    assert done.returncode == 0 and not ours, done.stderr
+    script.unlink()  # the check can fail: without the venv the link dangles and verify says so
+    done = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "edge-inspector@line1.service"],
+                          capture_output=True, text=True, timeout=60)
+    assert "/usr/local/bin/edge-inspector is not executable" in done.stderr

@@ -54,7 +54,9 @@ from edge_inspector.service.config import (
     trust_policy,
 )
 from edge_inspector.service.control import ControlServer
+from edge_inspector.service.outputs.fanout import OutputFanOut
 from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
+from edge_inspector.service.probes import ProbeReport, probe_config
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
 
@@ -72,9 +74,16 @@ def check_tiling(config: ServiceConfig, bundle: Bundle) -> None:
     if trained.mode == "per_tile":
         raise config.error("tiling", f"grid {rows}x{cols} does not match the bundle {bundle.path}, fit per tile "
                            f"on a {trained.rows}x{trained.cols} grid (set tiling.rows/cols to match or refit)")
+    seen = (str(bundle.path), bundle.meta_sha256, rows, cols)
+    if seen in _TILING_WARNED:  # once per bundle and grid: a reload of the same bundle says nothing new
+        return
+    _TILING_WARNED.add(seen)
     log.warning("tiling %dx%d differs from the %dx%d grid bundle %s was fit on; its shared statistics still "
                 "apply, but tiles now show parts at another scale than in training", rows, cols, trained.rows,
                 trained.cols, bundle.path)
+
+
+_TILING_WARNED: set[tuple[str, str, int, int]] = set()
 
 
 def checked_tiler(config: ServiceConfig, bundle: Bundle) -> Tiler:
@@ -155,6 +164,7 @@ class Service:
         self.inspector: Inspector | None = None
         self.camera: Camera | None = None
         self.archive: Archive | None = None
+        self.outputs: OutputFanOut | None = None  # ZeroMQ first, then MQTT / OPC UA (service/outputs/)
         self.curve: Any = None  # keys.CurveServer when security.curve_secret_key is set
         self.ready = threading.Event()
         self.threshold_source = "bundle"
@@ -194,6 +204,7 @@ class Service:
         self._start_curve(config)
         self.publisher = Publisher(config.publish, config.camera.id, self.health, archive=self.archive,
                                    context=self.context, curve=self.curve)
+        self.outputs = OutputFanOut.build(config, self.publisher)  # binds/connects like the sockets: first
         if config.publish.control_endpoint:
             self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context,
                                          curve=self.curve, slow=("reload",))
@@ -218,7 +229,7 @@ class Service:
             when_behind = "wait" if unpaced_media else "drop"
         engine = InferenceEngine(self.inspector, config.publish.heatmap_scale,
                                  picture_of_frame=config.publish.heatmap == "jpeg_overlay")
-        self.pipeline = Pipeline(self.camera, engine, self.publisher, queue_size=config.pipeline.queue_size,
+        self.pipeline = Pipeline(self.camera, engine, self.outputs, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats,
                                  workers=config.model.workers)
@@ -317,6 +328,8 @@ class Service:
     def _close_sockets(self) -> None:
         """Close what start opened. The final `stopped` health message is the publish thread's own last
         send (Publisher.finish), so nothing is published after it."""
+        if self.outputs:
+            self.outputs.close()
         if self.control:
             self.control.stop()
         publish_alive = self.pipeline is not None and self.pipeline.stages[2].thread.is_alive()
@@ -382,6 +395,7 @@ class Service:
             "threshold_certified": self._threshold_certified(),
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
+            "outputs": self.outputs.snapshot() if self.outputs else {},
         }
 
     # -- control socket ------------------------------------------------------------------------------------------
@@ -493,16 +507,33 @@ class Service:
 
     def _swap(self, inspector: Inspector, model: Model, request: dict[str, Any]) -> dict[str, Any]:
         previous = inspector.model.model_id
-        params = self._decision_params(model.bundle)
-        self.threshold_bounds = bundle_range(self.config, model.bundle)
-        self.threshold_source = "config" if self.config.decision.threshold is not None else "bundle"
+        bounds = bundle_range(self.config, model.bundle)
+        kept, threshold_note = self._threshold_after_reload(inspector.params.threshold, bounds)
+        params = self._decision_params(model.bundle, kept)
+        self.threshold_bounds = bounds
+        if kept is None:
+            self.threshold_source = "config" if self.config.decision.threshold is not None else "bundle"
         inspector.swap(model, params)
-        log.warning("reload by the control socket (%s): %s -> %s (threshold %.6g)", request.get("_peer") or "unknown",
-                    previous, model.model_id, params.threshold)
+        log.warning("reload by the control socket (%s): %s -> %s (threshold %.6g: %s)", request.get("_peer") or
+                    "unknown", previous, model.model_id, params.threshold, threshold_note)
         if self.publisher:
             self.publisher.request_health()
         return {"model_id": model.model_id, "previous": previous, "threshold": params.threshold,
-                "signed_by": model.bundle.signature.key_id if model.bundle.signature else None}
+                "signed_by": model.bundle.signature.key_id if model.bundle.signature else None,
+                "threshold_source": self.threshold_source, "threshold_note": threshold_note}
+
+    def _threshold_after_reload(self, current: float, bounds: tuple[float, float]) -> tuple[float | None, str]:
+        """An operator's threshold (set by set_threshold) survives a reload only inside the new bundle's range:
+        outside it the value means nothing for the new model's scores. Returns (value to keep or None, why)."""
+        fallback = "decision.threshold from the config" if self.config.decision.threshold else "the bundle's own"
+        if not self.threshold_source.startswith("control socket"):
+            return None, f"{fallback} threshold"
+        low, high = bounds
+        if low <= current <= high:
+            return current, (f"kept the threshold set by the {self.threshold_source}, inside the new bundle's range "
+                             f"{low:.6g}..{high:.6g}")
+        return None, (f"the threshold {current:.6g} set by the {self.threshold_source} is outside the new bundle's "
+                      f"range {low:.6g}..{high:.6g}, so {fallback} threshold applies")
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -543,8 +574,12 @@ def run_command(config_file: str | None, config_path: str | None) -> None:
 @click.argument("config_file", metavar="[FILE]", required=False)
 @click.option("--config", "config_path", help="The same as FILE.")
 @click.option("--skip-bundle", is_flag=True, help="Validate the YAML only, not the model bundle it names.")
-def check_config_command(config_file: str | None, config_path: str | None, skip_bundle: bool) -> None:
-    """Validate a service config (and its bundle) without starting anything."""
+@click.option("--no-probe", is_flag=True, help="Do not open the source or bind the ports (service/probes.py).")
+def check_config_command(config_file: str | None, config_path: str | None, skip_bundle: bool,
+                         no_probe: bool) -> None:
+    """Validate a service config (and its bundle), then try its source and ports without starting anything.
+
+    Exit status 2 when the service could not work as configured (a probe's `error:` lines say why)."""
     config_path = config_argument(config_file, config_path)
     config = load_config(config_path)
     source = create_source(config.camera)
@@ -572,4 +607,20 @@ def check_config_command(config_file: str | None, config_path: str | None, skip_
             if folder:
                 load_client_keys(config.resolve(folder), f"security.{key}")
         line += "; CURVE on"
-    click.echo(line + ")")
+    report_probes(config_path, line + ")", None if no_probe else probe_config(config, source))
+
+
+def report_probes(config_path: str, ok_line: str, report: ProbeReport | None) -> None:
+    """The OK line and what each probe found; probe errors go to stderr and exit 2, with no OK line."""
+    if report is None:
+        click.echo(ok_line)
+        return
+    if report.errors:
+        for line in report.lines():
+            click.echo(line)
+        for error in report.errors:
+            click.echo(f"error: {config_path}: {error}", err=True)
+        sys.exit(2)
+    click.echo(ok_line)
+    for line in report.lines():
+        click.echo(line)

@@ -24,6 +24,7 @@ from edge_inspector.core.schema import NON_BLANK, Pair, Rect, Text, expect, inte
 from edge_inspector.core.signing import TrustPolicy, load_public_key
 from edge_inspector.core.tiling import MIN_MAP_SCALE
 from edge_inspector.core.wire import check_camera_id
+from edge_inspector.service.outputs.config import OutputsConfig, cross_check
 
 Source = Annotated[Annotated[int, Meta(ge=0)] | Annotated[str, Meta(pattern=NON_BLANK)],
                    expect("a device index (integer >= 0) or a path, URL or GStreamer pipeline")]
@@ -188,6 +189,7 @@ class ServiceConfig:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)  # MQTT, OPC UA (service/outputs/)
     path: str = internal("<config>")  # the file it was read from (set by parse_config, not a key in it)
 
     @property
@@ -281,6 +283,9 @@ def parse_config(data: Any, where: str = "<config>") -> ServiceConfig:
     config = schema.load(ServiceConfig, _empty_sections_as_defaults(data), where, finite=True)
     config.path = where
     _cross_checks(config)
+    broken = cross_check(config.outputs)
+    if broken:
+        raise config.error(*broken)
     return config
 
 

@@ -176,6 +176,8 @@ class Publisher:
         self._health_requested = threading.Event()
         self._pending_health: deque[dict[str, Any]] = deque(maxlen=16)
         self.health_sent = 0
+        self.last_header: dict[str, Any] = {}  # the last result header and health payload sent, for the
+        self.last_health: dict[str, Any] | None = None  # outputs beside ZeroMQ (service/outputs/fanout.py)
 
     def request_health(self, snapshot: dict[str, Any] | None = None) -> None:
         """Ask for a health message on the next idle tick (thread-safe).
@@ -219,6 +221,7 @@ class Publisher:
                    "time": round(time.time(), 3)}
         payload.update(snapshot if snapshot is not None else self.health())
         self.socket.send_multipart([self.health_topic, dumps_strict(payload)])
+        self.last_health = payload
         self.health_sent += 1
 
     def finish(self) -> None:
@@ -244,6 +247,7 @@ class Publisher:
         header = result_header(result, self.camera_id, self.config.heatmap if heatmap else "none",
                                self.config.heatmap_full_scale)
         self.socket.send_multipart([self.result_topic, dumps_strict(header), heatmap], copy=False)
+        self.last_header = header
         if self.archive is not None:
             self.archive.submit(result, header)
         self._poll_subscriptions()

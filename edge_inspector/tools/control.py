@@ -2,8 +2,9 @@
 
 Prints the reply as indented JSON. Exit status: 0 when the service accepted the command, 2 when it refused
 it (the reply's one-line reason is printed as `error: ...`) or the arguments are wrong, 1 when no reply
-came within --timeout (service down, wrong endpoint, or a CURVE key it does not accept: CURVE refusals are
-silent by design).
+came within --timeout; the error then names the likely cause, read from a second short connect's ZeroMQ
+handshake: nothing bound there, the service requires CURVE, or it refused this CURVE key (CURVE refusals
+send nothing back by design, but the handshake failure is visible on the client's socket monitor).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import json
 import sys
 
 import click
+import zmq
 
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.core.keys import client_keys_option
 from edge_inspector.core.wire import send_control
-from edge_inspector.tools.subscriber import connectable
+from edge_inspector.tools.subscriber import connectable, probe_endpoint
 
 COMMANDS = ("status", "stats", "set-threshold", "reload")
 
@@ -58,7 +60,12 @@ def control_command(endpoint: str, command: str, argument: str | None, timeout_s
     try:
         reply = send_control(connectable(endpoint), request, timeout_s=timeout_s, keys=keys)
     except TimeoutError as err:
-        click.echo(f"error: {err}{' (or the service refused this CURVE key)' if keys else ''}", err=True)
+        # Why: a silent timeout sent users hunting; a second short connect reads the handshake's outcome.
+        cause = probe_endpoint(connectable(endpoint), zmq.REQ, keys, role="publish.control_endpoint")
+        if cause.startswith("connected"):
+            cause = ("the service accepts connections but did not answer in time: it is busy (a reload loads "
+                     "and warms up a model: raise --timeout)")
+        click.echo(f"error: {err}; {cause}", err=True)
         sys.exit(1)
     if not reply.get("ok"):
         click.echo(f"error: {reply.get('error', 'refused')}", err=True)

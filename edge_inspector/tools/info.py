@@ -49,6 +49,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "package_version": meta.package_version,
         "format_version": meta.format_version,
         "model_params": dict(meta.model_params),
+        "report": str(report) if (report := bundle.path / "report" / "contact_sheet.png").is_file() else None,
     }
 
 
@@ -156,6 +157,8 @@ def format_info(facts: dict[str, Any]) -> str:
         f"size        {facts['total_bytes'] / 1e6:.1f} MB in {len(facts['files'])} files: "
         + ", ".join(f"{rel} {size / 1e6:.1f} MB" for rel, size in facts["files"].items()),
     ]
+    if facts.get("report"):  # written by `edge-export fit` (export/report.py); not part of the checked files
+        lines.append(f"report      {facts['report']} (training outliers and worst labelled cases with heatmaps)")
     return "\n".join(lines)
 
 

@@ -549,12 +549,12 @@ def train_autoencoder(config: TrainConfig, kind: str, out_dir: str | Path, resum
             log.warning("interrupted: continue with --resume (finished folds are kept in %s)", checkpoint.parent)
             raise
         good = fold_result.scores
-        names = [p.name for p in data.paths]
+        names = list(data.paths)
         source = (f"{folds}-fold cross-fitting (threshold_folds {folds}): each of the {good.size} good images "
                   f"scored by a model trained for {state.best_epoch} epochs on the other {folds - 1} folds")
     else:
         good = held_out
-        names = [data.paths[i].name for i in val_idx]
+        names = [data.paths[i] for i in val_idx]
         source = (f"the {good.size} held-out good images (val_fraction {config.val_fraction:g}, threshold_folds 0:"
                   " hold-out)")
     threshold = choose_threshold(good, graph, config, data.grid, source)

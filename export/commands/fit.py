@@ -118,6 +118,26 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
                 target_escape: float | None, projection: str | None, position_offset: bool,
                 search_dims: int | None, sign_key: Path | None, review_rate: float | None = None) -> None:
     """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
+    import time
+
+    from export.threshold import collect_training_scores
+
+    started = time.perf_counter()
+    with collect_training_scores() as collected:  # every kind's fit reports its out-of-sample scores into it
+        _fit(train_folder, out_dir, backbone, weights, layers, input_size, feature_dim, target_frr, folds, rows,
+             cols, tile_mode, tile_size, stride, roi, validation, validation_labels, threshold_rule, seed,
+             batch_size, force, model_kind, bank_fraction, bank_size, projection_dim, feature_stride,
+             target_escape, projection, position_offset, search_dims, collected, started, sign_key, review_rate)
+
+
+def _fit(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, layers: str | None,
+         input_size: str, feature_dim: int | None, target_frr: float, folds: int, rows: int, cols: int,
+         tile_mode: str, tile_size: str | None, stride: str | None, roi: str | None, validation: Path | None,
+         validation_labels: Path | None, threshold_rule: str, seed: int, batch_size: int, force: bool,
+         model_kind: str, bank_fraction: float | None, bank_size: int | None, projection_dim: int | None,
+         feature_stride: str | None, target_escape: float | None, projection: str | None, position_offset: bool,
+         search_dims: int | None, collected: list, started: float, sign_key: Path | None,
+         review_rate: float | None) -> None:
     check_output_folder(out_dir, force)
     signing_key = None
     if sign_key is not None:  # a bad key fails before minutes of fitting, not after
@@ -187,8 +207,26 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         bundle = sign_bundle(bundle.path, sign_key, signing_key)
         assert bundle.signature is not None
         click.echo(f"signed by key {bundle.signature.key_id}")
+    print_summary(bundle, collected[-1] if collected else None, validation, validation_labels, started)
+
+
+def print_summary(bundle: Any, training: Any, validation: Path | None, labels: Path | None, started: float) -> None:
+    """What a user needs after a fit, in one screen: time, images, threshold and what certifies it, the three
+    training images scoring highest out of sample (the ones to look at), and the contact sheet's path."""
+    import time
+
+    from export.report import write_contact_sheet
+
     t = bundle.meta.threshold
     click.echo(f"bundle written to {bundle.path} ({bundle.model_id})")
+    click.echo(f"fit: {bundle.meta.model_kind} on {bundle.meta.training.image_count} images in "
+               f"{bundle.meta.training.fit_seconds:.0f} s ({time.perf_counter() - started:.0f} s in all)")
     click.echo(f"threshold {t.value:.6g} ({t.rule}): {t.note}")
     if t.f1_optimal_value is not None:
         click.echo(f"F1-optimal threshold on the validation folder: {t.f1_optimal_value:.6g}")
+    if training is not None:
+        top = ", ".join(f"{path.name} {score:.4g} ({score / t.value:.2f}x threshold)"
+                        for path, score in training.highest(3))
+        click.echo(f"highest out-of-sample training scores: {top}; check these are good parts")
+    sheet = write_contact_sheet(bundle, training, validation, labels)
+    click.echo(f"contact sheet: {sheet}")

@@ -381,7 +381,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
     print(describe_constants(k, p, d))  # once: a log line as well printed it twice under the CLI's INFO logging
     model = PadimModel(features, mean, inv, options.input_size, options.blur_sigma, head).eval()
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
-    report_outliers([p.name for p in data.paths], oos, threshold.value)
+    report_outliers(data.paths, oos, threshold.value)
     if not threshold.certified:
         log.warning(threshold.note)
     meta = BundleMeta(

@@ -279,7 +279,7 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
                                        len(data.paths), options)
     del pool
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
-    report_outliers([p.name for p in data.paths], oos, threshold.value)
+    report_outliers(data.paths, oos, threshold.value)
     if not threshold.certified:
         log.warning(threshold.note)
     model = PatchcoreModel(features, bank, options.input_size, options.feature_stride, options.blur_sigma,
