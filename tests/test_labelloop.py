@@ -272,3 +272,39 @@ def test_label_over_http_then_export_then_replay_reads_it(bundle, tmp_path):
     assert (report["num_images"], report["num_good"], report["num_defective"]) == (2, 1, 1)
     # the bundle still judges both parts as it did on the line: the labels show them as its two mistakes
     assert (report["confusion"]["fp"], report["confusion"]["fn"]) == (1, 1)
+
+
+# ------------------------------------------------------------------------------ the view's refusals
+
+
+def test_labelling_needs_an_archive_a_key_off_loopback_and_sane_types(tmp_path):
+    from edge_inspector.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--archive on a non-loopback address needs --token-file"):
+        ViewServer(["tcp://127.0.0.1:1"], listen="0.0.0.0:0", archive=tmp_path)
+    with pytest.raises(ConfigError, match="--defect-type 'good'"):
+        ViewServer(["tcp://127.0.0.1:1"], listen="127.0.0.1:0", archive=tmp_path, defect_types=("good",))
+    view = ViewServer(["tcp://127.0.0.1:1"], listen="127.0.0.1:0")  # no --archive: nothing to label
+    view.start()
+    try:
+        status, body = request(view.url, "GET", "/api/archive")
+        assert status == 404 and "--archive" in json.loads(body)["error"]
+        assert request(view.url, "POST", "/api/labels", {"stem": "x", "label": "good"})[0] == 404
+    finally:
+        view.stop()
+
+
+def test_an_oversized_label_body_is_refused_unread(tmp_path):
+    archive = Archive(tmp_path, ArchiveConfig(enabled=True, folder=str(tmp_path)))
+    fill(archive, [(1, 3.0)])
+    archive.close()
+    stem = next(p.name[:-5] for p in tmp_path.glob("*.json"))
+    view = ViewServer(["tcp://127.0.0.1:1"], listen="127.0.0.1:0", archive=tmp_path)  # loopback, no key: allowed
+    view.start()
+    try:
+        status, _ = request(view.url, "POST", "/api/labels", {"stem": stem, "label": "good", "pad": "x" * 9000})
+        assert status == 413 and not (tmp_path / LABELS_FILE).exists()
+        status, body = request(view.url, "POST", "/api/labels", {"stem": stem, "label": "good"})
+        assert status == 200 and json.loads(body)["record"]["by"]["key"] is None
+    finally:
+        view.stop()

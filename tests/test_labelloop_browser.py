@@ -57,6 +57,9 @@ def test_label_two_parts_and_undo_one_in_chromium(bundle, tmp_path, page):  # no
         drawn = page.query_selector("#labelling .label-box rect").bounding_box()
         assert drawn and drawn["width"] > frame["width"] * 0.25 and drawn["height"] > frame["height"] * 0.35
         page.select_option("#labelling .defect-type", "scratch")
+        page.check("#labelling .show-heat")  # the archived heatmap over the frame
+        wait(page, "(() => { const h = document.querySelector('#labelling .label-heat');"
+                   " return !h.hidden && h.complete && h.naturalWidth > 0; })()")
         page.evaluate(f"{MESSAGE}.className = 'label-message'")
         page.click("#labelling .mark-defect")
         saved(page)

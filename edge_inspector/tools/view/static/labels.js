@@ -55,11 +55,18 @@
     current = entry;
     $(".label-detail").hidden = false;
     $(".label-picture").src = `/archive/${encodeURIComponent(entry.stem)}/frame`;
+    showHeat();
     $(".label-title").textContent = `${entry.camera_id || ""} #${entry.sequence ?? "?"} · ${entry.verdict} · score ${fmt(entry.score)} ` +
       `(threshold ${fmt(entry.threshold)}) · kept by ${entry.archived || "verdict"} · ${labelText(entry.label)}`;
     $(".undo").disabled = !entry.label;
     drawBox();
     renderList();
+  }
+
+  function showHeat() {
+    const heat = $(".label-heat"), wanted = $(".show-heat").checked && current && current.has_heatmap;
+    heat.hidden = !wanted;
+    if (wanted) heat.src = `/archive/${encodeURIComponent(current.stem)}/heatmap`;
   }
 
   function frameXY(event) {  // pointer position in frame pixels
@@ -100,6 +107,7 @@
     stem: current.stem, label: "defect", defect_type: $(".defect-type").value || null, box }));
   $(".undo").addEventListener("click", () => current && send({ stem: current.stem, undo: true }));
   $(".clear-box").addEventListener("click", () => { box = null; drawBox(); });
+  $(".show-heat").addEventListener("change", showHeat);
   for (const button of root.querySelectorAll(".label-filter button")) {
     button.addEventListener("click", () => {
       state = button.dataset.state;
