@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -177,7 +179,7 @@ def archive_from_service(bundle, tmp_path: Path) -> Path:
     return folder
 
 
-def test_label_over_http_then_export_then_replay_reads_it(bundle, tmp_path):
+def test_label_over_http_then_export_then_replay_reads_it(bundle, tmp_path, caplog):
     folder = archive_from_service(bundle, tmp_path)
     verdicts = {p.name[:-5]: json.loads(p.read_text())["verdict"] for p in folder.glob("*.json")}
     fails = sorted(s for s, v in verdicts.items() if v == "fail")
@@ -272,6 +274,18 @@ def test_label_over_http_then_export_then_replay_reads_it(bundle, tmp_path):
     assert (report["num_images"], report["num_good"], report["num_defective"]) == (2, 1, 1)
     # the bundle still judges both parts as it did on the line: the labels show them as its two mistakes
     assert (report["confusion"]["fp"], report["confusion"]["fn"]) == (1, 1)
+
+    # fit --validation's calibration reads the export as it is, and says the line's scores came from a model
+    from edge_inspector.core.bundle import Bundle
+    from export.validation import calibrate_with_defects
+
+    other = Bundle.load(shutil.copytree(bundle.path, tmp_path / "next-bundle"))
+    manifest["models"] = {"line-model-v1": 2}  # as if the line ran the previous bundle
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    caplog.set_level(logging.WARNING, logger="export.validation")
+    calibrated = calibrate_with_defects(other, out)
+    assert calibrated.meta.threshold.operating_curve
+    assert any("judged on the line by another model (line-model-v1 x2)" in r.message for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------ the view's refusals

@@ -136,6 +136,18 @@ def _export_one(archive: Path, out: Path, stem: str, label: dict[str, Any], imag
             "archived": header.get("archived")}
 
 
+def judged_by(folder: Path) -> dict[str, int] | None:
+    """Model id -> parts, from an export's manifest.json; None when `folder` is not an export (or unreadable)."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != "edge-inspector labels 1":
+        return None
+    models = manifest.get("models")
+    return {str(k): int(v) for k, v in models.items() if isinstance(v, int)} if isinstance(models, dict) else None
+
+
 @click.group("labels")
 def labels_group() -> None:
     """The operators' labels of archived parts (written by the live view's labelling)."""
