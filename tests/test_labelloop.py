@@ -268,7 +268,8 @@ def test_label_over_http_then_export_then_replay_reads_it(bundle, tmp_path, capl
 
     metrics = tmp_path / "metrics.json"
     replayed = CliRunner().invoke(main, ["replay", str(out), "--bundle", str(bundle.path), "--labels",
-                                         str(out / "labels.csv"), "--metrics", str(metrics)])
+                                         str(out / "labels.csv"), "--metrics", str(metrics),
+                                         "--out", str(tmp_path / "replayed.csv")])
     assert replayed.exit_code == 0, replayed.output
     report = json.loads(metrics.read_text())
     assert (report["num_images"], report["num_good"], report["num_defective"]) == (2, 1, 1)
