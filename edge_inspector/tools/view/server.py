@@ -29,6 +29,7 @@ import mimetypes
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -106,8 +107,21 @@ class ViewHTTPServer(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.connections = connections or Connections()
         self.labels: ArchiveLabels | None = None  # set by ViewServer with --archive
+        self.labels_refused = 0
+        self._refusals_logged = (0.0, 0)  # (when, count then)
         super().__init__(address, ViewHandler)
         self.hosts = HostPolicy(address[0], int(self.server_address[1]), allow_hosts)
+
+    def refused_label(self, peer: str) -> None:
+        """Count a label write without the key; one warning a minute at most, with the count since the last:
+        anyone who can reach the page could otherwise flood the system log with them."""
+        self.labels_refused += 1
+        now = time.monotonic()
+        when, count = self._refusals_logged
+        if now - when >= 60.0:
+            self._refusals_logged = (now, self.labels_refused)
+            log.warning("label write(s) refused, operator key missing or wrong: %d since the last report "
+                        "(latest from %s)", self.labels_refused - count, peer)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.connections.admit(request, str(client_address[0])):
@@ -288,7 +302,7 @@ class ViewHandler(BaseHTTPRequestHandler):
     def _post_label(self) -> None:
         labels = self._labels()
         if not self._authorised():
-            log.warning("label write from %s refused: operator key missing or wrong", self.address_string())
+            self.server.refused_label(self.address_string())
             raise Refusal(HTTPStatus.UNAUTHORIZED, "operator key missing or wrong")
         if self.headers.get_content_type() != "application/json":
             raise Refusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "expected Content-Type: application/json")
