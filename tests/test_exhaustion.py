@@ -75,7 +75,8 @@ def test_idle_connections_past_the_fd_limit_degrade_and_recover(bundle, tmp_path
         short, recovered_results, recovered_health = False, 0, False
         deadline = flood_at + HANDSHAKE_MS / 1000 + 30
         while time.monotonic() < deadline and not (recovered_results >= 3 and recovered_health):
-            assert process.poll() is None, "the service died"
+            if process.poll() is not None:
+                pytest.fail(f"the service died (exit {process.returncode}):\n{process.communicate()[0][-3000:]}")
             message = subscriber.receive(0.5)
             if message is None:
                 continue

@@ -121,7 +121,7 @@ def test_bundle_contract(small_padim_bundle, synthetic_dataset):
     assert meta.threshold.rule == "conformal_false_reject_rate" and meta.threshold.value > 0
     assert meta.threshold.certified  # 24 images certify a 5% rate (needs 19)
     assert meta.score_stats.count == 24 and meta.score_stats.max < meta.threshold.value * 1.0001
-    assert set(meta.files) == {"model.onnx"}
+    assert set(meta.files) == {"model.onnx", "report/good_scores.json"}  # the scores: listed and hashed
 
     import onnx
 

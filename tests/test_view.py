@@ -269,7 +269,9 @@ def test_threshold_and_reload_through_the_view(bundle, tmp_path):
     assert after == pytest.approx(target)  # the service itself took it
     assert newer and all(h["threshold"] == pytest.approx(after) for h in newer)
     assert all(h["verdict"] == "pass" for h in newer if h["score"] <= after)
-    assert reloaded[0] == 200 and reloaded[1]["threshold"] == pytest.approx(bundle.threshold)  # back to the bundle's
+    # The same bundle again: the operator's threshold lies inside its range, so the reload keeps it and says so.
+    assert reloaded[0] == 200 and reloaded[1]["threshold"] == pytest.approx(target)
+    assert "kept the threshold set by the control socket" in reloaded[1]["threshold_note"]
     assert missing[0] == 400 and "not found" in missing[1]["error"]
     assert status[0] == 200 and json.loads(status[2])["camera_id"] == "line9"
 

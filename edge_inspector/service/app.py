@@ -59,6 +59,15 @@ from edge_inspector.service.pipeline import InferenceEngine, Pipeline, Stats
 from edge_inspector.service.probes import ProbeReport, probe_config
 from edge_inspector.service.publisher import Publisher
 from edge_inspector.service.sources import Camera, create_source
+from edge_inspector.service.triggers import (
+    PartCounter,
+    PartMerger,
+    PresenceGate,
+    PresenceSettings,
+    TriggerGate,
+    counter_file,
+    parse_trigger,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +180,18 @@ class Service:
         self.threshold_bounds: tuple[float, float] = (0.0, float("inf"))
         self.trust: TrustPolicy | None = None  # security.trusted_keys, read once at start
         self._reload_lock = threading.Lock()
+        camera = config.camera  # camera.trigger external: parts come from triggers (service/triggers.py)
+        counter = PartCounter(counter_file(config.resolve(camera.part_counter_file) if camera.part_counter_file
+                                           else None, os.environ.get("STATE_DIRECTORY", "").split(":")[0],
+                                           camera.id)) if camera.trigger != "free_run" else None
+        self.trigger = (TriggerGate(camera.trigger_timeout_ms, camera.trigger_queue, camera.id, counter)
+                        if camera.trigger == "external" else None)
+        self.presence = PresenceGate(PresenceSettings(
+            camera.presence_roi, camera.presence_threshold, camera.presence_min_area, camera.presence_frames_on,
+            camera.presence_frames_off, camera.presence_max_s, camera.presence_background_frames,
+            camera.presence_judge, camera.presence_max_frames), camera.id, counter) if (
+            camera.trigger == "presence") else None
+        self.merger: PartMerger | None = None  # presence_judge worst
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
@@ -226,13 +247,17 @@ class Service:
         when_behind = config.pipeline.when_behind
         if when_behind == "auto":
             unpaced_media = source.kind in ("file", "folder") and not config.camera.fps
-            when_behind = "wait" if unpaced_media else "drop"
+            parts_only = self.trigger or self.presence  # each frame that reaches the queue is a part
+            when_behind = "wait" if unpaced_media or parts_only else "drop"
         engine = InferenceEngine(self.inspector, config.publish.heatmap_scale,
                                  picture_of_frame=config.publish.heatmap == "jpeg_overlay")
-        self.pipeline = Pipeline(self.camera, engine, self.outputs, queue_size=config.pipeline.queue_size,
+        sink: Any = self.outputs
+        if self.presence is not None and config.camera.presence_judge == "worst":
+            sink = self.merger = PartMerger(self.outputs, self.stats)  # one result per part, its worst frame
+        self.pipeline = Pipeline(self.camera, engine, sink, queue_size=config.pipeline.queue_size,
                                  drop_when_behind=when_behind == "drop",
                                  stall_timeout_s=config.pipeline.stall_timeout_s, stats=self.stats,
-                                 workers=config.model.workers)
+                                 workers=config.model.workers, trigger=self.trigger or self.presence)
         if config.publish.wait_for_subscriber_s > 0:
             self.pipeline.gate.clear()
         log.info("camera %s: %s; %s; when behind: %s; %d inference worker(s); results on %s%s%s",
@@ -395,6 +420,12 @@ class Service:
             "threshold_certified": self._threshold_certified(),
             "unreadable_images": camera.get("unreadable_images", 0),
             "archive": self.archive.snapshot() if self.archive else None,
+            "trigger": self.config.camera.trigger,
+            "frames_skipped": self.trigger.frames_skipped if self.trigger else (
+                self.presence.frames_skipped if self.presence else 0),
+            "triggers": self.trigger.snapshot() if self.trigger else None,
+            "presence": {**self.presence.snapshot(), "frames_judged": self.merger.frames_judged if self.merger else
+                         self.presence.parts_found} if self.presence else None,
             "outputs": self.outputs.snapshot() if self.outputs else {},
         }
 
@@ -402,7 +433,15 @@ class Service:
 
     def _handlers(self):
         return {"status": self._cmd_status, "stats": self._cmd_stats, "set_threshold": self._cmd_set_threshold,
-                "reload": self._cmd_reload}
+                "reload": self._cmd_reload, "trigger": self._cmd_trigger}
+
+    def _cmd_trigger(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One part at the camera: the next frame (after delay_ms) is its image (camera.trigger external)."""
+        if self.trigger is None:
+            raise ConfigError(f"trigger: camera.trigger is {self.config.camera.trigger}, not external (every frame "
+                              "is judged)")
+        part_id, delay_ms = parse_trigger(request)
+        return self.trigger.trigger(part_id, delay_ms)
 
     def _running(self) -> tuple[Inspector, Camera]:
         """The inspector and camera the control commands act on (both exist before control starts)."""
@@ -428,7 +467,8 @@ class Service:
     def _cmd_stats(self, _request: dict[str, Any]) -> dict[str, Any]:
         _, camera = self._running()
         return {"stats": self.stats.snapshot(), "camera": camera.snapshot(),
-                "archive": self.archive.snapshot() if self.archive else None}
+                "archive": self.archive.snapshot() if self.archive else None,
+                "triggers": self.trigger.snapshot() if self.trigger else None}
 
     def _cmd_set_threshold(self, request: dict[str, Any]) -> dict[str, Any]:
         """Move the threshold within the allowed range; every change is logged and announced in health."""

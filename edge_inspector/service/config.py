@@ -59,6 +59,42 @@ class CameraConfig:
     max_frame_pixels: Annotated[int, Meta(ge=1, le=1_000_000_000),
                                 doc("folder: an image whose header declares more pixels is refused before decoding "
                                     "(an error result), so a decompression bomb cannot exhaust memory")] = 50_000_000
+    trigger: Annotated[Literal["free_run", "external", "presence"],
+                       doc("free_run: every frame is a part (folders, hardware-triggered cameras); external: one "
+                           "part per `trigger` command on the control socket, judged on the next frame after it "
+                           "(plus its delay_ms), frames in between skipped; presence: the service finds parts "
+                           "in presence_roi and judges each on its best-placed frame")] = "free_run"
+    trigger_timeout_ms: Annotated[int, Meta(ge=1, le=600_000),
+                                  doc("external: a trigger with no frame this long after its due time is an error "
+                                      "result for its part")] = 1000
+    trigger_queue: Annotated[int, Meta(ge=1, le=1024),
+                             doc("external: triggers waiting for a frame or inference; one more is refused (an error "
+                                 "result for its part)")] = 16
+    part_counter_file: Annotated[Text | None,
+                                 doc("external/presence: file keeping the service's part-id counter across restarts "
+                                     "(relative: to this config file); null: $STATE_DIRECTORY/parts/ under "
+                                     "systemd, else not kept (ids start at 1 each run)")] = None
+    presence_roi: Annotated[Rect | None, doc("presence: [x, y, width, height] where parts are looked for (null: "
+                                             "the whole frame); narrower than the gap between two parts")] = None
+    presence_threshold: Annotated[float, Meta(gt=0.0, le=255.0),
+                                  doc("presence: grey levels a pixel must differ from the empty belt")] = 25.0
+    presence_min_area: Annotated[float, Meta(gt=0.0, le=1.0),
+                                 doc("presence: share of the ROI that must differ for a part to be in view")] = 0.05
+    presence_frames_on: Annotated[int, Meta(ge=1, le=100),
+                                  doc("presence: frames in view before a part has entered")] = 2
+    presence_frames_off: Annotated[int, Meta(ge=1, le=100),
+                                   doc("presence: empty frames before a part has left")] = 2
+    presence_max_s: Annotated[float, Meta(gt=0.0, le=3600.0),
+                              doc("presence: a part in view longer (stopped) is judged then, once")] = 10.0
+    presence_background_frames: Annotated[int, Meta(ge=1, le=1000),
+                                          doc("presence: the empty-belt reference is the median of this many "
+                                              "first frames (start with the belt empty)")] = 5
+    presence_judge: Annotated[Literal["best_placed", "worst"],
+                              doc("presence: judge each part on its best-placed frame (one inference per part), "
+                                  "or on up to presence_max_frames of its frames keeping the worst result")] = (
+        "best_placed")
+    presence_max_frames: Annotated[int, Meta(ge=1, le=1000),
+                                   doc("presence worst: frames judged per part at most (the rest skipped)")] = 8
 
 
 @dataclass
@@ -260,6 +296,11 @@ def _cross_checks(config: ServiceConfig) -> None:
     if config.pipeline.stall_timeout_s <= slowest_camera_call:
         raise config.error("pipeline.stall_timeout_s", f"must exceed the camera's open/read timeouts "
                            f"({slowest_camera_call:g} s), or a slow camera would look like a hung service")
+    if camera.trigger == "external" and not config.publish.control_endpoint:
+        raise config.error("camera.trigger", "external needs publish.control_endpoint (triggers arrive there)")
+    if camera.trigger != "free_run" and config.pipeline.when_behind == "drop":
+        raise config.error("pipeline.when_behind", f"drop would lose parts; use auto or wait with "
+                           f"camera.trigger {camera.trigger}")
     if config.publish.control_endpoint == config.publish.endpoint and not config.publish.endpoint.endswith(":*"):
         raise config.error("publish.control_endpoint", "must differ from publish.endpoint")
     decision = config.decision

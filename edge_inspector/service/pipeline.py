@@ -39,6 +39,7 @@ from edge_inspector.core.images import is_shortage, shown
 from edge_inspector.core.inspect import Inspector, MapScale, ModelOutputError
 from edge_inspector.service.queues import FrameQueue, InOrder, QueueClosed
 from edge_inspector.service.sources import Camera, Frame
+from edge_inspector.service.triggers import PresenceGate, TriggerGate
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +263,9 @@ class Pipeline:
 
     def __init__(self, camera: Camera, engine: InferenceEngine, sink: ResultSink, queue_size: int = 2,
                  drop_when_behind: bool = True, stall_timeout_s: float = 10.0, stats: Stats | None = None,
-                 workers: int = 1):
+                 workers: int = 1, trigger: TriggerGate | PresenceGate | None = None):
         self.camera = camera
+        self.trigger = trigger  # camera.trigger external/presence: one frame per part is judged
         self.engine = engine
         self.sink = sink
         self.stats = stats or Stats()
@@ -359,6 +361,8 @@ class Pipeline:
                 stage.beat()
                 self.gate.wait(0.2)
             frames: Iterator[Frame] = self.camera.frames(self.stop_capture, stage.beat)
+            if self.trigger is not None:
+                frames = self.trigger.parts(frames, self.stop_capture, stage.beat)
             dropped = 0
             for frame in frames:
                 self.stats.captured += 1
@@ -406,6 +410,8 @@ class Pipeline:
     def _count(self, result: Result, last_error: str | None) -> str | None:
         """Add a result to the stats; log error results (a bad ROI fails every frame: each new reason, then
         every 100th repeat). Returns the error last logged by this worker."""
+        if result.frame.part_step is not None:  # one frame of several of a part: counted per part when merged
+            return last_error
         with self._counting:
             stats = self.stats
             stats.processed += 1
@@ -438,7 +444,8 @@ class Pipeline:
                     continue
                 try:
                     self.sink.send(result)
-                    self.stats.record_published(result)
+                    if result.frame.part_step != "more":  # a part's earlier frames are merged, not sent
+                        self.stats.record_published(result)
                 except Exception:  # keep publishing later results; this one is logged with its sequence
                     self.stats.publish_errors += 1
                     log.exception("could not publish result sequence %d", result.sequence)

@@ -120,6 +120,8 @@ def result_header(result: Result, camera_id: str, heatmap_mode: str, full_scale:
         "type": "inspection",
         "sequence": result.sequence,
         "frame_index": frame.index,
+        "part_id": frame.part_id if frame.part_id is not None else str(result.sequence),
+        "trigger_time": round(frame.trigger_time, 6) if frame.trigger_time is not None else None,
         "camera_id": camera_id,
         "capture_time": round(frame.capture_time, 6),
         "capture_time_iso": _iso(frame.capture_time),

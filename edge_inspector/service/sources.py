@@ -71,6 +71,9 @@ class Frame:
     source_file: str | None = None  # the image file it came from (folder sources)
     error: str | None = None  # why there is no image: becomes an `error` result, never a silent gap
     tiles: Tiles | None = None  # model inputs cut by the capture stage ahead of inference (pipeline.py)
+    part_id: str | None = None  # camera.trigger external: the trigger's part (service/triggers.py)
+    trigger_time: float | None = None  # wall clock when that trigger arrived
+    part_step: str | None = None  # presence judged on every frame: "more" frames of this part follow, or "last"
 
 
 def detect_kind(source: int | str) -> str:

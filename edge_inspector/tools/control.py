@@ -1,4 +1,5 @@
-"""`edge-inspector control ENDPOINT status|stats|set-threshold X|reload [DIR]`: the control socket from a shell.
+"""`edge-inspector control ENDPOINT status|stats|set-threshold X|reload [DIR]|trigger [PART_ID]`: the control
+socket from a shell.
 
 Prints the reply as indented JSON. Exit status: 0 when the service accepted the command, 2 when it refused
 it (the reply's one-line reason is printed as `error: ...`) or the arguments are wrong, 1 when no reply
@@ -20,7 +21,7 @@ from edge_inspector.core.keys import client_keys_option
 from edge_inspector.core.wire import send_control
 from edge_inspector.tools.subscriber import connectable, probe_endpoint
 
-COMMANDS = ("status", "stats", "set-threshold", "reload")
+COMMANDS = ("status", "stats", "set-threshold", "reload", "trigger")
 
 
 def build_request(command: str, argument: str | None) -> dict:
@@ -37,6 +38,8 @@ def build_request(command: str, argument: str | None) -> dict:
         return {"command": "set_threshold", "value": value}
     if command == "reload":
         return {"command": "reload", **({"bundle": argument} if argument else {})}
+    if command == "trigger":  # camera.trigger external; the service validates the part id
+        return {"command": "trigger", **({"part_id": argument} if argument else {})}
     if argument is not None:
         raise ConfigError(f"control {command}: takes no argument, got {argument!r}")
     return {"command": command}
@@ -44,7 +47,7 @@ def build_request(command: str, argument: str | None) -> dict:
 
 @click.command("control")
 @click.argument("endpoint")
-@click.argument("command", metavar="status|stats|set-threshold X|reload [DIR]")
+@click.argument("command", metavar="status|stats|set-threshold X|reload [DIR]|trigger [PART_ID]")
 @click.argument("argument", required=False)
 @click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
               help="Seconds to wait for the reply (reload loads and warms up a model: allow for it).")
