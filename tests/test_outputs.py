@@ -141,7 +141,7 @@ def test_mqtt_results_verdicts_and_a_broker_restart_mid_run(bundle, broker, tmp_
             for header in listener.results()[:4]:
                 assert header == by_sequence[header["sequence"]]
             verdicts = [json.loads(p) for p in listener.on("/verdict")]
-            assert verdicts and verdicts[0]["verdict"] in ("pass", "fail")
+            assert verdicts and verdicts[0]["verdict"] in ("pass", "fail") and verdicts[0]["part_id"]
             assert {v["sequence"] for v in verdicts} <= set(by_sequence)
             assert b"online" in listener.on("/status")
             receive_until(lambda: listener.on("/health"), 10, "health over MQTT")
@@ -226,8 +226,8 @@ def test_opcua_client_reads_the_last_verdict_and_counters(bundle, tmp_path):
             async def read() -> dict:
                 async with asyncua.Client(url, timeout=5) as client:
                     index = await client.get_namespace_index("urn:test:line")
-                    names = ("LastVerdict", "Sequence", "PartsTotal", "FailsTotal", "LastScore", "ModelId",
-                             "Healthy", "LastResultTime", "Threshold")
+                    names = ("LastVerdict", "LastPartId", "Sequence", "PartsTotal", "FailsTotal", "LastScore",
+                             "ModelId", "Healthy", "LastResultTime", "Threshold")
                     return {name: await client.get_node(f"ns={index};s=line9.{name}").read_value()
                             for name in names}
 
@@ -255,7 +255,7 @@ def test_opcua_client_reads_the_last_verdict_and_counters(bundle, tmp_path):
             service.shutdown()
     last = results[-1]
     assert values["Sequence"] == 6 and values["PartsTotal"] == 6
-    assert values["LastVerdict"] == last["verdict"]
+    assert values["LastVerdict"] == last["verdict"] and values["LastPartId"] == last["part_id"]
     assert values["FailsTotal"] == sum(r["verdict"] == "fail" for r in results) > 0
     assert values["LastScore"] == pytest.approx(last["score"])
     assert values["Threshold"] == pytest.approx(last["threshold"])

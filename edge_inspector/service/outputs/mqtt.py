@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 def verdict_message(header: dict[str, Any]) -> dict[str, Any]:
     """The `<prefix>/verdict` payload: what a PLC needs to act on a part, nothing else."""
-    return {"verdict": header.get("verdict"), "sequence": header.get("sequence"), "score": header.get("score"),
+    return {"verdict": header.get("verdict"), "part_id": header.get("part_id"), "sequence": header.get("sequence"),
+            "score": header.get("score"),
             "threshold": header.get("threshold"), "capture_time": header.get("capture_time"),
             "schema_version": header.get("schema_version")}
 

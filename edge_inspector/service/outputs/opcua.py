@@ -6,7 +6,8 @@ security, anonymous read-only). Under Objects it holds one object per camera, `<
 namespace `namespace` (default `urn:edge-inspector`), whose variables a client reads or subscribes to; node
 ids are strings `ns=<ns>;s=<camera id>.<Name>`, stable across restarts:
 
-    LastVerdict (String: pass/fail/error), LastScore (Double), Threshold (Double), Sequence (UInt64),
+    LastVerdict (String: pass/review/fail/error), LastPartId (String: the id the reject gate matches),
+    LastScore (Double), Threshold (Double), Sequence (UInt64),
     PartsTotal, FailsTotal (UInt64: results and fails since start), LastResultTime (DateTime: capture
     time of the frame judged), LastError (String), Healthy (Boolean), ModelId (String),
     Heartbeat (DateTime: the last health update)
@@ -37,6 +38,7 @@ WRITE_TIMEOUT_S = 5.0
 # name -> (OPC UA type name, initial value)
 VARIABLES: dict[str, tuple[str, Any]] = {
     "LastVerdict": ("String", ""),
+    "LastPartId": ("String", ""),
     "LastScore": ("Double", 0.0),
     "Threshold": ("Double", 0.0),
     "Sequence": ("UInt64", 0),
@@ -56,6 +58,7 @@ def result_values(message: Message) -> dict[str, Any]:
     values: dict[str, Any] = {"LastVerdict": header.get("verdict") or "", "Sequence": int(header.get("sequence") or 0),
                               "PartsTotal": message.totals.results, "FailsTotal": message.totals.fails,
                               "LastError": header.get("error") or "",
+                              "LastPartId": str(header.get("part_id") or ""),
                               "LastScore": float(header["score"]) if header.get("score") is not None else None,
                               "Threshold": float(header["threshold"]) if header.get("threshold") is not None else None,
                               "ModelId": (header.get("model") or {}).get("id")}
