@@ -43,12 +43,13 @@ def configure_logging(verbose: bool) -> None:
 def _register() -> None:
     from edge_inspector.service.app import check_config_command, run_command
     from edge_inspector.tools.info import info_command
+    from edge_inspector.tools.labelset import labels_group
     from edge_inspector.tools.replay import replay_command
     from edge_inspector.tools.subscriber import subscribe_command
     from edge_inspector.tools.view import view_command
 
     for command in (run_command, check_config_command, replay_command, info_command, subscribe_command,
-                    view_command):
+                    view_command, labels_group):
         main.add_command(command)
     _register_service_tools()
 

@@ -97,6 +97,7 @@ def score_labelled(bundle: Bundle, folder: Path, labels_csv: Path | None = None
     items = discover_labels(folder, labels_csv)
     if items is None:
         raise DataError(f"{folder}: no labels found (expected MVTec AD / VisA layout or a labels CSV)")
+    _warn_other_models(bundle, folder)
     summary = replay_folder(folder, bundle, create_backend(bundle, "onnxruntime"), labels_csv=labels_csv)
     report = summary.report
     if report is None or report.num_good == 0 or report.num_defective == 0:
@@ -106,6 +107,20 @@ def score_labelled(bundle: Bundle, folder: Path, labels_csv: Path | None = None
     good = np.array([s for s, y in scored if y == 0])
     defects = np.array([s for s, y in scored if y == 1])
     return good, defects, report
+
+
+def _warn_other_models(bundle: Bundle, folder: Path) -> None:
+    """Labels exported from a line (`edge-inspector labels export`) name the model that judged each part: its
+    scores and threshold are not comparable with this bundle's, so say so; the images are scored anew."""
+    from edge_inspector.tools.labelset import judged_by
+
+    models = judged_by(folder)
+    others = {m: n for m, n in (models or {}).items() if m != bundle.model_id}
+    if others:
+        log.warning("%s: %s of these labelled parts were judged on the line by another model (%s); their line "
+                    "scores and thresholds are not comparable with %s's, so only the images and labels are used",
+                    folder, sum(others.values()), ", ".join(f"{m} x{n}" for m, n in others.items()),
+                    bundle.model_id)
 
 
 def record_operating_point(bundle: Bundle, good: np.ndarray, defects: np.ndarray) -> None:

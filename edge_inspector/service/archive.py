@@ -5,6 +5,12 @@ the line, so when the writer falls behind, frames are skipped and counted, and w
 error is logged (once per streak, not per frame) and the service carries on. Each entry's files share one
 time-sortable stem (`20250101T120000.123Z_cam0_00000042_fail`), so "oldest first" is simply name order,
 also across restarts.
+
+Passed parts are kept too, when asked (`archive.pass_sample`: 1 in N; `archive.pass_margin`: every pass
+scoring above that fraction of the threshold), because an escape can only be found among parts that passed;
+each entry's JSON says why it was kept (`archived`: verdict, margin or sample). Parts an operator labelled
+(core/labelstore.py's journal beside the entries) are kept out of eviction until `edge-inspector labels
+export` marked them exported: a label without its image is worth nothing to the next fit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import cv2
 
 from edge_inspector.core.atomic import write_atomic
 from edge_inspector.core.images import shown
+from edge_inspector.core.labelstore import LabelBook
 from edge_inspector.core.render import heatmap_to_u8
 from edge_inspector.service.config import ArchiveConfig
 from edge_inspector.service.pipeline import Result
@@ -59,6 +66,8 @@ class ArchiveStats:
     entries: int = 0
     bytes: int = 0
     reviews: int = 0  # of `saved`, verdict review (the review band's parts, kept for the person judging them)
+    passes: int = 0  # of `saved`, passed parts kept by pass_sample / pass_margin
+    protected: int = 0  # entries labelled and not yet exported: never evicted
 
 
 class Archive:
@@ -77,6 +86,9 @@ class Archive:
         self.queue: queue.Queue = queue.Queue(self.QUEUE_SIZE)
         self._failing = False
         self.stray_bytes = 0  # stale temporary files that could not be removed: still counted in the size cap
+        self.labels = LabelBook(self.folder)
+        self._passes_seen = 0
+        self._over_cap_warned = False
         self._scan()
         self.thread = threading.Thread(target=self._run, name="edge-archive", daemon=True)
         self.thread.start()
@@ -115,12 +127,28 @@ class Archive:
         self.stats.stale_removed += 1
         log.info("archive: removed %s (%.1f MB), left by a write cut short", shown(entry.name), size / 1048576)
 
+    def _reason(self, result: Result) -> str | None:
+        """Why this result is kept (verdict, margin, sample), or None. Runs on the publish thread: cheap."""
+        if result.verdict in self.verdicts:
+            return "verdict"
+        if result.verdict != "pass":
+            return None
+        self._passes_seen += 1
+        decision = result.decision
+        margin = self.config.pass_margin
+        if margin is not None and decision is not None and decision.score > margin * decision.threshold:
+            return "margin"
+        if self.config.pass_sample and self._passes_seen % self.config.pass_sample == 0:
+            return "sample"
+        return None
+
     def submit(self, result: Result, header: dict[str, Any]) -> bool:
-        """Queue a result for archiving if its verdict is kept; False when not kept or the writer is behind."""
-        if result.verdict not in self.verdicts:
+        """Queue a result for archiving if it is kept; False when not kept or the writer is behind."""
+        reason = self._reason(result)
+        if reason is None:
             return False
         try:
-            self.queue.put_nowait((result, header))
+            self.queue.put_nowait((result, {**header, "archived": reason}))
             return True
         except queue.Full:
             self.stats.skipped += 1
@@ -177,6 +205,7 @@ class Archive:
         self.entries[stem] = sum(len(data) for _, data in blobs)
         self.stats.saved += 1
         self.stats.reviews += result.verdict == "review"
+        self.stats.passes += result.verdict == "pass"
         if self._failing:
             log.info("archive: writing to %s again", self.folder)
             self._failing = False
@@ -184,16 +213,45 @@ class Archive:
         self._sync_stats()
 
     def _evict(self) -> None:
+        """Oldest first, skipping labelled parts not yet exported. The caps still hold (a full SD card stops
+        more than the archive): when labelled parts fill them, new parts go as soon as written, said once
+        per streak, until an export lets the labelled ones go."""
         total = sum(self.entries.values()) + self.stray_bytes
-        while self.entries and (len(self.entries) > self.config.max_files or total > self.max_bytes):
-            stem, size = self.entries.popitem(last=False)
+        if len(self.entries) <= self.config.max_files and total <= self.max_bytes:
+            self._over_cap_warned = False
+            return
+        protected = self._protected()
+        for stem in list(self.entries):
+            if len(self.entries) <= self.config.max_files and total <= self.max_bytes:
+                break
+            if stem in protected:
+                continue
+            size = self.entries.pop(stem)
             for suffix in _SUFFIXES:
                 (self.folder / (stem + suffix)).unlink(missing_ok=True)
             total -= size
             self.stats.removed += 1
+        crowded = all(stem in protected for stem in self.entries)
+        if crowded and not self._over_cap_warned:
+            log.warning("archive: its caps are filled by %d labelled parts that wait for `edge-inspector labels "
+                        "export %s`; new parts are removed as soon as written until then", len(self.entries),
+                        self.folder)
+        self._over_cap_warned = crowded
+
+    def _protected(self) -> set[str]:
+        try:
+            return self.labels.state().protected()
+        except OSError as err:  # an unreadable journal: keep every entry rather than guess
+            log.warning("archive: cannot read %s (%s): nothing is evicted until it can be read",
+                        self.labels.path, err)
+            return set(self.entries)
 
     def _sync_stats(self) -> None:
         self.stats.entries = len(self.entries)
+        try:
+            self.stats.protected = len(self.labels.state().protected() & set(self.entries))
+        except OSError:
+            pass
         self.stats.bytes = sum(self.entries.values()) + self.stray_bytes
 
     def _report(self, err: OSError) -> None:
@@ -205,6 +263,7 @@ class Archive:
 
     def snapshot(self) -> dict[str, Any]:
         return {"folder": str(self.folder), "saved": self.stats.saved, "reviews": self.stats.reviews,
+                "passes": self.stats.passes, "protected": self.stats.protected,
                 "skipped": self.stats.skipped, "errors": self.stats.errors, "removed": self.stats.removed,
                 "stale_removed": self.stats.stale_removed, "entries": self.stats.entries,
                 "megabytes": round(self.stats.bytes / 1048576, 2), "failing": self._failing}

@@ -180,6 +180,11 @@ class ArchiveConfig:
     max_files: Annotated[int, Meta(ge=1), doc("frames kept; oldest removed first")] = 1000
     max_megabytes: Annotated[float, Meta(gt=0.0), doc("total size cap; oldest removed first")] = 500.0
     image_format: Annotated[Literal["png", "jpg"], doc("frame file format")] = "png"
+    pass_sample: Annotated[int, Meta(ge=0, le=1000000),
+                           doc("also keep 1 in this many passed parts (escapes hide among them; 0: none)")] = 0
+    pass_margin: Annotated[Annotated[float, Meta(gt=0.0, lt=1.0)] | None,
+                           doc("also keep every passed part scoring above this fraction of the threshold "
+                               "(0.8: the top 20% below it; null: none)")] = None
 
     def __post_init__(self) -> None:
         self.verdicts = tuple(dict.fromkeys(self.verdicts))  # [fail, fail] keeps one

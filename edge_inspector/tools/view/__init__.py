@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 
 import click
 
@@ -49,6 +50,11 @@ __all__ = ["ViewServer", "view_command"]
               help="HTTP connections held at once (one thread each); one address may hold a quarter.")
 @click.option("--request-timeout", type=click.FloatRange(0.5, 300), default=10.0, show_default=True,
               help="Seconds a client may take to send a request's headers, and again its body.")
+@click.option("--archive", "archive", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The service's archive folder (archive.folder): label its parts on the page; labels go to "
+                   "labels.jsonl there (writes need the --token-file key when one is set).")
+@click.option("--defect-type", "defect_types", multiple=True, metavar="NAME",
+              help="A defect type the operator may pick when labelling (repeatable; none: any short name).")
 @click.option("--server-key", type=click.Path(dir_okay=False), default=None,
               help="CURVE: the service's public key file (NAME.key), for results and control.")
 @click.option("--client-key", type=click.Path(dir_okay=False), default=None,
@@ -58,7 +64,7 @@ def view_command(connect: tuple[str, ...], control: tuple[str, ...], listen: str
                  keep_fails: int, keep_scores: int, silent_after: float, client_buffer: int,
                  max_browsers: int, max_browsers_per_client: int, allow_hosts: tuple[str, ...],
                  max_connections: int, request_timeout: float, server_key: str | None,
-                 client_key: str | None) -> None:
+                 client_key: str | None, archive: Path | None, defect_types: tuple[str, ...]) -> None:
     """Serve the operator live view: latest verdicts, defects, failed parts, counters, health."""
     from edge_inspector.core.keys import client_keys_option
 
@@ -68,7 +74,7 @@ def view_command(connect: tuple[str, ...], control: tuple[str, ...], listen: str
                         allow_hosts=allow_hosts, max_connections=max_connections,
                         max_connections_per_client=max(1, max_connections // 4),
                         max_streams_per_client=max_browsers_per_client, header_timeout_s=request_timeout,
-                        body_timeout_s=request_timeout)
+                        body_timeout_s=request_timeout, archive=archive, defect_types=defect_types)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

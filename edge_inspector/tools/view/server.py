@@ -9,7 +9,10 @@ never holds up the feed, the service or the other browsers.
 Routes: `/` the page, `/static/<file>`, `/events` (SSE), `/api/state` (snapshot), `/api/view` (the view's
 own counters), `/image/<camera>/<id>` (the PNG heatmap or JPEG overlay exactly as published),
 `/frame/<camera>/<id>` (the judged frame, JPEG, from the service's frame message),
-`/api/control/<camera>/status|threshold|reload` (only with `--control`; POST with JSON).
+`/api/control/<camera>/status|threshold|reload` (only with `--control`; POST with JSON);
+with `--archive DIR`: `/api/archive?state=all|waiting|labelled` (archived parts and their labels),
+`/archive/<stem>/frame|heatmap` (an archived part's pictures), POST `/api/labels` (label or undo, with the
+operator key exactly as a threshold POST; labelling.py).
 
 Every connection is admitted by `guard.Connections` before it gets a thread, and every request passes
 `ViewHandler._door` (Host, Origin) before any route runs; a POST's body is read only after the route, the
@@ -26,11 +29,12 @@ import mimetypes
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.tools.view.control import ControlLink
@@ -44,6 +48,7 @@ from edge_inspector.tools.view.guard import (
     split_host,
 )
 from edge_inspector.tools.view.hub import Hub, encode_event
+from edge_inspector.tools.view.labelling import ArchiveLabels, LabelError, key_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +106,22 @@ class ViewHTTPServer(ThreadingHTTPServer):
         self.sse_sndbuf = sse_sndbuf
         self.stopping = threading.Event()
         self.connections = connections or Connections()
+        self.labels: ArchiveLabels | None = None  # set by ViewServer with --archive
+        self.labels_refused = 0
+        self._refusals_logged = (0.0, 0)  # (when, count then)
         super().__init__(address, ViewHandler)
         self.hosts = HostPolicy(address[0], int(self.server_address[1]), allow_hosts)
+
+    def refused_label(self, peer: str) -> None:
+        """Count a label write without the key; one warning a minute at most, with the count since the last:
+        anyone who can reach the page could otherwise flood the system log with them."""
+        self.labels_refused += 1
+        now = time.monotonic()
+        when, count = self._refusals_logged
+        if now - when >= 60.0:
+            self._refusals_logged = (now, self.labels_refused)
+            log.warning("label write(s) refused, operator key missing or wrong: %d since the last report "
+                        "(latest from %s)", self.labels_refused - count, peer)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.connections.admit(request, str(client_address[0])):
@@ -258,10 +277,49 @@ class ViewHandler(BaseHTTPRequestHandler):
         if parts[:2] == ["api", "control"] and len(parts) == 4 and parts[3] == "status":
             self._allowed_to_control()
             return self._control(parts[2], "status", {})
+        if path == "/api/archive" or (parts[0] == "archive" and len(parts) == 3):
+            return self._archive(parts)
         self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+
+    def _archive(self, parts: list[str]) -> None:
+        labels = self._labels()
+        try:
+            if parts[0] == "archive":
+                if parts[2] not in ("frame", "heatmap"):
+                    raise LabelError(f"no such picture: {parts[2][:20]!r} (frame or heatmap)", 404)
+                data, content_type = labels.file(parts[1], parts[2])
+                return self._send(200, data, content_type, cache="private, max-age=3600")
+            query = parse_qs(urlsplit(self.path).query)
+            self._json(labels.listing(query.get("state", ["all"])[0]))
+        except LabelError as err:
+            self._error(err.status, str(err))
+
+    def _labels(self) -> ArchiveLabels:
+        if self.server.labels is None:
+            raise Refusal(HTTPStatus.NOT_FOUND, "no archive: start the view with --archive DIR to label parts")
+        return self.server.labels
+
+    def _post_label(self) -> None:
+        labels = self._labels()
+        if not self._authorised():
+            self.server.refused_label(self.address_string())
+            raise Refusal(HTTPStatus.UNAUTHORIZED, "operator key missing or wrong")
+        if self.headers.get_content_type() != "application/json":
+            raise Refusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "expected Content-Type: application/json")
+        body = self._body()
+        by = {"address": self.address_string(), "key": key_fingerprint(self.server.token)}
+        try:
+            self._json(labels.apply(body, by))
+        except LabelError as err:
+            self._error(err.status, str(err))
+        except OSError as err:  # the disk refused: the operator must know the label was not kept
+            log.error("label from %s not saved: %s", by["address"], err)
+            self._error(HTTPStatus.INSUFFICIENT_STORAGE, f"label not saved: {err}")
 
     def _post(self) -> None:
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if parts == ["api", "labels"]:
+            return self._post_label()
         if parts[:2] != ["api", "control"] or len(parts) != 4 or parts[3] not in ("threshold", "reload"):
             raise Refusal(HTTPStatus.NOT_FOUND, f"no such action: {self.path[:120]}")
         self._allowed_to_control()
@@ -403,14 +461,23 @@ class ViewServer:
                  silent_after_s: float = 12.0, sse_sndbuf: int = SSE_SNDBUF, keys: Any | None = None,
                  allow_hosts: tuple[str, ...] | list[str] = (), max_connections: int = 64,
                  max_connections_per_client: int = 16, max_streams_per_client: int = 4,
-                 header_timeout_s: float = 10.0, body_timeout_s: float = 10.0):
-        """`max_connections*` and the timeouts: see guard.Connections; `max_streams_per_client`: Hub.attach."""
+                 header_timeout_s: float = 10.0, body_timeout_s: float = 10.0, archive: Path | None = None,
+                 defect_types: tuple[str, ...] = ()):
+        """`max_connections*` and the timeouts: see guard.Connections; `max_streams_per_client`: Hub.attach;
+        `archive`: the service's archive folder, to label its parts (labelling.py)."""
         if not connect:
             raise ConfigError("--connect: at least one result endpoint is needed, e.g. tcp://127.0.0.1:5556")
         host, port = parse_listen(listen)
         if control and token is None and not is_loopback(host):
             raise ConfigError(f"--listen {listen}: a view with --control on a non-loopback address needs "
                               "--token-file (anyone on the network could change the threshold)")
+        if archive is not None and token is None and not is_loopback(host):
+            raise ConfigError(f"--listen {listen}: a view with --archive on a non-loopback address needs "
+                              "--token-file (anyone on the network could write labels)")
+        try:
+            labels = ArchiveLabels(Path(archive), tuple(defect_types)) if archive is not None else None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.control = ControlLink(control or [], keys=keys)
         self.hub = Hub(keep_fails=keep_fails, keep_scores=keep_scores, client_buffer=client_buffer,
                        max_clients=max_clients, max_per_client=max_streams_per_client,
@@ -427,6 +494,7 @@ class ViewServer:
             self.feed.stop()
             self.feed._close()
             raise ConfigError(f"--listen {listen}: cannot listen there ({err.strerror})") from None
+        self.http.labels = labels
         self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.2},
                                        name="view-http", daemon=True)
 
