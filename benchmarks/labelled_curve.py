@@ -49,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundles", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--categories", default="", help="comma list (default: every labelled bundle there)")
     args = parser.parse_args(argv)
+    wanted = {c for c in args.categories.split(",") if c}
     print("| bundle | CV false-reject point | threshold | false reject, judged | escape, judged |")
     print("|---|---|---|---|---|")
     for bundle_dir in sorted(p for p in args.bundles.iterdir() if (p / "bundle.yaml").is_file()):
         bundle = Bundle.load(bundle_dir)
         curve = bundle.meta.threshold.operating_curve
         category = bundle_dir.name.split("-")[0]
+        if wanted and category not in wanted:
+            continue
         judged_csv = args.bundles / f"{category}-judged.csv"
         if bundle.meta.labelled is None or not curve or not judged_csv.is_file():
             continue
