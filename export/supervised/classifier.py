@@ -1,10 +1,11 @@
 """The supervised part's classifier and its cross-validation: small, regularised, fast on a CPU.
 
 A logistic regression on standardised inputs with an L2 penalty and balanced class weights (good parts far
-outnumber labelled defects), fitted by L-BFGS in float64: a few hundred images and ~500 inputs take well
-under a second. Why this and not a network: with 10-50 labelled defects anything bigger memorises them; a
-linear model on frozen features generalises from few examples, and the penalty keeps it from leaning on the
-one input that happens to separate the few defects seen.
+outnumber labelled defects), fitted by L-BFGS in float64. Measured on the loaded 2-core VM: 248 images x 516
+inputs, one fit 4.3 s and five cross-validation folds 2.7 s; the whole labelled step of the bottle fit 15 s of
+174. Why this and not a network: with 10-50 labelled defects anything bigger memorises them; a linear model on
+frozen features generalises from few examples, and the penalty keeps it from leaning on the one input that
+happens to separate the few defects seen.
 
 Cross-validation (`cross_validated_scores`): every image is scored by a classifier fitted without it, in
 stratified folds; images with the same pixels (a file copied twice) share a fold, so a duplicate never
