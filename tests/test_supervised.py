@@ -231,3 +231,30 @@ def test_labelled_options_are_checked_with_one_line(synthetic_dataset, tmp_path)
     result = CliRunner().invoke(main, [*base, "--labelled", str(synthetic_dataset), "--validation",
                                        str(synthetic_dataset)])
     assert result.exit_code != 0 and "give one" in result.output
+
+
+def _tiny_padim():
+    from export.padim.fit import PadimOptions, build_features
+    from export.padim.model import PadimModel
+
+    size = (64, 64)
+    features = build_features(PadimOptions(input_size=size, feature_dim=16, projection="orthogonal"))
+    d, p = features.dim, (size[0] // 8) * (size[1] // 8)
+    return PadimModel(features, torch.zeros(1, p, d), torch.eye(d).repeat(1, p, 1, 1), size, 2.0).eval(), size
+
+
+def test_without_labelled_defects_the_threshold_is_today_s_and_escapes_are_unknown(tmp_path, capsys):
+    from export.supervised.fit import LabelledSet, TrainingInputs, attach_supervised
+    from export.threshold import conformal_threshold
+
+    model, size = _tiny_padim()
+    rng = np.random.default_rng(0)
+    folder = write_mvtec_layout(tmp_path / "goods", lambda kind: make_part(rng, 64), (), 0, 6, 0)
+    scores = rng.normal(5.0, 0.5, 30)
+    threshold = conformal_threshold(scores, 0.05)
+    before = threshold.value
+    attached = attach_supervised(model, TrainingInputs(scores, rng.normal(size=(30, 36))), LabelledSet(folder=folder),
+                                 size, 0.05, 0, 4, threshold)
+    assert attached.model is model and attached.threshold.value == before
+    assert attached.info.cv_escape_rate is None and attached.info.labelled_good_images == 6
+    assert "ESCAPE RATE IS UNKNOWN" in capsys.readouterr().out
