@@ -290,7 +290,7 @@ def run_labelled_half(args: argparse.Namespace, category: Path, kind: str, setti
     calibration, judged = split_halves(category)
     judged_csv = write_labels_csv(judged, bundles / f"{category.name}-judged.csv")
     rows = []
-    for count in [-1, *counts]:  # -1: no labels (today's fit)
+    for count in ([] if args.no_unlabelled else [-1]) + counts:  # -1: no labels (today's fit)
         labelled_csv = None
         name = "none"
         if count != -1:
@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fit with labelled defects of one half of each test set, judge on the other half")
     parser.add_argument("--labelled-counts", default="all",
                         help="with --labelled-half: comma list of labelled defect counts (all, 10, 25, ...)")
+    parser.add_argument("--no-unlabelled", action="store_true",
+                        help="with --labelled-half: leave out the fit without labels (already measured)")
     parser.add_argument("--target-escape", type=float, default=None,
                         help="with --labelled-half: the fit's --target-escape")
     args = parser.parse_args(argv)
