@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from edge_inspector.core.bundle import BUNDLE_FILE, Bundle, finalize_bundle, meta_digest, write_meta
+from edge_inspector.core.bundle import BUNDLE_FILE, FORMAT_VERSION, Bundle, finalize_bundle, meta_digest, write_meta
 from edge_inspector.core.errors import BundleError
 from service_helpers import (
     copy_world_readable,
@@ -76,8 +76,8 @@ def test_a_format_2_bundle_loads_without_map_blur_sigma(copy):
     edit_yaml(copy, lambda d: d.__setitem__("map_blur_sigma", float("inf")), keep_digest=False)
     with pytest.raises(BundleError, match=r"map_blur_sigma: expected a number in \[0, 1024\], got inf"):
         Bundle.load(copy)
-    edit_yaml(copy, lambda d: d.__setitem__("format_version", 4), keep_digest=False)
-    with pytest.raises(BundleError, match="format_version 4 is newer than this runtime supports"):
+    edit_yaml(copy, lambda d: d.__setitem__("format_version", FORMAT_VERSION + 1), keep_digest=False)
+    with pytest.raises(BundleError, match=f"format_version {FORMAT_VERSION + 1} is newer than this runtime supports"):
         Bundle.load(copy)
 
 

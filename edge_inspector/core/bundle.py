@@ -56,7 +56,10 @@ from edge_inspector.core.signing import MAX_SIGNATURE_BYTES, SIGNATURE_FILE, Sig
 # bundle says "newer than this runtime supports" instead of tripping over the unknown key.
 # 3: map_blur_sigma (how smooth the graph's map is, so the service can send it at the detail it holds);
 # format-2 bundles load with 0 (unknown: sent at one pixel per model-input pixel, as before).
-FORMAT_VERSION = 3
+# 4: threshold.review (the review band), threshold's in-sample counts, the `labelled:` section (the supervised
+# part's cross-validated rates) and report/good_scores.json; a format-3 runtime meeting them says "newer than
+# this runtime supports" instead of "unknown key". Format-3 bundles load as before.
+FORMAT_VERSION = 4
 BUNDLE_FILE = "bundle.yaml"
 MODEL_FILE = "model.onnx"
 META_DIGEST_KEY = "meta_sha256"
@@ -206,6 +209,36 @@ class TilingInfo:
 
 
 @dataclass
+class LabelledInfo:
+    """What labelled images (`edge-export fit --labelled`) did: the supervised part they trained and the
+    cross-validated rates at the decision threshold, with exact 95% intervals and the counts behind them
+    (every image scored by a supervised part that did not train on it; training good images by their k-fold
+    anomaly scores)."""
+
+    source: str
+    supervised: bool  # a supervised part is in the graph (needs >= 2 labelled defects)
+    folds: Count
+    penalty: Real
+    training_good_images: Count
+    labelled_good_images: Count
+    labelled_defect_images: Count
+    cv_good_images: Count
+    cv_false_rejects: Count
+    cv_false_reject_rate: Rate
+    cv_false_reject_ci: list[Real]
+    cv_defect_images: Count
+    cv_escapes: Count
+    cv_escape_rate: Rate | None  # None: no labelled defects, the escape rate is unknown
+    cv_escape_ci: list[Real] | None
+    defect_types: dict[str, int] = field(default_factory=dict)  # labelled defects per type
+    escapes_by_type: dict[str, int] = field(default_factory=dict)  # cross-validated escapes per type
+    anomaly_only_threshold: Real | None = None  # the same rule on the anomaly score alone, for comparison
+    anomaly_only_escapes: Count | None = None
+    anomaly_only_false_rejects: Count | None = None
+    note: str = ""
+
+
+@dataclass
 class BundleMeta:
     """Everything in bundle.yaml. Unknown keys are refused at load so typos never pass silently."""
 
@@ -226,6 +259,8 @@ class BundleMeta:
     # The Gaussian sigma (model-input pixels) the graph blurs its anomaly map with; 0 = none or not known.
     # A map that smooth holds no detail finer than sigma / 2 pixels (Tiler.detail_scale uses it).
     map_blur_sigma: BlurSigma = 0.0
+    # Labelled images and what they did (fit --labelled); None for a bundle fitted on good images only.
+    labelled: LabelledInfo | None = None
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     meta_sha256: str = ""  # sha256 of the canonical JSON of everything above (set by write_meta)
 
@@ -234,6 +269,8 @@ class BundleMeta:
         data = dataclasses.asdict(self)
         data["input_size"] = list(self.input_size)
         data["threshold"].pop("good_scores", None)
+        if data.get("labelled") is None:  # absent, not null: bundles without labels keep their bytes and model id
+            data.pop("labelled", None)
         return data
 
     @classmethod

@@ -46,6 +46,21 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
     return height, width
 
 
+def _labelled_set(folder: Path | None, csv: Path | None, validation: Path | None, target_escape: float | None,
+                  folds: int) -> Any:
+    """The --labelled images (export.supervised.fit.LabelledSet), or None without them."""
+    if folder is None and csv is None:
+        return None
+    if validation is not None:
+        raise DataError("--labelled and --validation are two uses of labelled images: give one (--labelled "
+                        "trains the supervised part and cross-validates the threshold)")
+    if folder is not None and csv is not None:
+        raise DataError("--labelled FOLDER and --labelled-csv FILE: give one")
+    from export.supervised.fit import LabelledSet
+
+    return LabelledSet(folder=folder, csv=csv, target_escape=target_escape, folds=folds)
+
+
 @click.command("fit")
 @click.argument("train_folder", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
@@ -108,6 +123,12 @@ def _size(text: str, option: str = "--input-size") -> tuple[int, int]:
 @click.option("--review-rate", type=float, default=None,
               help="Add a review band: parts between a pass threshold and the fail threshold get the verdict "
                    "review, at most this share of good parts (from their out-of-sample scores).")
+@click.option("--labelled", "labelled_folder", type=click.Path(path_type=Path), default=None,
+              help="Labelled good and defective images (MVTec AD / VisA layout): they train a supervised part of "
+                   "the graph and set the threshold by cross-validation (escape and false-reject rates with 95% "
+                   "intervals printed and kept in bundle.yaml). Whole frames only.")
+@click.option("--labelled-csv", type=click.Path(path_type=Path), default=None,
+              help="Labelled images as a CSV of path,label[,mask] (paths relative to the CSV) instead of a folder.")
 def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, layers: str | None,
                 input_size: str,
                 feature_dim: int | None, target_frr: float, folds: int, rows: int, cols: int, tile_mode: str,
@@ -116,7 +137,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
                 batch_size: int, force: bool, model_kind: str, bank_fraction: float | None,
                 bank_size: int | None, projection_dim: int | None, feature_stride: str | None,
                 target_escape: float | None, projection: str | None, position_offset: bool,
-                search_dims: int | None, sign_key: Path | None, review_rate: float | None = None) -> None:
+                search_dims: int | None, sign_key: Path | None, review_rate: float | None = None,
+                labelled_folder: Path | None = None, labelled_csv: Path | None = None) -> None:
     """Fit a model (patchcore or PaDiM) on the good images in TRAIN_FOLDER and write a model bundle."""
     import time
 
@@ -127,7 +149,8 @@ def fit_command(train_folder: Path, out_dir: Path, backbone: str, weights: Path 
         _fit(train_folder, out_dir, backbone, weights, layers, input_size, feature_dim, target_frr, folds, rows,
              cols, tile_mode, tile_size, stride, roi, validation, validation_labels, threshold_rule, seed,
              batch_size, force, model_kind, bank_fraction, bank_size, projection_dim, feature_stride,
-             target_escape, projection, position_offset, search_dims, collected, started, sign_key, review_rate)
+             target_escape, projection, position_offset, search_dims, collected, started, sign_key, review_rate,
+             labelled_folder, labelled_csv)
 
 
 def _fit(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None, layers: str | None,
@@ -137,17 +160,20 @@ def _fit(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None,
          model_kind: str, bank_fraction: float | None, bank_size: int | None, projection_dim: int | None,
          feature_stride: str | None, target_escape: float | None, projection: str | None, position_offset: bool,
          search_dims: int | None, collected: list, started: float, sign_key: Path | None,
-         review_rate: float | None) -> None:
+         review_rate: float | None, labelled_folder: Path | None, labelled_csv: Path | None) -> None:
     check_output_folder(out_dir, force)
     signing_key = None
     if sign_key is not None:  # a bad key fails before minutes of fitting, not after
         from edge_inspector.core.signing import load_private_key
 
         signing_key = load_private_key(sign_key)
+    labelled = _labelled_set(labelled_folder, labelled_csv, validation, target_escape, folds)
+    if labelled is not None and threshold_rule == "escape":
+        threshold_rule = "frr"  # with --labelled, --target-escape alone sets the escape target
     if threshold_rule in ("f1", "escape") and validation is None:
         raise DataError(f"--threshold-rule {threshold_rule} needs --validation FOLDER with labelled good and "
                         "defective images")
-    if (threshold_rule == "escape") != (target_escape is not None):
+    if labelled is None and (threshold_rule == "escape") != (target_escape is not None):
         raise DataError("--threshold-rule escape and --target-escape RATE go together")
     if target_escape is not None and not 0 <= target_escape < 1:
         raise DataError(f"--target-escape must be in [0, 1), got {target_escape}")
@@ -175,7 +201,8 @@ def _fit(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None,
         from export.patchcore import PatchcoreOptions, fit_patchcore
 
         bundle = fit_patchcore(train_folder, out_dir, PatchcoreOptions(
-            **common, **stride_option, **{k: v for k, v in patchcore_only.items() if v is not None}))
+            **common, **stride_option, **{k: v for k, v in patchcore_only.items() if v is not None}),
+            labelled=labelled)
     else:
         given = [k for k, v in patchcore_only.items() if v is not None]
         if given:
@@ -191,7 +218,7 @@ def _fit(train_folder: Path, out_dir: Path, backbone: str, weights: Path | None,
             if feature_stride == "16":
                 raise DataError("--feature-stride for PaDiM must be 4 or 8, got 16")
             padim["grid_stride"] = int(feature_stride)
-        bundle = fit_padim(train_folder, out_dir, PadimOptions(**common, **padim))
+        bundle = fit_padim(train_folder, out_dir, PadimOptions(**common, **padim), labelled=labelled)
     if validation is not None:
         from export.validation import calibrate_with_defects
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -33,6 +33,7 @@ from export.padim.features import FastEmbedding, PadimFeatures, semi_orthogonal,
 from export.padim.model import Mahalanobis, PadimModel, UpsampleBlurHead
 from export.padim.statistics import ChannelCovariance, GaussianSums, available_memory_bytes, fit_memory_bytes, set_bytes
 from export.staging import staged_bundle_folder
+from export.supervised.fit import LabelledSet, attach_supervised, check_untiled, supervised_collector
 from export.threshold import conformal_threshold, report_outliers, score_stats
 from export.threshold import fold_ids as threshold_fold_ids
 
@@ -163,6 +164,7 @@ def embedding_dim(options: PadimOptions, channels: int) -> int:
 
 
 Batches = Iterable[tuple[list[int], torch.Tensor]]
+MapSink = Callable[[list[int], torch.Tensor, torch.Tensor], None]
 
 
 class EmbeddingCache:
@@ -283,11 +285,12 @@ def _cached_batches(indices: list[int], cache: EmbeddingCache, size: int = 16) -
 
 @torch.no_grad()
 def out_of_sample_scores(data: TrainingImages, embedding: FastEmbedding, passed: PassResult,
-                         options: PadimOptions, head: UpsampleBlurHead) -> np.ndarray:
+                         options: PadimOptions, head: UpsampleBlurHead, sink: MapSink | None = None) -> np.ndarray:
     """A score per good image from a model that never saw it: k-fold, "totals minus fold j" in place.
 
     Fold j's sums are its spilled sums (frames past the cache, summed during the pass) plus its cached
-    frames; its cached frames are scored from the cache, the others extracted once more.
+    frames; its cached frames are scored from the cache, the others extracted once more. `sink(frames, emb,
+    low-resolution maps)` sees each scored chunk (fit --labelled: the supervised part's inputs).
     """
     n = len(data.paths)
     oos = np.full(n, np.nan)
@@ -309,7 +312,10 @@ def out_of_sample_scores(data: TrainingImages, embedding: FastEmbedding, passed:
         scored = chain(_cached_batches(cached, passed.cache),
                        _embed(embedding, data, missing, "fit: features again (past the cache)"))
         for chunk, emb in scored:
-            scores = head(distance(emb))[1].numpy()
+            low = distance(emb)
+            if sink is not None:
+                sink(chunk, emb, low)
+            scores = head(low)[1].numpy()
             oos[chunk] = scores.reshape(len(chunk), -1).max(axis=1)  # a frame fails if any tile does
     return oos
 
@@ -356,10 +362,14 @@ def resolved(options: PadimOptions) -> PadimOptions:
     return options
 
 
-def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptions | None = None) -> Bundle:
-    """Fit PaDiM on a folder of good images and write a verified model bundle to out_dir."""
+def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptions | None = None,
+              labelled: LabelledSet | None = None) -> Bundle:
+    """Fit PaDiM on a folder of good images and write a verified model bundle to out_dir; with `labelled`, a
+    supervised part trained and cross-validated on labelled images joins the graph (export/supervised)."""
     _check_options(options or PadimOptions())
     options = resolved(options or PadimOptions())
+    if labelled is not None:
+        check_untiled(options.rows * options.cols, options.roi, options.tile_size)
     assert options.epsilon is not None
     started = time.perf_counter()
     data = TrainingImages(Path(train_folder), options)
@@ -374,19 +384,26 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
     passed = feature_pass(data, embedding, options)
     grid = (options.input_size[0] // options.grid_stride, options.input_size[1] // options.grid_stride)
     head = UpsampleBlurHead(grid, options.input_size, options.blur_sigma)
-    oos = out_of_sample_scores(data, embedding, passed, options, head)
+    collector = supervised_collector(len(data.paths), grid) if labelled is not None else None
+    oos = out_of_sample_scores(data, embedding, passed, options, head, collector)
     mean, inv = passed.totals.gaussian(options.epsilon)
     del passed, embedding
     k, p, d = inv.shape[0], inv.shape[1], inv.shape[2]
     print(describe_constants(k, p, d))  # once: a log line as well printed it twice under the CLI's INFO logging
-    model = PadimModel(features, mean, inv, options.input_size, options.blur_sigma, head).eval()
+    model: torch.nn.Module = PadimModel(features, mean, inv, options.input_size, options.blur_sigma, head).eval()
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
     report_outliers(data.paths, oos, threshold.value)
+    good_scores, labelled_info = oos, None
+    if labelled is not None and collector is not None:
+        attached = attach_supervised(model, collector.result(oos), labelled, options.input_size,
+                                     options.target_false_reject_rate, options.seed, options.batch_size, threshold)
+        model, threshold, labelled_info = attached.model, attached.threshold, attached.info
+        good_scores = attached.good_scores if attached.good_scores.size else oos
     if not threshold.certified:
         log.warning(threshold.note)
     meta = BundleMeta(
         model_kind="padim", input_size=(int(options.input_size[0]), int(options.input_size[1])),
-        threshold=threshold, score_stats=score_stats(oos),
+        threshold=threshold, score_stats=score_stats(good_scores), labelled=labelled_info,
         training=TrainingInfo(folder=str(data.folder.resolve()), image_count=len(data.paths),
                               file_list_sha256=data.file_list_sha256, skipped_files=data.skipped,
                               seed=options.seed, folds=fold_count(len(data.paths), options.folds),
@@ -397,7 +414,7 @@ def fit_padim(train_folder: str | Path, out_dir: str | Path, options: PadimOptio
                       "grid_stride": options.grid_stride, "projection": options.projection,
                       "neighbourhood": options.neighbourhood,
                       "statistics_sets": k, "constants_bytes": int(k * p * d * (d + 1) * 4)},
-        map_blur_sigma=model.head.sigma)
+        map_blur_sigma=head.sigma)
     with staged_bundle_folder(Path(out_dir)) as staging:
         export_onnx(model, staging, options.input_size, constant_bytes=set_bytes(k, p, d), trace_batch=2 * k)
         check = data.tiles_of(data.paths[0])[: max(1, k)]

@@ -33,6 +33,7 @@ from export.padim.fit import (
 from export.patchcore.coreset import greedy_coreset, random_projection, selection_device
 from export.patchcore.model import BankDistance, BankSearch, PatchcoreModel, offset_step, position_offset
 from export.staging import staged_bundle_folder
+from export.supervised.fit import LabelledSet, TrainingInputs, attach_supervised, check_untiled, supervised_collector
 from export.threshold import conformal_threshold, report_outliers, score_stats
 from export.threshold import fold_ids as threshold_fold_ids
 
@@ -256,10 +257,35 @@ def create_features(options: PatchcoreOptions) -> PadimFeatures:
     return features.eval()
 
 
-def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: PatchcoreOptions | None = None) -> Bundle:
-    """Fit the memory-bank kind on a folder of good images and write a verified model bundle to out_dir."""
+def training_inputs(pool: PatchPool, found: tuple[torch.Tensor, np.ndarray] | None, options: PatchcoreOptions,
+                    oos: np.ndarray) -> TrainingInputs:
+    """The good training images' classifier inputs (fit --labelled) from their k-fold maps, each less the
+    position offset of the other folds (as `out_of_sample_scores` scores them), and their pooled features."""
+    if found is None:
+        raise DataError("--labelled needs out-of-sample scores of every good training image (at least 2 images)")
+    maps, fold_ids = found
+    collector = supervised_collector(fold_ids.size, options.grid)
+    p = options.grid[0] * options.grid[1]
+    for fold in np.unique(fold_ids):
+        held = np.flatnonzero(fold_ids == fold)
+        shift = offset_step(position_offset(maps[np.flatnonzero(fold_ids != fold)])
+                            if options.position_offset else None)
+        for start in range(0, held.size, 64):
+            frames = held[start:start + 64]
+            emb = pool.features[pool.rows_of(frames)].reshape(frames.size, p, -1).float()
+            collector([int(f) for f in frames], emb, shift(maps[torch.from_numpy(frames)]))
+    return collector.result(oos)
+
+
+def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: PatchcoreOptions | None = None,
+                  labelled: LabelledSet | None = None) -> Bundle:
+    """Fit the memory-bank kind on a folder of good images and write a verified model bundle to out_dir; with
+    `labelled`, a supervised part trained and cross-validated on labelled images joins the graph
+    (export/supervised)."""
     options = options or PatchcoreOptions()
     options.check()
+    if labelled is not None:
+        check_untiled(options.rows * options.cols, options.roi, options.tile_size)
     started = time.perf_counter()
     data = TrainingImages(Path(train_folder), options)  # type: ignore[arg-type]  # same fields as PadimOptions
     if len(data.paths) < 2:
@@ -275,19 +301,27 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
     coreset_seconds = time.perf_counter() - coreset_started
     log.info("bank: %d of %d patches (%.1f MB) chosen in %.1f s on %s", size, pool.features.shape[0],
              bank.numel() * 4 / 1e6, coreset_seconds, selection_device())
-    oos, offset = out_of_sample_scores(out_of_sample_maps(pool, len(data.paths), bank_rows, options),
-                                       len(data.paths), options)
-    del pool
+    found = out_of_sample_maps(pool, len(data.paths), bank_rows, options)
+    oos, offset = out_of_sample_scores(found, len(data.paths), options)
+    training = training_inputs(pool, found, options, oos) if labelled is not None else None
+    del pool, found
     threshold = conformal_threshold(oos, options.target_false_reject_rate)
     report_outliers(data.paths, oos, threshold.value)
-    if not threshold.certified:
-        log.warning(threshold.note)
     model = PatchcoreModel(features, bank, options.input_size, options.feature_stride, options.blur_sigma,
                            offset, options.search).eval()
+    graph: torch.nn.Module = model
+    good_scores, labelled_info = oos, None
+    if labelled is not None and training is not None:
+        attached = attach_supervised(model, training, labelled, options.input_size,
+                                     options.target_false_reject_rate, options.seed, options.batch_size, threshold)
+        graph, threshold, labelled_info = attached.model, attached.threshold, attached.info
+        good_scores = attached.good_scores if attached.good_scores.size else oos
+    if not threshold.certified:
+        log.warning(threshold.note)
     meta = BundleMeta(
         model_kind="patchcore", input_size=(int(options.input_size[0]), int(options.input_size[1])),
         threshold=threshold,
-        score_stats=score_stats(oos),
+        score_stats=score_stats(good_scores), labelled=labelled_info,
         training=TrainingInfo(folder=str(data.folder.resolve()), image_count=len(data.paths),
                               file_list_sha256=data.file_list_sha256, skipped_files=data.skipped,
                               seed=options.seed, folds=min(len(data.paths), options.folds),
@@ -309,9 +343,9 @@ def fit_patchcore(train_folder: str | Path, out_dir: str | Path, options: Patchc
                                              + features.dim * features.channels * 4)},
         map_blur_sigma=model.head.sigma)
     with staged_bundle_folder(Path(out_dir)) as staging:
-        export_onnx(model, staging, options.input_size)
+        export_onnx(graph, staging, options.input_size)
         check = data.tiles_of(data.paths[0])[:1]
-        rel = onnx_reference_check(model, staging / "model.onnx", np.concatenate([check, check[:, ::-1]]))
+        rel = onnx_reference_check(graph, staging / "model.onnx", np.concatenate([check, check[:, ::-1]]))
         log.info("ONNX Runtime matches torch: max relative difference %.2e", rel)
         meta.training.fit_seconds = round(time.perf_counter() - started, 2)
         finalize_bundle(staging, meta)
