@@ -370,8 +370,17 @@ class Service:
     # -- reporting ---------------------------------------------------------------------------------------------
 
     def _on_camera_event(self, kind: str, message: str) -> None:
+        """Called on the capture thread: nothing here may take capture down. Building the snapshot can fail
+        under the very shortage the event reports (an import or a file the build needs, seen in CI under 300
+        idle connections at a 256-descriptor limit): the event is then reported from the publish thread."""
         if self.publisher:
-            self.publisher.request_health(self.health())
+            try:
+                snapshot: dict[str, Any] | None = self.health()
+            except Exception as err:  # noqa: BLE001 (logged, and health is still requested)
+                log.warning("camera %s: health snapshot failed (%s); health follows from the publish thread",
+                            kind, err)
+                snapshot = None
+            self.publisher.request_health(snapshot)
         if self.ready.is_set():
             self.notifier.status(self.status_line())
 

@@ -43,6 +43,11 @@ from edge_inspector.service.triggers import PresenceGate, TriggerGate
 
 log = logging.getLogger(__name__)
 
+# np.percentile (the health snapshot's latency figures) reaches np.unique, which imports numpy.ma on first use;
+# under a descriptor shortage that import fails with EMFILE (seen in CI: 300 idle connections at a 256-fd
+# limit took the capture stage down through a camera event's snapshot). Done once here, at start.
+np.percentile(np.zeros(2), 50)
+
 # Every result's latency_ms carries all of these (docs/wire-format.md); stages a frame never reached are 0.
 LATENCY_KEYS = ("capture", "queue", "tiling", "inference", "decision", "encode", "total")
 # A frame whose model output was refused (ModelOutputError) keeps health not-ok for this long, and until a
