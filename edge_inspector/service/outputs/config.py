@@ -48,6 +48,14 @@ class MqttConfig:
     ca_file: Annotated[Text | None, doc("CA certificate(s) that signed the broker's certificate (PEM)")] = None
     cert_file: Annotated[Text | None, doc("client certificate (PEM) for brokers that require one")] = None
     key_file: Annotated[Text | None, doc("the client certificate's private key (PEM)")] = None
+    trigger: Annotated[bool, doc("camera.trigger external: also take triggers from <prefix>/trigger "
+                                 "(or trigger_topic)")] = False
+    trigger_topic: Annotated[Topic | None, doc("the topic triggers arrive on; set: triggers on (null: "
+                                               "<prefix>/trigger when trigger is true)")] = None
+
+    @property
+    def takes_triggers(self) -> bool:
+        return self.trigger or self.trigger_topic is not None
 
 
 @dataclass
