@@ -73,6 +73,8 @@ class OpcuaConfig:
                             "sign and encrypt with certificate and private_key")] = "none"
     certificate: Annotated[Text | None, doc("server certificate (DER or PEM), for basic256sha256")] = None
     private_key: Annotated[Text | None, doc("the certificate's private key (PEM), for basic256sha256")] = None
+    allow_trigger: Annotated[bool, doc("a method Trigger(part_id) on the camera object feeds camera.trigger "
+                                       "external's queue; needs security basic256sha256")] = False
 
 
 @dataclass
@@ -101,4 +103,7 @@ def cross_check(outputs: OutputsConfig) -> tuple[str, str] | None:
             return "outputs.opcua.endpoint", f"expected opc.tcp://HOST:PORT/PATH, got {opcua.endpoint!r}"
         if opcua.security != "none" and not (opcua.certificate and opcua.private_key):
             return "outputs.opcua.certificate", f"security {opcua.security} needs certificate and private_key"
+        if opcua.allow_trigger and opcua.security != "basic256sha256":
+            return ("outputs.opcua.allow_trigger", "needs security basic256sha256 (a trigger makes a part: never "
+                    "over an unencrypted, unsigned channel)")
     return None

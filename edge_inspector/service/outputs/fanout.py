@@ -49,7 +49,7 @@ class OutputFanOut:
             if section.opcua is not None:
                 from edge_inspector.service.outputs.opcua import OpcuaOutput
 
-                opcua = OpcuaOutput(section.opcua, config.camera.id, config.resolve)
+                opcua = OpcuaOutput(section.opcua, config.camera.id, config.resolve, trigger)
                 outputs.append(QueuedOutput(opcua, section.opcua.queue_size))
                 outputs[-1].start()
         except BaseException:
