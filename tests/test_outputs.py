@@ -287,6 +287,7 @@ def test_opcua_port_taken_is_one_config_line(bundle, tmp_path):
     ({"opcua": {"endpoint": "tcp://x:1"}}, "outputs.opcua.endpoint: expected opc.tcp://"),
     ({"opcua": {"security": "basic256sha256"}}, "outputs.opcua.certificate: security basic256sha256 needs"),
     ({"kafka": {}}, "outputs.kafka: unknown key"),
+    ({"opcua": {"allow_trigger": True}}, "outputs.opcua.allow_trigger: needs camera.trigger external"),
 ])
 def test_output_config_mistakes_are_one_line(section, expected):
     with pytest.raises(ConfigError) as info:
@@ -411,3 +412,164 @@ def test_a_killed_service_is_announced_offline_by_its_last_will(bundle, broker, 
             assert all(retained for topic, _, retained in late.messages)
     finally:
         late.close()
+
+
+def test_mqtt_triggers_feed_the_trigger_queue_and_a_malformed_one_is_refused(bundle, broker, tmp_path, caplog):
+    """camera.trigger external with outputs.mqtt.trigger: messages on <prefix>/trigger (JSON or a bare id)
+    each make one part, in order; a malformed or retained one is refused, counted, and the next one works."""
+    import paho.mqtt.client as mqtt
+
+    from service_helpers import write_video
+
+    frames, _ = conveyor_frames(np.random.default_rng(7), 6, [False, True, False, False, True, False])
+    video = write_video(tmp_path / "line.avi", frames)
+    prefix = "site1/line3/cam1"
+    data = config_data(str(video), bundle.path, camera={"trigger": "external", "fps": 20.0, "loop": True},
+                       publish={"wait_for_subscriber_s": 30.0},
+                       outputs={"mqtt": {"port": broker.port, "topic_prefix": prefix, "trigger": True}})
+    service = Service(parse_config(data))
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-plc")
+    sender.connect("127.0.0.1", broker.port, keepalive=5)
+    sender.loop_start()
+
+    def send(payload: bytes | str, retain: bool = False) -> None:
+        sender.publish(f"{prefix}/trigger", payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def mqtt_health() -> dict:
+        return service.health()["outputs"]["mqtt"]
+
+    got: list[dict] = []
+
+    def collect(count: int, timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            message = subscriber.receive(0.2)
+            if message is not None and message.is_result:
+                got.append(message.header)
+        return got
+
+    # Left retained on the topic (by mistake) before the service starts: the broker hands it over on
+    # subscribe, and on every reconnect; it must never be a part.
+    send("R-1", retain=True)
+    with Subscriber(data["publish"]["endpoint"], ("inspection.",)) as subscriber:
+        runner = run_in_thread(service)
+        try:
+            wait_for(lambda: service.outputs is not None and mqtt_health().get("trigger_subscribed"), 60,
+                     "the service subscribed to its trigger topic")
+            assert mqtt_health()["trigger_topic"] == f"{prefix}/trigger"
+            wait_for(lambda: mqtt_health()["triggers_refused"] == 1, 10, "the retained trigger refused")
+            assert mqtt_health()["last_trigger_refusal"].startswith("trigger: retained")
+            send(json.dumps({"part_id": "M-1"}))
+            send("M-2")  # a bare part id
+            send(json.dumps({"part_id": "M-3", "delay_ms": 100}))
+            send(b"")  # no id: the service numbers the part
+            assert [h["part_id"] for h in collect(4)][:3] == ["M-1", "M-2", "M-3"]
+            assert len(got) == 4 and got[3]["part_id"].isdigit()
+            assert all(h["verdict"] in ("pass", "fail", "review") and h["capture_time"] >= h["trigger_time"]
+                       for h in got), got
+            for bad in ('{"part_id": "two words"}', "{not json", '{"part_id": "M-9", "command": "reload"}',
+                        json.dumps({"delay_ms": -1}), b"\xff\xfe", "x" * 2000):
+                send(bad)
+            send("M-4")
+            assert collect(5)[4]["part_id"] == "M-4"  # the refused ones made no part; the next works
+            time.sleep(0.5)
+            assert collect(6, timeout=0.5)[4:] == got[4:5]  # and nothing else came
+            health = mqtt_health()
+            assert health["triggers_refused"] == 7 and health["triggers_received"] == 12
+            assert health["last_trigger_refusal"].startswith("trigger: message of 2000 bytes")
+            assert service.health()["triggers"]["received"] == 5 and service.health()["processed"] == 5
+            # logged once per streak of refusals: the retained one, then the six in a row
+            refusals = [r for r in caplog.records if r.getMessage().startswith("MQTT trigger on")]
+            assert [r.getMessage().split(" refused: ", 1)[1][:31] for r in refusals] == [
+                "trigger: retained message refus", "trigger: part_id 'two words' is"]
+        finally:
+            service.stop()
+            runner.join(30)
+            sender.publish(f"{prefix}/trigger", b"", retain=True).wait_for_publish(5)  # clear the retained one
+            sender.disconnect()
+            sender.loop_stop()
+    assert not runner.is_alive()
+
+
+def test_mqtt_triggers_need_an_external_camera_trigger():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"bundle": "b"}, "outputs": {"mqtt": {"trigger_topic": "a/b"}}}, "line.yaml")
+    assert str(info.value) == ("line.yaml: outputs.mqtt.trigger_topic: MQTT triggers need camera.trigger external, "
+                               "got free_run")
+
+
+def test_opcua_trigger_needs_sign_and_encrypt():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"bundle": "b"}, "camera": {"trigger": "external"},
+                      "publish": {"control_endpoint": "tcp://127.0.0.1:5557"},
+                      "outputs": {"opcua": {"allow_trigger": True}}}, "line.yaml")
+    assert str(info.value).startswith("line.yaml: outputs.opcua.allow_trigger: needs security basic256sha256")
+
+
+def test_opcua_trigger_method_makes_parts_over_basic256sha256(bundle, tmp_path):
+    """allow_trigger: a real asyncua client, signing and encrypting, calls Trigger(part_id) on the camera
+    object; each call is one part with that id, in order; a malformed id is a Bad status, counted, and the
+    next call works."""
+    asyncua = pytest.importorskip("asyncua")
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from service_helpers import write_video
+
+    async def certificates() -> None:
+        for name, uri, use in (("server", "urn:edge-inspector", ExtendedKeyUsageOID.SERVER_AUTH),
+                               ("client", "urn:test:client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+            await setup_self_signed_certificate(tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.der", uri,
+                                                "localhost", [use], {"commonName": name})
+    asyncio.run(certificates())
+    frames, _ = conveyor_frames(np.random.default_rng(7), 6, [False, True, False, False, True, False])
+    video = write_video(tmp_path / "line.avi", frames)
+    url = f"opc.tcp://127.0.0.1:{free_port()}/edge-inspector/"
+    data = config_data(str(video), bundle.path, camera={"trigger": "external", "fps": 20.0, "loop": True},
+                       publish={"wait_for_subscriber_s": 30.0},
+                       outputs={"opcua": {"endpoint": url, "security": "basic256sha256", "allow_trigger": True,
+                                          "certificate": str(tmp_path / "server-cert.der"),
+                                          "private_key": str(tmp_path / "server-key.pem")}})
+    service = Service(parse_config(data))
+
+    async def call(*part_ids) -> list:
+        client = asyncua.Client(url, timeout=5)
+        client.application_uri = "urn:test:client"
+        await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{tmp_path / 'client-cert.der'},"
+                                         f"{tmp_path / 'client-key.pem'}")
+        replies = []
+        async with client:
+            index = await client.get_namespace_index("urn:edge-inspector")
+            camera = client.get_node(f"ns={index};s=line9")
+            for part_id in part_ids:
+                try:
+                    replies.append(await camera.call_method(f"{index}:Trigger", *part_id))
+                except asyncua.ua.UaStatusCodeError as err:
+                    replies.append(type(err).__name__)
+        return replies
+
+    got: list[dict] = []
+    with Subscriber(data["publish"]["endpoint"], ("inspection.",)) as subscriber:
+        runner = run_in_thread(service)
+        try:
+            wait_for(service.ready.is_set, 60, "the service ready")
+            not_a_string = asyncua.ua.Variant(7, asyncua.ua.VariantType.Int32)
+            replies = asyncio.run(call(["O-1"], [""], ["two words"], [not_a_string], [], ["O-3"]))
+            assert replies[0] == "O-1" and replies[1].isdigit() and replies[5] == "O-3"
+            assert replies[2] == replies[3] == "BadInvalidArgument", replies
+            assert replies[4] == "BadInvalidArgument", replies
+            deadline = time.monotonic() + 30
+            while len(got) < 3 and time.monotonic() < deadline:
+                message = subscriber.receive(0.2)
+                if message is not None and message.is_result:
+                    got.append(message.header)
+            assert [h["part_id"] for h in got] == ["O-1", replies[1], "O-3"]
+            assert all(h["verdict"] in ("pass", "fail", "review") for h in got)
+            opcua = service.health()["outputs"]["opcua"]
+            assert opcua["triggers_refused"] == 3 and opcua["triggers_received"] == 6, (opcua, replies)
+            assert opcua["last_trigger_refusal"].startswith("trigger: expected one String argument PartId, got 0")
+            assert service.health()["triggers"]["received"] == 3
+        finally:
+            service.stop()
+            runner.join(30)
+    assert not runner.is_alive()

@@ -225,7 +225,8 @@ class Service:
         self._start_curve(config)
         self.publisher = Publisher(config.publish, config.camera.id, self.health, archive=self.archive,
                                    context=self.context, curve=self.curve)
-        self.outputs = OutputFanOut.build(config, self.publisher)  # binds/connects like the sockets: first
+        self.outputs = OutputFanOut.build(config, self.publisher,  # binds/connects like the sockets: first
+                                          trigger=self.trigger.trigger if self.trigger else None)
         if config.publish.control_endpoint:
             self.control = ControlServer(config.publish.control_endpoint, self._handlers(), context=self.context,
                                          curve=self.curve, slow=("reload",))
@@ -268,6 +269,7 @@ class Service:
         if self.control:  # first: the pipeline's first health message must not find it "not running"
             self.control.start()
         self.pipeline.start()
+        self.outputs.open_inputs()  # MQTT triggers, like the control socket's, once frames flow
         self.ready.set()
         self.notifier.ready(self.status_line())
 

@@ -298,6 +298,13 @@ def _cross_checks(config: ServiceConfig) -> None:
                            f"({slowest_camera_call:g} s), or a slow camera would look like a hung service")
     if camera.trigger == "external" and not config.publish.control_endpoint:
         raise config.error("camera.trigger", "external needs publish.control_endpoint (triggers arrive there)")
+    mqtt = config.outputs.mqtt
+    if mqtt is not None and mqtt.takes_triggers and camera.trigger != "external":
+        raise config.error("outputs.mqtt.trigger_topic" if mqtt.trigger_topic else "outputs.mqtt.trigger",
+                           f"MQTT triggers need camera.trigger external, got {camera.trigger}")
+    opcua = config.outputs.opcua
+    if opcua is not None and opcua.allow_trigger and camera.trigger != "external":
+        raise config.error("outputs.opcua.allow_trigger", f"needs camera.trigger external, got {camera.trigger}")
     if camera.trigger != "free_run" and config.pipeline.when_behind == "drop":
         raise config.error("pipeline.when_behind", f"drop would lose parts; use auto or wait with "
                            f"camera.trigger {camera.trigger}")

@@ -48,6 +48,14 @@ class MqttConfig:
     ca_file: Annotated[Text | None, doc("CA certificate(s) that signed the broker's certificate (PEM)")] = None
     cert_file: Annotated[Text | None, doc("client certificate (PEM) for brokers that require one")] = None
     key_file: Annotated[Text | None, doc("the client certificate's private key (PEM)")] = None
+    trigger: Annotated[bool, doc("camera.trigger external: also take triggers from <prefix>/trigger "
+                                 "(or trigger_topic)")] = False
+    trigger_topic: Annotated[Topic | None, doc("the topic triggers arrive on; set: triggers on (null: "
+                                               "<prefix>/trigger when trigger is true)")] = None
+
+    @property
+    def takes_triggers(self) -> bool:
+        return self.trigger or self.trigger_topic is not None
 
 
 @dataclass
@@ -65,6 +73,8 @@ class OpcuaConfig:
                             "sign and encrypt with certificate and private_key")] = "none"
     certificate: Annotated[Text | None, doc("server certificate (DER or PEM), for basic256sha256")] = None
     private_key: Annotated[Text | None, doc("the certificate's private key (PEM), for basic256sha256")] = None
+    allow_trigger: Annotated[bool, doc("a method Trigger(part_id) on the camera object feeds camera.trigger "
+                                       "external's queue; needs security basic256sha256")] = False
 
 
 @dataclass
@@ -93,4 +103,7 @@ def cross_check(outputs: OutputsConfig) -> tuple[str, str] | None:
             return "outputs.opcua.endpoint", f"expected opc.tcp://HOST:PORT/PATH, got {opcua.endpoint!r}"
         if opcua.security != "none" and not (opcua.certificate and opcua.private_key):
             return "outputs.opcua.certificate", f"security {opcua.security} needs certificate and private_key"
+        if opcua.allow_trigger and opcua.security != "basic256sha256":
+            return ("outputs.opcua.allow_trigger", "needs security basic256sha256 (a trigger makes a part: never "
+                    "over an unencrypted, unsigned channel)")
     return None

@@ -9,6 +9,7 @@ output does happens before the ZeroMQ send.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edge_inspector.service.outputs.base import Message, QueuedOutput, Totals
@@ -31,21 +32,24 @@ class OutputFanOut:
         self._health_seen = publisher.health_sent
 
     @classmethod
-    def build(cls, config: ServiceConfig, publisher: Publisher) -> OutputFanOut:
-        """The outputs the config asks for, opened (a port clash or bad key file fails the start here)."""
+    def build(cls, config: ServiceConfig, publisher: Publisher,
+              trigger: Callable[[str | None, int], dict[str, Any]] | None = None) -> OutputFanOut:
+        """The outputs the config asks for, opened (a port clash or bad key file fails the start here).
+
+        trigger: the trigger queue (TriggerGate.trigger) for outputs that also take triggers in."""
         outputs: list[QueuedOutput] = []
         section = config.outputs
         try:
             if section.mqtt is not None:
                 from edge_inspector.service.outputs.mqtt import MqttOutput
 
-                mqtt = MqttOutput(section.mqtt, config.camera.id, config.resolve)
+                mqtt = MqttOutput(section.mqtt, config.camera.id, config.resolve, trigger)
                 outputs.append(QueuedOutput(mqtt, section.mqtt.queue_size))
                 outputs[-1].start()
             if section.opcua is not None:
                 from edge_inspector.service.outputs.opcua import OpcuaOutput
 
-                opcua = OpcuaOutput(section.opcua, config.camera.id, config.resolve)
+                opcua = OpcuaOutput(section.opcua, config.camera.id, config.resolve, trigger)
                 outputs.append(QueuedOutput(opcua, section.opcua.queue_size))
                 outputs[-1].start()
         except BaseException:
@@ -64,6 +68,13 @@ class OutputFanOut:
         totals = Totals(self.totals.results, self.totals.fails)
         for output in self.outputs:
             output.submit(Message("result", header, totals))
+
+    def open_inputs(self) -> None:
+        """The service is ready: outputs that take triggers in start listening now."""
+        for output in self.outputs:
+            opener = getattr(output.output, "open_triggers", None)
+            if opener is not None:
+                opener()
 
     def idle(self) -> None:
         self.publisher.idle()

@@ -12,8 +12,16 @@ ids are strings `ns=<ns>;s=<camera id>.<Name>`, stable across restarts:
     time of the frame judged), LastError (String), Healthy (Boolean), ModelId (String),
     Heartbeat (DateTime: the last health update)
 
-Every variable is read-only. asyncua is asyncio-based: it runs on this output's own event loop thread, so
-neither the publish thread nor the queue's thread (base.py) ever waits on a client.
+Every variable is read-only. With `allow_trigger` (only with security basic256sha256, and camera.trigger
+external) the camera object also has a method `Trigger(PartId: String) -> PartId: String`
+(`ns=<ns>;s=<camera id>.Trigger`): one part, as the control command `trigger` with that part id (empty:
+the service numbers it), through the same validation (triggers.parse_trigger) into the same queue; it
+returns the part id queued, or a Bad status (BadInvalidArgument: a malformed id or wrong arguments;
+BadResourceUnavailable: the queue is full or the service is still starting), counted in health
+`outputs.opcua.triggers_refused`, the first of a streak logged.
+
+asyncua is asyncio-based: it runs on this output's own event loop thread, so neither the publish thread nor
+the queue's thread (base.py) ever waits on a client.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any
 from edge_inspector.core.errors import ConfigError
 from edge_inspector.service.outputs.base import Message
 from edge_inspector.service.outputs.config import OpcuaConfig
+from edge_inspector.service.triggers import parse_trigger
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +89,8 @@ def health_values(message: Message) -> dict[str, Any]:
 class OpcuaOutput:
     name = "opcua"
 
-    def __init__(self, config: OpcuaConfig, camera_id: str, resolve: Callable[[str], Path]):
+    def __init__(self, config: OpcuaConfig, camera_id: str, resolve: Callable[[str], Path],
+                 trigger: Callable[[str | None, int], dict[str, Any]] | None = None):
         try:
             import asyncua  # noqa: F401 (checked here: the error must name the extra, at start)
         except ImportError:
@@ -96,6 +106,12 @@ class OpcuaOutput:
         self.nodes: dict[str, Any] = {}
         self.namespace_index = 0
         self.running = False
+        self.trigger_sink = trigger if config.allow_trigger else None
+        self.triggers_open = False  # open_triggers(): the service is ready
+        self.triggers_received = 0
+        self.triggers_refused = 0
+        self.last_refusal = ""
+        self._refusing = False
 
     def _call(self, coroutine: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -131,6 +147,8 @@ class OpcuaOutput:
             node = await camera.add_variable(f"ns={index};s={self.camera_id}.{name}",
                                              ua.QualifiedName(name, index), ua.Variant(initial, variant_type))
             self.nodes[name] = (node, variant_type)
+        if self.trigger_sink is not None:
+            await self._add_trigger_method(camera, index, ua)
         self.namespace_index = index
         await server.start()
         self.server = server
@@ -152,6 +170,58 @@ class OpcuaOutput:
             raise ConfigError(f"outputs.opcua.certificate: cannot load {config.certificate} / "
                               f"{config.private_key}: {type(err).__name__}: {err}") from None
 
+    async def _add_trigger_method(self, camera: Any, index: int, ua: Any) -> None:
+        def argument(name: str, text: str) -> Any:
+            return ua.Argument(Name=name, DataType=ua.NodeId(ua.ObjectIds.String), ValueRank=-1,
+                               ArrayDimensions=[], Description=ua.LocalizedText(text))
+
+        await camera.add_method(f"ns={index};s={self.camera_id}.Trigger", ua.QualifiedName("Trigger", index),
+                                self._method_trigger,
+                                [argument("PartId", "the part's id (1-64 of A-Z a-z 0-9 . _ : -); empty: the "
+                                                    "service numbers it")],
+                                [argument("PartId", "the part id queued")])
+
+    async def _method_trigger(self, _parent: Any, *arguments: Any) -> Any:
+        """The Trigger method, on the server's event loop: validates and appends under the gate's lock (no
+        I/O), so it never holds the loop. Any exception becomes a Bad status, never a dead server."""
+        from asyncua import ua
+
+        self.triggers_received += 1
+        values = [getattr(argument, "Value", argument) for argument in arguments]
+        try:
+            if not self.triggers_open or self.trigger_sink is None:
+                return self._refused("trigger: the service is still starting", ua.StatusCodes.BadResourceUnavailable)
+            if len(values) != 1 or not isinstance(values[0], str):
+                return self._refused(f"trigger: expected one String argument PartId, got {len(values)} argument(s)"
+                                     f" {', '.join(type(value).__name__ for value in values)}".rstrip(),
+                                     ua.StatusCodes.BadInvalidArgument)
+            part_id, delay_ms = parse_trigger({"part_id": values[0]} if values[0] else {})
+        except ConfigError as err:
+            return self._refused(str(err), ua.StatusCodes.BadInvalidArgument)
+        try:
+            reply = self.trigger_sink(part_id, delay_ms)
+        except ConfigError as err:  # the queue is full, or the stream has ended
+            return self._refused(str(err), ua.StatusCodes.BadResourceUnavailable)
+        if self._refusing:
+            log.info("OPC UA: triggers accepted again after %d refused", self.triggers_refused)
+        self._refusing = False
+        return [ua.Variant(str(reply["part_id"]), ua.VariantType.String)]
+
+    def _refused(self, reason: str, code: Any) -> Any:
+        from asyncua import ua
+
+        self.triggers_refused += 1
+        self.last_refusal = reason
+        if not self._refusing:
+            log.warning("OPC UA Trigger refused: %s (%d refused so far; counted in health "
+                        "outputs.opcua.triggers_refused; further refusals logged after one is accepted)", reason,
+                        self.triggers_refused)
+        self._refusing = True
+        return ua.StatusCode(code)
+
+    def open_triggers(self) -> None:
+        self.triggers_open = True
+
     def ready(self) -> bool:
         return self.running
 
@@ -169,7 +239,9 @@ class OpcuaOutput:
             await node.write_value(ua.Variant(value, variant_type))
 
     def snapshot(self) -> dict[str, Any]:
-        return {"running": self.running, "endpoint": self.config.endpoint, "namespace": self.config.namespace}
+        return {"running": self.running, "endpoint": self.config.endpoint, "namespace": self.config.namespace,
+                **({"triggers_received": self.triggers_received, "triggers_refused": self.triggers_refused,
+                    "last_trigger_refusal": self.last_refusal} if self.trigger_sink else {})}
 
     def close(self) -> None:
         if self.server is not None and self.thread.is_alive():
