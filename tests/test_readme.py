@@ -243,3 +243,35 @@ def test_service_doc_config_tables_state_the_code_defaults():
             assert value == default, f"docs/service.md: {section}.{key}: default {text} there, {default!r} in code"
             checked += 1
     assert checked > 60
+
+
+def test_docs_python_names_resolve():
+    """Every `edge_inspector.x.y` / `export.x.y` module or attribute and every `from M import N` in README and
+    docs/ exists: a moved function leaves a snippet that fails with ImportError (send_control once did)."""
+    import importlib
+
+    def resolves(dotted: str) -> bool:
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                target: object = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for name in parts[cut:]:
+                    target = getattr(target, name)
+            except AttributeError:
+                return False
+            return True
+        return False
+
+    named = set()
+    for doc, text in _doc_texts():
+        for dotted in re.findall(r"(?<![\w./-])((?:edge_inspector|export)(?:\.[A-Za-z_]\w*)+)", text):
+            named.add((doc, dotted))
+        for module, names in re.findall(r"from ((?:edge_inspector|export)[\w.]*) import ([\w, ]+)", text):
+            named.update((doc, f"{module}.{name.split()[0]}") for name in names.split(",") if name.strip())
+    named = {(doc, dotted) for doc, dotted in named if not dotted.endswith((".py", ".md", ".yaml"))}
+    assert len(named) > 5
+    for doc, dotted in sorted(named):
+        assert resolves(dotted), f"{doc}: `{dotted}` does not exist"
