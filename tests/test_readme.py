@@ -275,3 +275,20 @@ def test_docs_python_names_resolve():
     assert len(named) > 5
     for doc, dotted in sorted(named):
         assert resolves(dotted), f"{doc}: `{dotted}` does not exist"
+
+
+def test_docs_name_only_options_the_benchmark_scripts_take():
+    """Every `--option` shown after `benchmarks/NAME.py` in README and docs/ is in that script's --help."""
+    shown: dict[str, set[tuple[str, str]]] = {}
+    for doc, text in _doc_texts():
+        for script, rest in re.findall(r"benchmarks/(\w+)\.py([^\n`|;&]*)", text):
+            for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest.split(" # ")[0]):
+                shown.setdefault(script, set()).add((doc, option))
+    assert len(shown) >= 4
+    for script, options in sorted(shown.items()):
+        usage = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--help"],
+                               capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert usage.returncode == 0, usage.stderr
+        known = set(re.findall(r"--[a-z][\w-]*", usage.stdout))
+        for doc, option in sorted(options):
+            assert option in known, f"{doc}: benchmarks/{script}.py has no option {option}"
