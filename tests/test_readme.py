@@ -292,3 +292,19 @@ def test_docs_name_only_options_the_benchmark_scripts_take():
         known = set(re.findall(r"--[a-z][\w-]*", usage.stdout))
         for doc, option in sorted(options):
             assert option in known, f"{doc}: benchmarks/{script}.py has no option {option}"
+
+
+def test_docs_yaml_examples_are_valid_service_configs():
+    """Every ```yaml block in README and docs/ is a valid (partial) service config: right keys, types, ranges.
+
+    The blocks are fragments, so the one required key, model.bundle, is filled in when missing."""
+    from edge_inspector.service.config import parse_config
+
+    checked = 0
+    for doc, text in _doc_texts():
+        for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+            data = yaml.safe_load(block)
+            data.setdefault("model", {}).setdefault("bundle", "bundles/line1")
+            parse_config(data, f"{doc} yaml block")
+            checked += 1
+    assert checked >= 3
