@@ -308,3 +308,25 @@ def test_docs_yaml_examples_are_valid_service_configs():
             parse_config(data, f"{doc} yaml block")
             checked += 1
     assert checked >= 3
+
+
+def test_docs_links_point_at_files_and_headings_that_exist():
+    """Every relative link `[x](path)` / `[x](path#heading)` in README and docs/ names a file that exists and,
+    with a fragment, one of its headings (GitHub's anchor: lower case, punctuation dropped, spaces -> '-')."""
+
+    def anchors(path: Path) -> set[str]:
+        prose = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)  # a '#' in code is no heading
+        headings = re.findall(r"^#+ (.*)$", prose, re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+    checked = 0
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target, fragment in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", doc.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path = (doc.parent / target) if target else doc
+            assert path.exists(), f"{doc.name}: link to {target}, which does not exist"
+            if fragment:
+                assert fragment in anchors(path), f"{doc.name}: {target}#{fragment}: no such heading"
+            checked += 1
+    assert checked > 10
