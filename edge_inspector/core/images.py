@@ -29,6 +29,7 @@ import numpy as np
 
 from edge_inspector.core.errors import DataError, ImageError
 from edge_inspector.core.imageheader import HeaderError, image_size
+from edge_inspector.core.schema import read_at_most
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # The pixel cap of replay and fit, and the default of the service's camera.max_frame_pixels: 50 MP is above
@@ -101,22 +102,16 @@ def read_file_bytes(path: str | Path, max_bytes: int, follow_links: bool = True,
                              f"{cap_name or 'the pixel cap'} pixels")
         if info.st_size > max_bytes:
             raise too_big
-        chunks, total = [], 0
-        while total <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        data = read_at_most(fd, max_bytes)
     except OSError as err:
         raise _read_error(name, err) from None
     except MemoryError:
         raise ShortageError(f"{name}: cannot read (out of memory)") from None
     finally:
         os.close(fd)
-    if total > max_bytes:  # grew while being read
+    if data is None:  # grew while being read
         raise too_big
-    return b"".join(chunks)
+    return data
 
 
 def decode_image(data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS, cap_name: str = "",

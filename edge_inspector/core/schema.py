@@ -388,6 +388,16 @@ def read_capped(fd: int, where: str | Path, error: type[InspectorError], limit: 
         raise error(f"{where}: not a regular file (refused)")
     if info.st_size > limit:
         raise error(f"{where}: larger than {limit // 1024} KiB ({info.st_size} bytes; refused unread)")
+    data = read_at_most(fd, limit)
+    if data is None:
+        raise error(f"{where}: larger than {limit // 1024} KiB (grew while read; refused)")
+    return data
+
+
+def read_at_most(fd: int, limit: int) -> bytes | None:
+    """An open descriptor's content to its end, or None when it holds more than `limit` bytes: at most
+    limit + 1 bytes are ever read, so a file that grows while it is read costs no more memory than the cap.
+    The one bounded read behind bundle.yaml, configs and image files (core.images.read_file_bytes)."""
     chunks, size = [], 0
     while size <= limit:
         chunk = os.read(fd, min(1 << 20, limit + 1 - size))
@@ -395,9 +405,7 @@ def read_capped(fd: int, where: str | Path, error: type[InspectorError], limit: 
             break
         chunks.append(chunk)
         size += len(chunk)
-    if size > limit:
-        raise error(f"{where}: larger than {limit // 1024} KiB (grew while read; refused)")
-    return b"".join(chunks)
+    return None if size > limit else b"".join(chunks)
 
 
 def read_yaml(path: Path, error: type[InspectorError] = ConfigError, missing: str = "not found",
