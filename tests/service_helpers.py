@@ -9,8 +9,10 @@ enough to fit in seconds on two cores, big enough that every defect kind clearly
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -297,3 +299,19 @@ class SilentCamera:
         self.server.close()
         for connection in self.held:
             connection.close()
+
+
+def systemd_exposure(unit_file: Path, instance: str, folder: Path) -> float:
+    """`systemd-analyze security --offline` of a unit file under an instance name (as systemctl sees it);
+    skips the calling test where this systemd-analyze has no offline mode."""
+    import pytest
+
+    unit = folder / instance
+    unit.write_text(unit_file.read_text())
+    done = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
+                          text=True, timeout=120)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout + done.stderr)
+    if match is None and "offline" in done.stderr:
+        pytest.skip("this systemd-analyze has no --offline mode")
+    assert match is not None, done.stdout[-2000:] + done.stderr[-2000:]
+    return float(match.group(1))

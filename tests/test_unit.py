@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
 
 import pytest
 
-from service_helpers import REPO
+from service_helpers import REPO, systemd_exposure
 
 UNIT = REPO / "systemd" / "edge-inspector@.service"
 
@@ -24,15 +22,7 @@ def unit_settings() -> dict[str, list[str]]:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_security_scores_3_or_below(tmp_path):
-    unit = tmp_path / "edge-inspector@line1.service"  # an instance name, as systemctl would see it
-    unit.write_text(UNIT.read_text())
-    done = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
-                          text=True, timeout=120)
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout + done.stderr)
-    if match is None and "offline" in done.stderr:
-        pytest.skip("this systemd-analyze has no --offline mode")
-    assert match is not None, done.stdout[-2000:] + done.stderr[-2000:]
-    assert float(match.group(1)) <= 3.0
+    assert systemd_exposure(UNIT, "edge-inspector@line1.service", tmp_path) <= 3.0
 
 
 def test_every_relaxation_and_limit_the_issue_names_is_there():
